@@ -1,0 +1,5 @@
+"""``python -m consumer`` is ``pyexec``."""
+
+from consumer.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""Installed scripts for ``pyexec.named``: safe name-to-file lookup and listing."""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from consumer.errors import UnknownScript
+
+# Dotted names of plain tokens; no token may start with '_' or '.', so '..', '/', '\\',
+# absolute paths and hidden or private files can never be named.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)*$")
+MAX_NAME_LENGTH = 200
+MAX_SCRIPT_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScriptInfo:
+    """An installed script: its name and the first line of its docstring."""
+
+    name: str
+    summary: str
+
+
+class Catalog:
+    """The scripts under one directory; ``text.normalize`` is ``text/normalize.py``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def source(self, name: str) -> str:
+        """The source of the script called ``name``, or :class:`UnknownScript`."""
+        path = self._path(name)
+        if path is None:
+            raise UnknownScript(f"no script named '{_shown(name)}' is installed")
+        return path.read_text(encoding="utf-8")
+
+    def _path(self, name: str) -> Path | None:
+        if len(name) > MAX_NAME_LENGTH or not NAME.match(name):
+            return None
+        *folders, stem = name.split(".")
+        candidate = self.root.joinpath(*folders, f"{stem}.py")
+        try:
+            resolved = candidate.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        # A symlink inside the folder must not lead out of it.
+        if not resolved.is_relative_to(self.root) or not resolved.is_file():
+            return None
+        if resolved.stat().st_size > MAX_SCRIPT_BYTES:
+            return None
+        return resolved
+
+    def scripts(self) -> list[ScriptInfo]:
+        """Every installed script, sorted by name."""
+        found = []
+        for path in sorted(self.root.rglob("*.py")):
+            relative = path.relative_to(self.root).with_suffix("")
+            name = ".".join(relative.parts)
+            if self._path(name) is None:
+                continue
+            found.append(ScriptInfo(name=name, summary=_summary(path)))
+        return found
+
+
+def _summary(path: Path) -> str:
+    try:
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
+        return ""
+    return (docstring or "").strip().splitlines()[0] if docstring else ""
+
+
+def _shown(name: str) -> str:
+    """The name as it may appear in an error message: printable and short."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in name[:80])
+    return text + ("..." if len(name) > 80 else "")

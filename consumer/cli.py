@@ -1,0 +1,190 @@
+"""The ``pyexec`` command: serve, call, keygen, scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from consumer import config, logs
+from consumer.catalog import Catalog
+from consumer.client import Client
+from consumer.config import Keyring, Settings
+from consumer.embedded import EmbeddedNats
+from consumer.errors import ClientError, ConfigError
+from consumer.service import Replica
+
+DEV_KEY_ID = "dev"
+DEV_ENV_FILE = "dev.env"
+EXIT_CODES = {"ok": 0, "accepted": 0, "error": 1, "timeout": 1, "rejected": 2}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.handler(args)
+    except (ConfigError, ClientError, OSError) as exc:
+        print(f"pyexec: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyexec", description="Sandboxed Python execution over NATS."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a replica (embedded NATS unless NATS_URL)")
+    serve.set_defaults(handler=_serve)
+
+    call = commands.add_parser("call", help="sign and send one request, print the reply")
+    source = call.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", type=Path, help="a .py file that defines execute(ctx)")
+    source.add_argument("--name", help="an installed script's name, e.g. text.normalize")
+    call.add_argument("--ctx", default="{}", help="the ctx object as JSON (default {})")
+    call.add_argument("--timeout", type=float, help="seconds (default: the executor's)")
+    call.add_argument("--async", dest="run_async", action="store_true", help="submit as a job")
+    call.add_argument("--request-id", help="echoed back in the reply")
+    call.add_argument("--msgpack", action="store_true", help="send and receive MessagePack")
+    call.add_argument("--key-id", help="which key of EXECUTOR_API_KEYS signs (default: first)")
+    call.set_defaults(handler=_call)
+
+    keygen = commands.add_parser("keygen", help="print a new id:secret for EXECUTOR_API_KEYS")
+    keygen.add_argument("--id", default=None, help="the key id (default: a random one)")
+    keygen.set_defaults(handler=_keygen)
+
+    scripts = commands.add_parser("scripts", help="list the installed scripts")
+    scripts.set_defaults(handler=_scripts)
+    return parser
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def _serve(_args: argparse.Namespace) -> int:
+    settings = config.load()
+    logs.configure(settings.log_format)
+    if not settings.embedded:
+        if not settings.keys:
+            raise ConfigError(
+                "NATS_URL is set but no signing key is: set EXECUTOR_API_KEYS or EXECUTOR_API_KEY"
+            )
+        asyncio.run(Replica(settings, list(settings.nats_urls or ())).run())
+        return 0
+    server = EmbeddedNats(settings.data_dir)
+    server.start()
+    try:
+        settings = _dev_settings(settings, server.url)
+        asyncio.run(Replica(settings, [server.url]).run())
+    finally:
+        server.stop()
+    return 0
+
+
+def _dev_settings(settings: Settings, url: str) -> Settings:
+    """Make a dev key if none is set, and write where ``pyexec call`` finds the server."""
+    lines = [f"NATS_URL={url}"]
+    generated = not settings.keys
+    if generated:
+        secret = secrets.token_hex(32)
+        settings = dataclasses.replace(settings, keys=Keyring({DEV_KEY_ID: secret}))
+        lines.append(f"EXECUTOR_API_KEYS={DEV_KEY_ID}:{secret}")
+    env_file = settings.data_dir / DEV_ENV_FILE
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    print(f"pyexec: embedded NATS server at {url} (JetStream data in {settings.data_dir})")
+    if generated:
+        print(f"pyexec: development key made: EXECUTOR_API_KEYS={lines[1].split('=', 1)[1]}")
+    print(f"pyexec: settings for 'pyexec call' written to {env_file}")
+    print("pyexec: try: pyexec call --name text.normalize --ctx '{\"text\": \"  Hello   World \"}'")
+    sys.stdout.flush()
+    return settings
+
+
+# -- call --------------------------------------------------------------------------------------
+
+
+def _call(args: argparse.Namespace) -> int:
+    if args.run_async:
+        raise ConfigError("--async needs durable jobs, which this executor does not offer yet")
+    try:
+        ctx = json.loads(args.ctx)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--ctx is not valid JSON: {exc}") from None
+    if not isinstance(ctx, dict):
+        raise ConfigError("--ctx must be a JSON object")
+    env = _call_environment(os.environ)
+    urls = env.get("NATS_URL", "").strip()
+    if not urls:
+        raise ConfigError("NATS_URL is not set and no embedded server's dev.env was found")
+    keyring = config.parse_keys(env)
+    if not keyring:
+        raise ConfigError("no key to sign with: set EXECUTOR_API_KEYS or EXECUTOR_API_KEY")
+    key_id = args.key_id or keyring.ids[0]
+    secret = keyring.secret(key_id)
+    if secret is None:
+        raise ConfigError(f"--key-id '{key_id}' is not in EXECUTOR_API_KEYS")
+    reply = asyncio.run(_send(args, urls.split(","), key_id, secret, ctx))
+    print(json.dumps(msgspec.to_builtins(reply), indent=2, ensure_ascii=False))
+    return EXIT_CODES.get(reply.status, 1)
+
+
+def _call_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment, completed from the embedded server's dev.env where it is silent."""
+    merged = dict(environ)
+    data_dir = Path(environ.get("EXECUTOR_DATA_DIR", "") or ".pyexec")
+    env_file = data_dir / DEV_ENV_FILE
+    if not environ.get("NATS_URL") and env_file.is_file():
+        for line in env_file.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name and not merged.get(name):
+                merged[name] = value
+    return merged
+
+
+async def _send(
+    args: argparse.Namespace, urls: list[str], key_id: str, secret: bytes, ctx: dict[str, Any]
+) -> Any:
+    encoding = "msgpack" if args.msgpack else "json"
+    async with await Client.connect(urls, key_id, secret, encoding=encoding) as client:
+        if args.name:
+            return await client.execute_named(
+                args.name, ctx, timeout=args.timeout, request_id=args.request_id
+            )
+        code = args.file.read_text(encoding="utf-8")
+        return await client.execute_code(
+            code, ctx, timeout=args.timeout, request_id=args.request_id
+        )
+
+
+# -- keygen, scripts ---------------------------------------------------------------------------
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key_id = args.id or f"key-{secrets.token_hex(4)}"
+    if not config.KEY_ID.match(key_id):
+        raise ConfigError("--id may hold letters, digits, '.', '_' and '-' only")
+    print(f"{key_id}:{secrets.token_hex(32)}")
+    return 0
+
+
+def _scripts(_args: argparse.Namespace) -> int:
+    settings = config.load()
+    for info in Catalog(settings.scripts_dir).scripts():
+        print(f"{info.name:30} {info.summary}")
+    return 0

@@ -1,0 +1,128 @@
+"""A small async Python client for the backend: sign a request, send it, get a typed reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from consumer import protocol
+from consumer.auth import sign
+from consumer.errors import ClientError
+from consumer.protocol import Encoding, Reply
+
+# Seconds the client waits past the script's own timeout for the reply to arrive.
+REPLY_MARGIN = 5.0
+DEFAULT_TIMEOUT = 30.0
+
+
+class Client:
+    """Calls ``<prefix>.code`` and ``<prefix>.named`` with a signed API key.
+
+    ``async with await Client.connect(url, key_id, secret) as client:
+    reply = await client.execute_code(source, {"x": 1})``
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        key_id: str,
+        secret: str | bytes,
+        *,
+        prefix: str = "pyexec",
+        encoding: Encoding = protocol.JSON,
+        owns_connection: bool = False,
+    ) -> None:
+        self.nc = nc
+        self.key_id = key_id
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        self.prefix = prefix
+        self.encoding: Encoding = encoding
+        self._owns_connection = owns_connection
+
+    @classmethod
+    async def connect(
+        cls, servers: str | list[str], key_id: str, secret: str | bytes, **options: Any
+    ) -> Client:
+        """Open a connection of the client's own; closed with the client."""
+        nc = await nats.connect(servers=servers, connect_timeout=5, max_reconnect_attempts=3)
+        return cls(nc, key_id, secret, owns_connection=True, **options)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_connection and not self.nc.is_closed:
+            await self.nc.close()
+
+    def __repr__(self) -> str:
+        return f"Client(key_id={self.key_id!r}, prefix={self.prefix!r})"
+
+    def sign(self, subject: str, body: bytes) -> dict[str, str]:
+        """The signature headers for ``body`` on ``subject``."""
+        return sign(self.key_id, self._secret, subject, body)
+
+    async def execute_code(
+        self,
+        code: str,
+        ctx: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Reply:
+        """Run ``code`` (which defines ``execute(ctx)``) and return the reply."""
+        request = protocol.CodeRequest(code=code, ctx=ctx, timeout=timeout, request_id=request_id)
+        return await self.send(f"{self.prefix}.code", request, timeout)
+
+    async def execute_named(
+        self,
+        name: str,
+        ctx: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Reply:
+        """Run the installed script ``name`` and return the reply."""
+        request = protocol.NamedRequest(name=name, ctx=ctx, timeout=timeout, request_id=request_id)
+        return await self.send(f"{self.prefix}.named", request, timeout)
+
+    async def send(
+        self, subject: str, request: protocol.Request, timeout: float | None = None
+    ) -> Reply:
+        """Encode, sign and send one request; decode the reply."""
+        body = protocol.encode(request, self.encoding)
+        return await self.send_raw(subject, body, timeout=timeout)
+
+    async def send_raw(
+        self,
+        subject: str,
+        body: bytes,
+        *,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """Send ``body`` as it is, signed unless ``headers`` are given, and decode the reply."""
+        if headers is None:
+            headers = self.sign(subject, body)
+            if self.encoding == protocol.MSGPACK:
+                headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        wait = (DEFAULT_TIMEOUT if timeout is None else timeout) + REPLY_MARGIN
+        try:
+            msg = await self.nc.request(subject, body, timeout=wait, headers=headers)
+        except NoRespondersError:
+            raise ClientError(f"no executor is listening on '{subject}'") from None
+        except NatsTimeout:
+            raise ClientError(f"no reply on '{subject}' within {wait:g} s") from None
+        content_type = (msg.headers or {}).get("Content-Type")
+        encoding = protocol.MSGPACK if content_type == protocol.MSGPACK_CONTENT_TYPE else protocol.JSON
+        try:
+            return protocol.decode_reply(msg.data, encoding)
+        except msgspec.DecodeError as exc:
+            raise ClientError(f"the reply could not be decoded: {exc}") from None

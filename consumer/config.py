@@ -1,0 +1,205 @@
+"""Every setting of a replica, read from the environment in one place and checked at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from consumer.errors import ConfigError
+from sandbox import DEFAULT_ALLOWED_MODULES, PoolConfig
+
+DEFAULT_SCRIPTS_DIR = Path(__file__).parent / "scripts"
+KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+MIN_SECRET_LENGTH = 16
+
+
+class Keyring:
+    """Signing keys by id. Its repr names the ids only, never a secret."""
+
+    def __init__(self, secrets: Mapping[str, str]) -> None:
+        self._secrets = {key_id: secret.encode() for key_id, secret in secrets.items()}
+
+    def secret(self, key_id: str) -> bytes | None:
+        return self._secrets.get(key_id)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(self._secrets)
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def __repr__(self) -> str:
+        return f"Keyring(ids={list(self._secrets)!r})"
+
+
+def parse_keys(environ: Mapping[str, str]) -> Keyring:
+    """Keys from ``EXECUTOR_API_KEYS`` (``id:secret,...``) or ``EXECUTOR_API_KEY``."""
+    many = environ.get("EXECUTOR_API_KEYS", "").strip()
+    single = environ.get("EXECUTOR_API_KEY", "").strip()
+    if many and single:
+        raise ConfigError("set EXECUTOR_API_KEYS or EXECUTOR_API_KEY, not both")
+    if single:
+        _check_secret("EXECUTOR_API_KEY", "default", single)
+        return Keyring({"default": single})
+    secrets: dict[str, str] = {}
+    for position, entry in enumerate(filter(None, (e.strip() for e in many.split(","))), 1):
+        key_id, colon, secret = entry.partition(":")
+        if not colon or not KEY_ID.match(key_id):
+            raise ConfigError(
+                f"EXECUTOR_API_KEYS: entry {position} must be 'id:secret' with an id of "
+                "letters, digits, '.', '_' or '-'"
+            )
+        if key_id in secrets:
+            raise ConfigError(f"EXECUTOR_API_KEYS: key id '{key_id}' appears twice")
+        _check_secret("EXECUTOR_API_KEYS", key_id, secret)
+        secrets[key_id] = secret
+    return Keyring(secrets)
+
+
+def _check_secret(variable: str, key_id: str, secret: str) -> None:
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"{variable}: the secret of key '{key_id}' is shorter than {MIN_SECRET_LENGTH} "
+            "characters (use 'pyexec keygen')"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """A replica's settings. Built by :func:`load`; see docs/configuration.md."""
+
+    nats_urls: tuple[str, ...] | None
+    keys: Keyring = field(repr=True)
+    prefix: str = "pyexec"
+    queue_group: str = "pyexec"
+    workers: int
+    warm_children: int
+    default_timeout: float = 30.0
+    max_timeout: float = 60.0
+    max_job_timeout: float = 3600.0
+    memory_mb: int = 512
+    stdout_limit: int = 65536
+    max_request_bytes: int = 1024 * 1024
+    max_ctx_depth: int = 32
+    scripts_dir: Path = DEFAULT_SCRIPTS_DIR
+    metrics_port: int = 9464
+    log_format: Literal["json", "console"] = "json"
+    allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
+    shutdown_grace: float = 30.0
+    data_dir: Path = Path(".pyexec")
+    nonce_cache_size: int = 200_000
+
+    @property
+    def embedded(self) -> bool:
+        """True when no NATS_URL is set and ``pyexec serve`` starts its own server."""
+        return self.nats_urls is None
+
+    def subject(self, kind: str) -> str:
+        return f"{self.prefix}.{kind}"
+
+    def pool_config(self, result_limit: int) -> PoolConfig:
+        return PoolConfig(
+            workers=self.workers,
+            warm_children=self.warm_children,
+            memory_mb=self.memory_mb,
+            stdout_limit=self.stdout_limit,
+            result_limit=result_limit,
+            allowed_modules=self.allowed_modules,
+        )
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment, naming the variable in every error."""
+    env = os.environ if environ is None else environ
+    urls_text = env.get("NATS_URL", "").strip()
+    nats_urls = tuple(u.strip() for u in urls_text.split(",") if u.strip()) or None
+    keys = parse_keys(env)
+    cpus = os.cpu_count() or 1
+    workers = _int(env, "EXECUTOR_WORKERS", cpus, low=1, high=1024)
+    default_timeout = _float(env, "EXECUTOR_DEFAULT_TIMEOUT", 30.0)
+    max_timeout = _float(env, "EXECUTOR_MAX_TIMEOUT", 60.0)
+    max_job_timeout = _float(env, "EXECUTOR_MAX_JOB_TIMEOUT", 3600.0)
+    if default_timeout > max_timeout:
+        raise ConfigError(
+            f"EXECUTOR_DEFAULT_TIMEOUT ({default_timeout:g}) is over EXECUTOR_MAX_TIMEOUT "
+            f"({max_timeout:g})"
+        )
+    prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "pyexec").strip()
+    if not SUBJECT_TOKEN.match(prefix):
+        raise ConfigError("EXECUTOR_SUBJECT_PREFIX must be subject tokens such as 'pyexec'")
+    queue_group = env.get("EXECUTOR_QUEUE_GROUP", "pyexec").strip()
+    if not SUBJECT_TOKEN.match(queue_group):
+        raise ConfigError("EXECUTOR_QUEUE_GROUP must be a name such as 'pyexec'")
+    scripts_dir = Path(env.get("EXECUTOR_SCRIPTS_DIR", "") or DEFAULT_SCRIPTS_DIR)
+    if not scripts_dir.is_dir():
+        raise ConfigError(f"EXECUTOR_SCRIPTS_DIR: '{scripts_dir}' is not a directory")
+    log_format = env.get("EXECUTOR_LOG_FORMAT", "").strip().lower()
+    if not log_format:
+        log_format = "console" if sys.stderr.isatty() else "json"
+    if log_format not in ("json", "console"):
+        raise ConfigError("EXECUTOR_LOG_FORMAT must be 'json' or 'console'")
+    allowed = env.get("EXECUTOR_ALLOWED_MODULES", "").strip()
+    allowed_modules = (
+        tuple(m.strip() for m in allowed.split(",") if m.strip())
+        if allowed
+        else DEFAULT_ALLOWED_MODULES
+    )
+    for module in allowed_modules:
+        if not SUBJECT_TOKEN.match(module) or "-" in module:
+            raise ConfigError(f"EXECUTOR_ALLOWED_MODULES: '{module}' is not a module name")
+    return Settings(
+        nats_urls=nats_urls,
+        keys=keys,
+        prefix=prefix,
+        queue_group=queue_group,
+        workers=workers,
+        warm_children=_int(env, "EXECUTOR_WARM_CHILDREN", workers, low=1, high=1024),
+        default_timeout=default_timeout,
+        max_timeout=max_timeout,
+        max_job_timeout=max_job_timeout,
+        memory_mb=_int(env, "EXECUTOR_MEMORY_MB", 512, low=16, high=1024 * 1024),
+        stdout_limit=_int(env, "EXECUTOR_STDOUT_LIMIT", 65536, low=0, high=64 * 1024 * 1024),
+        max_request_bytes=_int(
+            env, "EXECUTOR_MAX_REQUEST_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024
+        ),
+        max_ctx_depth=_int(env, "EXECUTOR_MAX_CTX_DEPTH", 32, low=1, high=1000),
+        scripts_dir=scripts_dir,
+        metrics_port=_int(env, "EXECUTOR_METRICS_PORT", 9464, low=0, high=65535),
+        log_format="console" if log_format == "console" else "json",
+        allowed_modules=allowed_modules,
+        shutdown_grace=_float(env, "EXECUTOR_SHUTDOWN_GRACE", 30.0),
+        data_dir=Path(env.get("EXECUTOR_DATA_DIR", "") or ".pyexec"),
+    )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not '{text}'") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not '{text}'") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, not '{text}'")
+    return value

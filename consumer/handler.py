@@ -1,0 +1,195 @@
+"""One request from bytes to reply bytes: verify, decode, run, encode. Knows no NATS objects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from consumer import protocol
+from consumer.auth import Verifier
+from consumer.catalog import Catalog
+from consumer.config import Settings
+from consumer.errors import InvalidRequest, Overloaded, Rejected, Unauthorized
+from consumer.protocol import Encoding, ErrorBody, Reply
+from sandbox import Job, Outcome, Pool, PoolError
+
+SERVICE_ERROR_HEADER = "Nats-Service-Error"
+SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+# Room left in a message for the reply's own fields and headers around the result.
+REPLY_OVERHEAD = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Response:
+    """What goes back on the reply subject, plus what the service counts and logs."""
+
+    data: bytes
+    headers: dict[str, str] | None
+    reply: Reply
+    auth_failure: str | None = None
+    wait_ms: float = 0.0
+    handling_ms: float = 0.0
+
+
+class Handler:
+    """Turns one request on ``<prefix>.code`` or ``<prefix>.named`` into its reply."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: Verifier,
+        catalog: Catalog,
+        pool: Pool,
+        *,
+        max_payload: int,
+    ) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.catalog = catalog
+        self.pool = pool
+        self.max_payload = max_payload
+        self._kinds = {settings.subject("code"): "code", settings.subject("named"): "named"}
+
+    async def handle(
+        self, subject: str, headers: Mapping[str, str] | None, body: bytes
+    ) -> Response:
+        """Answer one request; never raises for anything a caller sends."""
+        started = time.perf_counter()
+        encoding: Encoding = protocol.JSON
+        request_id: str | None = None
+        try:
+            encoding = protocol.encoding_of((headers or {}).get("Content-Type"))
+            self.verifier.verify(subject, headers, body)
+            kind = self._kinds.get(subject)
+            if kind is None:
+                raise InvalidRequest(f"subject '{subject}' is not served here")
+            try:
+                request = protocol.decode_request(
+                    kind,
+                    body,
+                    encoding,
+                    max_bytes=self.settings.max_request_bytes,
+                    max_depth=self.settings.max_ctx_depth,
+                )
+            except InvalidRequest:
+                request_id = protocol.request_id_of(body, encoding)
+                raise
+            request_id = request.request_id or str(uuid.uuid4())
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+            job = self._job(request)
+            outcome = await self.pool.run(job)
+        except Rejected as exc:
+            reply = Reply(
+                request_id=request_id or str(uuid.uuid4()),
+                status="rejected",
+                error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
+            )
+            failure = exc.reason if isinstance(exc, Unauthorized) else None
+            return self._respond(reply, encoding, exc.http, started, failure)
+        except PoolError as exc:
+            overloaded = Overloaded(f"the executor cannot run scripts right now: {exc}")
+            reply = Reply(
+                request_id=request_id or str(uuid.uuid4()),
+                status="rejected",
+                error=ErrorBody(code=overloaded.code, type="Overloaded", message=str(overloaded)),
+            )
+            return self._respond(reply, encoding, overloaded.http, started)
+        return self._respond(
+            self._reply(request_id, outcome), encoding, None, started, wait_ms=outcome.wait_ms
+        )
+
+    def _job(self, request: protocol.Request) -> Job:
+        if request.mode == "async":
+            raise InvalidRequest("mode 'async' is not enabled on this executor yet")
+        timeout = self.settings.default_timeout if request.timeout is None else request.timeout
+        if timeout > self.settings.max_timeout:
+            raise InvalidRequest(
+                f"timeout {timeout:g} s is over the limit of {self.settings.max_timeout:g} s"
+            )
+        if isinstance(request, protocol.CodeRequest):
+            source = request.code
+        else:
+            source = self.catalog.source(request.name)
+        return Job(source=source, ctx=request.ctx or {}, timeout=timeout)
+
+    @staticmethod
+    def _reply(request_id: str, outcome: Outcome) -> Reply:
+        error = None
+        if outcome.error is not None:
+            error = ErrorBody(
+                code=outcome.error.code,
+                type=outcome.error.type,
+                message=outcome.error.message,
+                traceback=outcome.error.traceback,
+            )
+        return Reply(
+            request_id=request_id,
+            status=outcome.status,
+            result=outcome.result,
+            error=error,
+            stdout=outcome.stdout,
+            duration_ms=round(outcome.duration_ms, 3),
+        )
+
+    def _respond(
+        self,
+        reply: Reply,
+        encoding: Encoding,
+        http: int | None,
+        started: float,
+        auth_failure: str | None = None,
+        *,
+        wait_ms: float = 0.0,
+    ) -> Response:
+        if reply.status == "rejected" and http is None:
+            http = 400
+        try:
+            data = protocol.encode(reply, encoding)
+        except (OverflowError, TypeError, ValueError) as exc:
+            reply = _replaced(reply, "result_not_serializable", f"the result cannot be encoded: {exc}")
+            data = protocol.encode(reply, encoding)
+        if len(data) + REPLY_OVERHEAD > self.max_payload:
+            size = len(data)
+            reply = _replaced(
+                reply,
+                "output_limit",
+                f"the reply would be {size} bytes, over the connection's limit of "
+                f"{self.max_payload} bytes; return less data",
+            )
+            data = protocol.encode(reply, encoding)
+        headers = None
+        if reply.status == "rejected" and reply.error is not None:
+            headers = {
+                SERVICE_ERROR_HEADER: reply.error.message,
+                SERVICE_ERROR_CODE_HEADER: str(http),
+            }
+        if encoding == protocol.MSGPACK:
+            headers = {**(headers or {}), "Content-Type": protocol.MSGPACK_CONTENT_TYPE}
+        return Response(
+            data=data,
+            headers=headers,
+            reply=reply,
+            auth_failure=auth_failure,
+            wait_ms=wait_ms,
+            handling_ms=(time.perf_counter() - started) * 1000,
+        )
+
+
+_ERROR_TYPES = {"output_limit": "OutputLimit", "result_not_serializable": "NotSerializable"}
+
+
+def _replaced(reply: Reply, code: str, message: str) -> Reply:
+    """The same reply turned into an error without a result (stdout is kept, cut if needed)."""
+    stdout = reply.stdout[: 64 * 1024]
+    return Reply(
+        request_id=reply.request_id,
+        job_id=reply.job_id,
+        status="error",
+        error=ErrorBody(code=code, type=_ERROR_TYPES[code], message=message),
+        stdout=stdout,
+        duration_ms=reply.duration_ms,
+    )

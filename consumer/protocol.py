@@ -1,0 +1,165 @@
+"""The wire contract's messages (request and reply bodies) and their JSON/MessagePack codecs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from consumer.errors import InvalidRequest
+
+JSON = "json"
+MSGPACK = "msgpack"
+Encoding = Literal["json", "msgpack"]
+MSGPACK_CONTENT_TYPE = "application/msgpack"
+JSON_CONTENT_TYPES = frozenset({"", "application/json"})
+
+Status = Literal["ok", "error", "timeout", "rejected", "accepted"]
+Mode = Literal["sync", "async"]
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Timeout = Annotated[float, msgspec.Meta(gt=0)]
+ScriptName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class CodeRequest(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True
+):
+    """Body of ``pyexec.code``: run the source sent."""
+
+    code: str
+    ctx: dict[str, Any] | None = None
+    timeout: Timeout | None = None
+    mode: Mode = "sync"
+    request_id: RequestId | None = None
+
+
+class NamedRequest(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True
+):
+    """Body of ``pyexec.named``: run an installed script by name."""
+
+    name: ScriptName
+    ctx: dict[str, Any] | None = None
+    timeout: Timeout | None = None
+    mode: Mode = "sync"
+    request_id: RequestId | None = None
+
+
+Request = CodeRequest | NamedRequest
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``error`` object of a reply."""
+
+    code: str
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply body. Unknown fields are tolerated when decoding, for later additions."""
+
+    request_id: str
+    job_id: str | None = None
+    status: Status
+    result: Any = None
+    error: ErrorBody | None = None
+    stdout: str = ""
+    duration_ms: float = 0.0
+
+
+class _RequestIdOnly(msgspec.Struct):
+    """Used to echo the request id of a body that failed validation, where it has one."""
+
+    request_id: Any = None
+
+
+_decoders: dict[tuple[str, str], Any] = {
+    ("code", JSON): msgspec.json.Decoder(CodeRequest),
+    ("named", JSON): msgspec.json.Decoder(NamedRequest),
+    ("code", MSGPACK): msgspec.msgpack.Decoder(CodeRequest),
+    ("named", MSGPACK): msgspec.msgpack.Decoder(NamedRequest),
+}
+_id_decoders = {
+    JSON: msgspec.json.Decoder(_RequestIdOnly),
+    MSGPACK: msgspec.msgpack.Decoder(_RequestIdOnly),
+}
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_reply_decoders = {
+    JSON: msgspec.json.Decoder(Reply),
+    MSGPACK: msgspec.msgpack.Decoder(Reply),
+}
+
+
+def encoding_of(content_type: str | None) -> Encoding:
+    """The body encoding a ``Content-Type`` header names."""
+    value = (content_type or "").split(";")[0].strip().lower()
+    if value == MSGPACK_CONTENT_TYPE:
+        return MSGPACK
+    if value in JSON_CONTENT_TYPES:
+        return JSON
+    raise InvalidRequest(
+        f"unsupported Content-Type '{content_type}': use application/json or application/msgpack"
+    )
+
+
+def decode_request(
+    kind: str, body: bytes, encoding: Encoding, *, max_bytes: int, max_depth: int
+) -> Request:
+    """Decode and bound-check a request body, raising :class:`InvalidRequest`."""
+    if len(body) > max_bytes:
+        raise InvalidRequest(f"the body is {len(body)} bytes, over the limit of {max_bytes}")
+    try:
+        request: Request = _decoders[kind, encoding].decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        name = "JSON" if encoding == JSON else "MessagePack"
+        raise InvalidRequest(f"the body is not valid {name}: {exc}") from None
+    if request.ctx is not None:
+        depth = nesting_depth(request.ctx, max_depth)
+        if depth > max_depth:
+            raise InvalidRequest(f"ctx is nested deeper than {max_depth} levels")
+    return request
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deeply lists and objects nest in ``value``, counting stops just past ``limit``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def request_id_of(body: bytes, encoding: Encoding) -> str | None:
+    """The ``request_id`` of a body that failed validation, if it carries a usable one."""
+    try:
+        value = _id_decoders[encoding].decode(body).request_id
+    except (msgspec.DecodeError, TypeError):
+        return None
+    if isinstance(value, str) and 0 < len(value) <= 200:
+        return value
+    return None
+
+
+def encode(message: Reply | Request, encoding: Encoding) -> bytes:
+    if encoding == MSGPACK:
+        return _msgpack_encoder.encode(message)
+    return _json_encoder.encode(message)
+
+
+def decode_reply(body: bytes, encoding: Encoding = JSON) -> Reply:
+    return _reply_decoders[encoding].decode(body)  # type: ignore[no-any-return]

@@ -1,0 +1,202 @@
+"""A replica's life: connect, start the pool, serve the queue group, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from consumer.auth import Verifier
+from consumer.catalog import Catalog
+from consumer.config import Settings
+from consumer.discovery import Discovery, EndpointStats, elapsed_ns
+from consumer.handler import REPLY_OVERHEAD, Handler
+from sandbox import Pool
+
+log = structlog.get_logger("pyexec.service")
+
+
+def package_version() -> str:
+    try:
+        return version("pyexec")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+async def connect(settings: Settings, urls: list[str], *, name: str) -> NATS:
+    """A connection that keeps reconnecting for as long as it takes."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=repr(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        servers=urls,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+
+
+class Replica:
+    """One executor replica. ``await Replica(settings, urls).run()`` serves until stopped."""
+
+    def __init__(self, settings: Settings, urls: list[str]) -> None:
+        self.settings = settings
+        self.urls = urls
+        self._stop = asyncio.Event()
+        self._stop_now = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Subscription] = []
+        self.started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop; a second call stops without waiting for in-flight work."""
+        if self._stop.is_set():
+            self._stop_now.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until :meth:`request_stop`, then finish in-flight requests and exit."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        service_id = uuid.uuid4().hex
+        nc = await connect(self.settings, self.urls, name=f"pyexec-{service_id[:8]}")
+        result_limit = max(1024, nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.stdout_limit)
+        pool = Pool(self.settings.pool_config(result_limit))
+        try:
+            startup = time.perf_counter()
+            await pool.start()
+            if pool.failed_imports:
+                log.warning("some allowed modules failed to import", modules=pool.failed_imports)
+            catalog = Catalog(self.settings.scripts_dir)
+            handler = Handler(
+                self.settings,
+                Verifier(self.settings.keys, capacity=self.settings.nonce_cache_size),
+                catalog,
+                pool,
+                max_payload=nc.max_payload,
+            )
+            discovery = self._discovery(service_id, catalog)
+            await discovery.start(nc)
+            await self._subscribe(nc, handler, discovery)
+            log.info(
+                "replica ready",
+                service_id=service_id,
+                subjects=[self.settings.subject("code"), self.settings.subject("named")],
+                queue_group=self.settings.queue_group,
+                workers=self.settings.workers,
+                startup_ms=round((time.perf_counter() - startup) * 1000, 1),
+            )
+            self.started.set()
+            await self._stop.wait()
+            log.info("stopping", in_flight=len(self._tasks))
+            await self._drain(nc, discovery)
+        finally:
+            await pool.close()
+            if not nc.is_closed:
+                await nc.close()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        log.info("stopped")
+
+    def _discovery(self, service_id: str, catalog: Catalog) -> Discovery:
+        endpoints = {
+            kind: EndpointStats(
+                name=kind,
+                subject=self.settings.subject(kind),
+                queue_group=self.settings.queue_group,
+            )
+            for kind in ("code", "named")
+        }
+        return Discovery(
+            service_id=service_id,
+            version=package_version(),
+            description="Runs sandboxed Python scripts",
+            metadata={"scripts": ",".join(s.name for s in catalog.scripts())},
+            endpoints=endpoints,
+        )
+
+    async def _subscribe(self, nc: NATS, handler: Handler, discovery: Discovery) -> None:
+        for kind in ("code", "named"):
+
+            async def on_message(msg: Msg, kind: str = kind) -> None:
+                task = asyncio.create_task(self._serve(nc, handler, discovery, kind, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+            self._subscriptions.append(
+                await nc.subscribe(
+                    self.settings.subject(kind), queue=self.settings.queue_group, cb=on_message
+                )
+            )
+        await nc.flush()
+
+    async def _serve(
+        self, nc: NATS, handler: Handler, discovery: Discovery, kind: str, msg: Msg
+    ) -> None:
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        try:
+            response = await handler.handle(msg.subject, msg.headers, msg.data)
+            if msg.reply:
+                await nc.publish(msg.reply, response.data, headers=response.headers)
+        except Exception:
+            log.exception("request failed inside the executor", subject=msg.subject)
+            return
+        reply = response.reply
+        error = reply.error
+        discovery.record(
+            kind, elapsed_ns(started), error.message if reply.status == "rejected" and error else None
+        )
+        log.info(
+            "request",
+            subject=msg.subject,
+            status=reply.status,
+            error_code=error.code if error else None,
+            auth_failure=response.auth_failure,
+            duration_ms=reply.duration_ms,
+            wait_ms=round(response.wait_ms, 3),
+            total_ms=round((time.perf_counter() - started) * 1000, 3),
+            reply_bytes=len(response.data),
+        )
+
+    async def _drain(self, nc: NATS, discovery: Discovery) -> None:
+        """Stop taking requests, give in-flight ones the grace period, then drain NATS."""
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.drain()
+        await discovery.stop()
+        if self._tasks:
+            pending = asyncio.gather(*self._tasks, return_exceptions=True)
+            stop_now = asyncio.create_task(self._stop_now.wait())
+            done, _ = await asyncio.wait(
+                {asyncio.ensure_future(pending), stop_now},
+                timeout=self.settings.shutdown_grace,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            stop_now.cancel()
+            if self._tasks:
+                log.warning("grace period over; abandoning in-flight requests", count=len(self._tasks))
+                for task in self._tasks:
+                    task.cancel()
+        with contextlib.suppress(Exception):
+            await nc.drain()

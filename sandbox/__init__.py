@@ -1,0 +1,23 @@
+"""Run one untrusted Python script safely and fast: the sandbox side of pyexec.
+
+The consumer side talks to this package only through :class:`Pool`, :class:`Job`,
+:class:`Outcome` and :class:`PoolConfig`. Nothing here knows about NATS.
+"""
+
+from sandbox.api import ErrorInfo, Job, Outcome
+from sandbox.config import DEFAULT_ALLOWED_MODULES, PoolConfig
+from sandbox.errors import PoolClosed, PoolError, SandboxError, WarmParentFailed
+from sandbox.pool import Pool
+
+__all__ = [
+    "DEFAULT_ALLOWED_MODULES",
+    "ErrorInfo",
+    "Job",
+    "Outcome",
+    "Pool",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolError",
+    "SandboxError",
+    "WarmParentFailed",
+]

@@ -1,0 +1,56 @@
+"""The settings one pool runs with, given by the caller (the sandbox reads no environment)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
+    # Standard library, for computing.
+    "math", "json", "re", "datetime", "decimal", "statistics", "collections", "itertools",
+    "functools", "string", "textwrap", "unicodedata", "difflib", "csv", "io", "base64",
+    "hashlib", "uuid", "random", "time", "typing", "dataclasses", "enum", "copy", "operator",
+    "heapq", "bisect", "zoneinfo",
+    # Pre-installed libraries.
+    "pandas", "numpy", "openpyxl", "sqlglot", "pymorphy3", "nltk", "rapidfuzz", "openai",
+    "requests",
+)  # fmt: skip
+
+# Modules a script may never reach, whatever the configured allow list says.
+FORBIDDEN_MODULES: frozenset[str] = frozenset({
+    "os", "posix", "nt", "sys", "subprocess", "signal", "socket", "ctypes", "importlib",
+    "pickle", "marshal", "shelve", "multiprocessing", "threading", "builtins", "gc",
+    "inspect", "shutil", "tempfile", "pathlib", "pty", "fcntl", "resource", "mmap",
+    "code", "codeop", "runpy", "pkgutil", "zipimport", "asyncio", "concurrent", "select",
+    "selectors", "ssl", "http", "urllib", "ftplib", "smtplib", "telnetlib", "sysconfig",
+    "site", "webbrowser", "tracemalloc", "faulthandler", "atexit", "copyreg", "posixpath",
+    "ntpath", "glob", "linecache", "_thread", "_posixsubprocess", "_socket", "_ctypes",
+    "_pickle", "_signal", "_imp", "_frozen_importlib", "_frozen_importlib_external",
+})  # fmt: skip
+
+
+class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How many scripts run at once and what each run may use."""
+
+    workers: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
+    """Scripts running at once."""
+    warm_children: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
+    """Children kept forked and waiting for a script."""
+    memory_mb: Annotated[int, msgspec.Meta(ge=16)] = 512
+    """Memory a run may add on top of the warm parent's own."""
+    stdout_limit: Annotated[int, msgspec.Meta(ge=0)] = 65536
+    """Characters of printed output kept; the rest is cut and the cut marked."""
+    result_limit: Annotated[int, msgspec.Meta(ge=1024)] = 900_000
+    """Bytes the JSON-encoded result may take."""
+    allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
+    """Top-level modules a script may import."""
+    kill_grace: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    """Seconds between the soft stop at a timeout and SIGKILL."""
+    python: str = ""
+    """Interpreter for the warm parent; empty means the running one."""
+    passthrough_env: tuple[str, ...] = (
+        "LANG", "LC_ALL", "TZ", "PYTHONPATH", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+        "NLTK_DATA", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    )  # fmt: skip
+    """Environment variables the warm parent keeps; every other one is dropped."""

@@ -1,0 +1,267 @@
+"""The whitelist layer: which builtins, modules and attributes a script may reach."""
+
+from __future__ import annotations
+
+import builtins
+import operator
+import sys
+from collections.abc import Callable, Iterable
+from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
+from typing import Any, NoReturn
+
+from RestrictedPython.Guards import (
+    guarded_iter_unpack_sequence,
+    guarded_unpack_sequence,
+    safe_builtins,
+)
+from RestrictedPython.transformer import INSPECT_ATTRIBUTES
+
+from sandbox.config import FORBIDDEN_MODULES
+from sandbox.errors import PolicyViolation
+
+# Builtins a script gets on top of RestrictedPython's ``safe_builtins``. Functions that
+# iterate in C (sum, sorted, map, ...) are safe here because iteration itself is not guarded:
+# what is guarded is reaching objects, and that happens through attributes, items and imports.
+_EXTRA_BUILTINS: tuple[str, ...] = (
+    "all", "any", "ascii", "bin", "bytearray", "bytes", "classmethod", "dict", "dir",
+    "enumerate", "filter", "format", "frozenset", "iter", "list", "map", "max", "memoryview",
+    "min", "next", "object", "property", "reversed", "set", "sorted", "staticmethod", "sum",
+    "super", "tuple", "zip", "NotImplemented",
+)  # fmt: skip
+
+# Builtins that are refused with a policy violation when a script calls them.
+REFUSED_BUILTINS: tuple[str, ...] = (
+    "eval", "exec", "compile", "open", "input", "breakpoint", "globals", "locals", "vars",
+    "exit", "quit", "help", "delattr", "setattr", "getattr", "hasattr", "type", "__import__",
+)  # fmt: skip
+
+# Objects that are refused however a script reaches them (an attribute of some library
+# module, an item of a dict, a name imported from a module). Dotted paths are resolved
+# against modules already imported, so listing one never imports anything.
+REFUSED_OBJECTS: tuple[str, ...] = (
+    "io.open", "io.open_code", "io.FileIO", "operator.attrgetter", "operator.methodcaller",
+    "string.Formatter", "nltk.download", "nltk.downloader.download", "pandas.read_pickle",
+    "pandas.eval", "pandas.DataFrame.to_pickle", "pandas.Series.to_pickle",
+)  # fmt: skip
+
+_INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
+    "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow,
+    "<<=": operator.ilshift, ">>=": operator.irshift, "&=": operator.iand,
+    "^=": operator.ixor, "|=": operator.ior, "@=": operator.imatmul,
+}  # fmt: skip
+
+_MISSING = object()
+
+
+def _resolve(path: str) -> object | None:
+    """The object at a dotted path, if its module is already imported; None otherwise."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is None:
+            continue
+        value: object = module
+        for name in parts[cut:]:
+            value = getattr(value, name, None)
+            if value is None:
+                return None
+        return value
+    return None
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, ModuleType):
+        return obj.__name__
+    if isinstance(obj, type):
+        return obj.__qualname__
+    return type(obj).__qualname__
+
+
+class Policy:
+    """The guards one run uses; it remembers every refusal, caught or not."""
+
+    def __init__(self, allowed_modules: Iterable[str]) -> None:
+        self.allowed_modules = frozenset(allowed_modules) - FORBIDDEN_MODULES
+        self.violations: list[str] = []
+        refused = [getattr(builtins, name) for name in REFUSED_BUILTINS]
+        refused += [obj for obj in map(_resolve, REFUSED_OBJECTS) if obj is not None]
+        self._refused_ids = frozenset(id(obj) for obj in refused)
+        # Keep the objects alive so that their ids stay theirs.
+        self._refused_objects = refused
+
+    # -- refusing ---------------------------------------------------------------------------
+
+    def refuse(self, what: str) -> NoReturn:
+        """Record a refusal and raise it into the script."""
+        self.violations.append(what)
+        raise PolicyViolation(what)
+
+    def module_allowed(self, name: str) -> bool:
+        """True if a module of this dotted name is on the allow list."""
+        parts = name.split(".")
+        if any(part in FORBIDDEN_MODULES for part in parts):
+            return False
+        return parts[0] in self.allowed_modules
+
+    def check(self, value: Any, where: str) -> Any:
+        """Return ``value`` if a script may hold it, refuse it otherwise."""
+        if isinstance(value, ModuleType):
+            if not self.module_allowed(value.__name__):
+                self.refuse(f"module '{value.__name__}' (reached through {where})")
+            return value
+        if id(value) in self._refused_ids:
+            self.refuse(f"'{where}' is not available to scripts")
+        if isinstance(value, MethodType) and id(value.__func__) in self._refused_ids:
+            self.refuse(f"'{where}' is not available to scripts")
+        if isinstance(value, BuiltinFunctionType):
+            owner = value.__self__
+            if isinstance(owner, ModuleType) and not self._owner_allowed(owner.__name__):
+                self.refuse(f"'{where}' belongs to module '{owner.__name__}'")
+        elif isinstance(value, FunctionType | type):
+            owner_name = getattr(value, "__module__", None)
+            if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
+                self.refuse(f"'{where}' belongs to module '{owner_name}'")
+        return value
+
+    @staticmethod
+    def _owner_allowed(module_name: str) -> bool:
+        # Builtin types and functions are everywhere; the dangerous ones are refused by identity.
+        if module_name == "builtins":
+            return True
+        return not any(part in FORBIDDEN_MODULES for part in module_name.split("."))
+
+    # -- guards RestrictedPython calls --------------------------------------------------------
+
+    def guarded_getattr(self, obj: Any, name: Any, default: Any = _MISSING) -> Any:
+        """``obj.name`` as a script sees it: no private names, no interpreter internals."""
+        if not isinstance(name, str):
+            raise TypeError("attribute name must be a string")
+        where = f"{_describe(obj)}.{name}"
+        if name.startswith("_"):
+            self.refuse(f"attribute '{where}' (names starting with '_' are private)")
+        if name in INSPECT_ATTRIBUTES:
+            self.refuse(f"attribute '{where}' (interpreter internals)")
+        if name in ("format", "format_map") and (
+            isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))
+        ):
+            self.refuse(f"'str.{name}' (it can walk attributes; use an f-string instead)")
+        if default is _MISSING:
+            value = getattr(obj, name)
+        else:
+            value = getattr(obj, name, default)
+        return self.check(value, where)
+
+    def guarded_hasattr(self, obj: Any, name: Any) -> bool:
+        """``hasattr`` that answers through the same guard as attribute access."""
+        try:
+            self.guarded_getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+
+    def guarded_getitem(self, obj: Any, key: Any) -> Any:
+        """``obj[key]``, refusing what an item may not hand out (a module, a refused function)."""
+        return self.check(obj[key], f"{_describe(obj)}[...]")
+
+    def guarded_write(self, obj: Any) -> Any:
+        """The target of an attribute or item assignment: anything but a module."""
+        if isinstance(obj, ModuleType):
+            self.refuse(f"changing module '{obj.__name__}'")
+        return obj
+
+    def guarded_setattr(self, obj: Any, name: Any, value: Any) -> None:
+        """``setattr`` with the rules of ``obj.name = value``."""
+        if not isinstance(name, str):
+            raise TypeError("attribute name must be a string")
+        if name.startswith("_"):
+            self.refuse(f"setting attribute '{name}' (names starting with '_' are private)")
+        setattr(self.guarded_write(obj), name, value)
+
+    def guarded_import(
+        self,
+        name: str,
+        globals: dict[str, Any] | None = None,  # noqa: A002 - the signature of __import__
+        locals: dict[str, Any] | None = None,  # noqa: A002
+        fromlist: Iterable[str] | None = (),
+        level: int = 0,
+    ) -> ModuleType:
+        """``__import__`` that admits only allowed modules and checks each imported name."""
+        if level != 0:
+            self.refuse("relative import")
+        if not self.module_allowed(name):
+            self.refuse(f"import of module '{name}' (not on the allowed list)")
+        module: ModuleType = __import__(name, globals, locals, fromlist or (), 0)
+        if fromlist:
+            leaf = sys.modules[name]
+            for item in fromlist:
+                if item == "*":
+                    self.refuse(f"'from {name} import *'")
+                if item.startswith("_"):
+                    self.refuse(f"importing private name '{item}' from '{name}'")
+                value = getattr(leaf, item, _MISSING)
+                if value is _MISSING:
+                    # Let the import machinery try a submodule import and raise ImportError.
+                    module = __import__(name, globals, locals, (item,), 0)
+                    value = getattr(sys.modules[name], item, None)
+                self.check(value, f"{name}.{item}")
+        return module
+
+    def guarded_type(self, obj: Any) -> type:
+        """``type(obj)`` with one argument; creating classes goes through ``class``."""
+        return type(obj)
+
+    def refusing(self, name: str) -> Callable[..., NoReturn]:
+        """A stand-in for a refused builtin that raises a policy violation when called."""
+
+        def refused(*_args: Any, **_kwargs: Any) -> NoReturn:
+            self.refuse(f"builtin '{name}()'")
+
+        refused.__name__ = name
+        return refused
+
+    # -- the script's namespace ---------------------------------------------------------------
+
+    def builtins(self) -> dict[str, Any]:
+        """The ``__builtins__`` a script runs with."""
+        table: dict[str, Any] = dict(safe_builtins)
+        for name in _EXTRA_BUILTINS:
+            table[name] = getattr(builtins, name)
+        for name, value in vars(builtins).items():
+            if isinstance(value, type) and issubclass(value, BaseException):
+                table[name] = value
+        for name in REFUSED_BUILTINS:
+            table[name] = self.refusing(name)
+        table["range"] = range
+        table["getattr"] = self.guarded_getattr
+        table["hasattr"] = self.guarded_hasattr
+        table["setattr"] = self.guarded_setattr
+        table["type"] = self.guarded_type
+        table["__import__"] = self.guarded_import
+        table["_getattr_"] = self.guarded_getattr
+        return table
+
+    def namespace(self, print_factory: Callable[..., Any]) -> dict[str, Any]:
+        """Globals for one script: builtins plus the hooks RestrictedPython compiles in."""
+        return {
+            "__builtins__": self.builtins(),
+            "__name__": "script",
+            "__metaclass__": type,
+            "_getattr_": self.guarded_getattr,
+            "_getitem_": self.guarded_getitem,
+            "_getiter_": iter,
+            "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
+            "_unpack_sequence_": guarded_unpack_sequence,
+            "_write_": self.guarded_write,
+            "_inplacevar_": _inplacevar,
+            "_apply_": _apply,
+            "_print_": print_factory,
+        }
+
+
+def _inplacevar(op: str, target: Any, value: Any) -> Any:
+    return _INPLACE_OPERATORS[op](target, value)
+
+
+def _apply(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)

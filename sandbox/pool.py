@@ -1,0 +1,325 @@
+"""The pool: a warm parent process, its waiting children, and one run per child with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from sandbox import protocol
+from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
+from sandbox.config import PoolConfig
+from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
+
+START_TIMEOUT = 120.0
+EXIT_STATUS_WAIT = 2.0
+RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(eq=False)
+class _Child:
+    """A forked child waiting for its one run."""
+
+    pid: int
+    sock: socket.socket
+    pidfd: int
+    exited: asyncio.Future[int] = field(repr=False)
+
+    def signal(self, signum: int) -> None:
+        """Signal the child (and its process group) unless it is gone already."""
+        if self.exited.done():
+            return
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+
+    def release(self) -> None:
+        """Kill the child if it still runs and close what this side holds of it."""
+        self.signal(signal.SIGKILL)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+class Pool:
+    """Runs jobs in fresh child processes forked from one warm parent.
+
+    ``async with Pool(config) as pool: outcome = await pool.run(job)``. At most
+    ``config.workers`` jobs run at once; more wait their turn. Every job gets a process of
+    its own that exits after the run.
+    """
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self._slots = asyncio.Semaphore(config.workers)
+        self._ready: asyncio.Queue[_Child] = asyncio.Queue()
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._control: socket.socket | None = None
+        self._parent: subprocess.Popen[bytes] | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        self._closed = False
+        self._running = 0
+        self.failed_imports: list[str] = []
+        self.parent_starts = 0
+
+    async def __aenter__(self) -> Pool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    # -- state the caller may read ------------------------------------------------------------
+
+    @property
+    def busy(self) -> int:
+        """Jobs running now."""
+        return self._running
+
+    @property
+    def warm(self) -> int:
+        """Children forked and waiting for a job."""
+        return self._ready.qsize()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the warm parent and wait until it has imported the libraries."""
+        await self._start_parent()
+
+    async def close(self) -> None:
+        """Stop the warm parent and every waiting child. Running jobs are killed."""
+        self._closed = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+        self._stop_parent()
+        while not self._ready.empty():
+            self._ready.get_nowait().release()
+        for waiter in self._exits.values():
+            if not waiter.done():
+                waiter.cancel()
+
+    async def _start_parent(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {key: os.environ[key] for key in self.config.passthrough_env if key in os.environ}
+        env.setdefault("PATH", os.defpath)
+        # Numeric libraries must not start thread pools in a process that forks.
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        python = self.config.python or sys.executable
+        try:
+            self._parent = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [python, "-m", "sandbox.zygote", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._control = ours
+        self.parent_starts += 1
+        try:
+            await loop.sock_sendall(ours, protocol.encode_control(protocol.Start(config=self.config)))
+            async with asyncio.timeout(START_TIMEOUT):
+                data = await loop.sock_recv(ours, protocol.CONTROL_PACKET_MAX)
+            started = protocol.decode_from_parent(data) if data else None
+        except (OSError, TimeoutError, ProtocolError) as exc:
+            self._stop_parent()
+            raise WarmParentFailed(f"the warm parent did not start: {exc!r}") from exc
+        if not isinstance(started, protocol.Started):
+            self._stop_parent()
+            raise WarmParentFailed("the warm parent exited while starting")
+        self.failed_imports = started.failed_imports
+        loop.add_reader(ours.fileno(), self._on_control)
+        self._spawn(self.config.warm_children)
+
+    def _stop_parent(self) -> None:
+        if self._control is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._control.fileno())
+            self._control.close()
+            self._control = None
+        if self._parent is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._parent.kill()
+            self._parent.wait()
+            self._parent = None
+
+    def _spawn(self, count: int) -> None:
+        if self._control is None or count <= 0:
+            return
+        try:
+            self._control.send(protocol.encode_control(protocol.Spawn(count=count)))
+        except OSError:
+            self._parent_lost()
+
+    def _on_control(self) -> None:
+        """Read every pending control packet from the warm parent."""
+        loop = asyncio.get_running_loop()
+        while self._control is not None:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(
+                    self._control, protocol.CONTROL_PACKET_MAX, 2
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._parent_lost()
+                return
+            try:
+                message = protocol.decode_from_parent(data)
+            except ProtocolError:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if isinstance(message, protocol.Ready) and len(fds) == 2:
+                exited: asyncio.Future[int] = loop.create_future()
+                self._exits[message.pid] = exited
+                child = _Child(message.pid, socket.socket(fileno=fds[0]), fds[1], exited)
+                if self._closed:
+                    child.release()
+                else:
+                    self._ready.put_nowait(child)
+            elif isinstance(message, protocol.Exited):
+                waiter = self._exits.pop(message.pid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message.returncode)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def _parent_lost(self) -> None:
+        """The warm parent died: drop its waiting children and start a new one."""
+        self._stop_parent()
+        while not self._ready.empty():
+            self._ready.get_nowait().release()
+        if not self._closed and self._restarting is None:
+            self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            for attempt in range(sys.maxsize):
+                delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+                await asyncio.sleep(delay)
+                try:
+                    await self._start_parent()
+                except WarmParentFailed:
+                    continue
+                return
+        finally:
+            self._restarting = None
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self, job: Job) -> Outcome:
+        """Run one job in a fresh child and return how it ended."""
+        if self._closed:
+            raise PoolClosed("the pool is closed")
+        queued = time.perf_counter()
+        async with self._slots:
+            child = await self._ready.get()
+            wait_ms = (time.perf_counter() - queued) * 1000
+            self._spawn(1)
+            self._running += 1
+            started = time.perf_counter()
+            try:
+                outcome = await self._run_in(child, job)
+            finally:
+                self._running -= 1
+                child.release()
+                self._exits.pop(child.pid, None)
+        duration_ms = (time.perf_counter() - started) * 1000
+        return Outcome(
+            status=outcome.status,
+            result=outcome.result,
+            error=outcome.error,
+            stdout=outcome.stdout,
+            duration_ms=duration_ms,
+            wait_ms=wait_ms,
+        )
+
+    async def _run_in(self, child: _Child, job: Job) -> protocol.RunResult:
+        child.sock.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=child.sock)
+        limit = self.config.result_limit + 4 * self.config.stdout_limit + 65536
+        request = protocol.RunRequest(source=job.source, ctx=job.ctx, timeout=job.timeout)
+        try:
+            writer.write(protocol.frame(request))
+            async with asyncio.timeout(job.timeout):
+                await writer.drain()
+                return await _read_result(reader, limit)
+        except TimeoutError:
+            return await self._stop_late(child, reader, limit, job.timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            return await self._lost(child)
+        finally:
+            writer.transport.abort()
+
+    async def _stop_late(
+        self, child: _Child, reader: asyncio.StreamReader, limit: int, timeout: float
+    ) -> protocol.RunResult:
+        """The deadline passed: ask the child to stop, then kill it after a grace period."""
+        child.signal(signal.SIGTERM)
+        stdout = ""
+        traceback = None
+        with contextlib.suppress(
+            TimeoutError, asyncio.IncompleteReadError, ConnectionError, ProtocolError
+        ):
+            async with asyncio.timeout(self.config.kill_grace):
+                late = await _read_result(reader, limit)
+                stdout = late.stdout
+                traceback = late.error.traceback if late.error is not None else None
+        child.signal(signal.SIGKILL)
+        return protocol.RunResult(
+            status="timeout",
+            error=ErrorInfo(
+                code="timeout",
+                type="Timeout",
+                message=f"the script did not finish within its timeout of {timeout:g} s",
+                traceback=traceback,
+            ),
+            stdout=stdout,
+        )
+
+    async def _lost(self, child: _Child) -> protocol.RunResult:
+        """The child closed its socket without an answer: say why, from its exit status."""
+        returncode: int | None = None
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(EXIT_STATUS_WAIT):
+                returncode = await asyncio.shield(child.exited)
+        code, message = _explain_exit(returncode, self.config.memory_mb)
+        return protocol.RunResult(
+            status="error", error=ErrorInfo(code=code, type="WorkerLost", message=message)
+        )
+
+
+async def _read_result(reader: asyncio.StreamReader, limit: int) -> protocol.RunResult:
+    header = await reader.readexactly(protocol.HEADER_SIZE)
+    length = protocol.frame_length(header, limit)
+    return protocol.decode_result(await reader.readexactly(length))
+
+
+def _explain_exit(returncode: int | None, memory_mb: int) -> tuple[ErrorCode, str]:
+    if returncode is None:
+        return "worker_lost", "the worker process ended without an answer"
+    if returncode == -signal.SIGKILL:
+        return (
+            "memory_limit",
+            "the worker process was killed by SIGKILL, most likely for using too much memory "
+            f"(limit {memory_mb} MB)",
+        )
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return "worker_lost", f"the worker process died of {name}"
+    return "worker_lost", f"the worker process exited with code {returncode} before answering"

@@ -1,0 +1,258 @@
+"""Running one script inside a child process: compile, execute, capture, convert, answer."""
+
+from __future__ import annotations
+
+import ast
+import signal
+import sys
+import time
+import traceback
+from types import CodeType, FrameType, TracebackType
+from typing import Any
+
+from RestrictedPython import compile_restricted_exec
+
+from sandbox.api import ErrorCode, ErrorInfo
+from sandbox.config import PoolConfig
+from sandbox.convert import NotSerializable, to_json_value
+from sandbox.errors import PolicyViolation
+from sandbox.policy import Policy
+from sandbox.protocol import RunRequest, RunResult
+
+FILENAME = "<script>"
+ENTRY_POINT = "execute"
+
+
+class ScriptTimeout(BaseException):  # noqa: N818 - reads as what happened
+    """Raised into the script when the pool's soft stop (SIGTERM) arrives."""
+
+
+class Capture:
+    """Where a run's printed output goes, kept up to a limit and marked where it was cut."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._parts: list[str] = []
+        self._size = 0
+        self.cut = False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        room = self.limit - self._size
+        if len(text) > room:
+            self.cut = self.cut or bool(text)
+            text = text[: max(room, 0)]
+        self._parts.append(text)
+        self._size += len(text)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to flush: the text is kept in memory."""
+
+    def isatty(self) -> bool:
+        return False
+
+    def getvalue(self) -> str:
+        text = "".join(self._parts)
+        if self.cut:
+            text += f"\n[stdout cut at {self.limit} characters]"
+        return text
+
+
+class _PrintCollector:
+    """What RestrictedPython's ``_print_`` hook makes: ``print`` writing into the capture."""
+
+    def __init__(self, capture: Capture, _getattr_: Any = None) -> None:
+        self._capture = capture
+
+    def __call__(self) -> str:
+        # The ``printed`` name: everything printed so far in this run.
+        return self._capture.getvalue()
+
+    def _call_print(self, *objects: Any, **kwargs: Any) -> None:
+        if kwargs.get("file") is None:
+            kwargs["file"] = self._capture
+        print(*objects, **kwargs)
+
+
+class Run:
+    """One script's run in this process. Only one ever happens per child."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.policy = Policy(config.allowed_modules)
+        self.capture = Capture(config.stdout_limit)
+        self.timed_out = False
+        self.in_script = False
+
+    def on_sigterm(self, _signum: int, _frame: FrameType | None) -> None:
+        """The pool's soft stop at the timeout: interrupt the script once."""
+        self.timed_out = True
+        if self.in_script:
+            self.in_script = False
+            raise ScriptTimeout
+
+    def execute(self, request: RunRequest) -> RunResult:
+        """Run the script and describe how it ended; never raises."""
+        started = time.perf_counter()
+        result = self._execute(request)
+        run_ms = (time.perf_counter() - started) * 1000
+        return RunResult(
+            status=result.status,
+            result=result.result,
+            error=result.error,
+            stdout=self.capture.getvalue(),
+            run_ms=run_ms,
+        )
+
+    def _execute(self, request: RunRequest) -> RunResult:
+        source = request.source
+        try:
+            tree = ast.parse(source, FILENAME, "exec")
+        except SyntaxError as exc:
+            return _failed("syntax_error", exc, _syntax_text(exc))
+        except (ValueError, RecursionError, MemoryError) as exc:
+            return _failed("syntax_error", exc, None, f"the script cannot be parsed: {exc}")
+
+        if not _defines_entry_point(tree):
+            return RunResult(
+                status="rejected",
+                error=ErrorInfo(
+                    code="invalid_request",
+                    type="MissingEntryPoint",
+                    message=f"the script must define a top-level function '{ENTRY_POINT}(ctx)'",
+                ),
+            )
+
+        compiled = compile_restricted_exec(tree, FILENAME)
+        if compiled.errors or compiled.code is None:
+            message = "; ".join(compiled.errors) or "the script was refused by the policy"
+            return RunResult(
+                status="error",
+                error=ErrorInfo(code="policy_violation", type="PolicyViolation", message=message),
+            )
+
+        namespace = self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))
+        stdout, sys.stdout = sys.stdout, self.capture  # type: ignore[assignment]
+        try:
+            value = self._call(compiled.code, namespace, request.ctx)
+        except BaseException as exc:  # noqa: BLE001 - every way a script fails is reported
+            return self._failure(exc, source)
+        finally:
+            sys.stdout = stdout
+
+        if self.policy.violations:
+            return self._policy_failure()
+        try:
+            converted = to_json_value(value)
+        except (NotSerializable, RecursionError) as exc:
+            return RunResult(
+                status="error",
+                error=ErrorInfo(
+                    code="result_not_serializable", type=type(exc).__name__, message=str(exc)
+                ),
+            )
+        return RunResult(status="ok", result=converted)
+
+    def _call(self, code: CodeType, namespace: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        self.in_script = True
+        try:
+            exec(code, namespace)  # noqa: S102 - the restricted, guarded script is the point
+            entry = namespace.get(ENTRY_POINT)
+            if not callable(entry):
+                raise TypeError(f"'{ENTRY_POINT}' is not a function")
+            return entry(ctx)
+        finally:
+            self.in_script = False
+
+    def _failure(self, exc: BaseException, source: str) -> RunResult:
+        if self.timed_out or isinstance(exc, ScriptTimeout):
+            return RunResult(
+                status="timeout",
+                error=ErrorInfo(
+                    code="timeout",
+                    type="Timeout",
+                    message="the script did not finish within its timeout",
+                    traceback=_script_traceback(exc, source),
+                ),
+            )
+        if self.policy.violations or isinstance(exc, PolicyViolation):
+            return self._policy_failure(exc, source)
+        code: ErrorCode = "memory_limit" if isinstance(exc, MemoryError) else "script_error"
+        message = str(exc)
+        if code == "memory_limit":
+            message = f"the script ran out of memory (limit {self.config.memory_mb} MB)"
+        return RunResult(
+            status="error",
+            error=ErrorInfo(
+                code=code,
+                type=type(exc).__name__,
+                message=message,
+                traceback=_script_traceback(exc, source),
+            ),
+        )
+
+    def _policy_failure(self, exc: BaseException | None = None, source: str = "") -> RunResult:
+        refused = self.policy.violations[0] if self.policy.violations else str(exc)
+        return RunResult(
+            status="error",
+            error=ErrorInfo(
+                code="policy_violation",
+                type="PolicyViolation",
+                message=f"refused by the sandbox policy: {refused}",
+                traceback=_script_traceback(exc, source) if exc is not None else None,
+            ),
+        )
+
+
+def _defines_entry_point(tree: ast.Module) -> bool:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == ENTRY_POINT:
+            return True
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == ENTRY_POINT for target in node.targets
+        ):
+            return True
+    return False
+
+
+def _failed(
+    code: ErrorCode, exc: BaseException, trace: str | None, message: str | None = None
+) -> RunResult:
+    if message is None:
+        message = str(exc)
+        if isinstance(exc, SyntaxError) and exc.lineno is not None:
+            message = f"line {exc.lineno}: {exc.msg}"
+    return RunResult(
+        status="error",
+        error=ErrorInfo(code=code, type=type(exc).__name__, message=message, traceback=trace),
+    )
+
+
+def _syntax_text(exc: SyntaxError) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc))
+
+
+def _script_traceback(exc: BaseException, source: str) -> str | None:
+    """The traceback of ``exc`` cut down to the script's own frames."""
+    lines = source.splitlines()
+    frames: list[str] = []
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename == FILENAME:
+            lineno = tb.tb_lineno
+            frames.append(f'  File "{FILENAME}", line {lineno}, in {code.co_name}\n')
+            if 0 < lineno <= len(lines) and lines[lineno - 1].strip():
+                frames.append(f"    {lines[lineno - 1].strip()}\n")
+        tb = tb.tb_next
+    if not frames:
+        return None
+    summary = "".join(traceback.format_exception_only(type(exc), exc))
+    return "Traceback (most recent call last):\n" + "".join(frames) + summary
+
+
+def install_soft_stop(run: Run) -> None:
+    """Make SIGTERM interrupt the script, so a timed-out run can still report its output."""
+    signal.signal(signal.SIGTERM, run.on_sigterm)

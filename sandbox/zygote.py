@@ -1,0 +1,184 @@
+"""The warm parent: imports the libraries once, then forks one waiting child per run.
+
+Started by the pool as ``python -m sandbox.zygote FD`` where FD is its end of a
+SOCK_SEQPACKET control socket. It never runs a script itself. Each child it forks waits on
+its own socket for exactly one run request, runs it, answers, and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+from typing import NoReturn
+
+from sandbox import protocol
+from sandbox.config import PoolConfig
+from sandbox.errors import ProtocolError
+from sandbox.runner import Run, install_soft_stop
+
+REQUEST_LIMIT = 64 * 1024 * 1024
+
+
+def preload(modules: tuple[str, ...]) -> list[str]:
+    """Import every allowed module so children start warm; return those that failed."""
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a missing optional library must not stop the parent
+            failed.append(name)
+    return failed
+
+
+def _address_space_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1])
+    return 0
+
+
+class WarmParent:
+    """Forks children on request and reports them (and their exits) to the pool."""
+
+    def __init__(self, control: socket.socket, config: PoolConfig) -> None:
+        self.control = control
+        self.config = config
+        self.children: set[int] = set()
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+
+    def serve(self) -> NoReturn:
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_write)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            try:
+                readable, _, _ = select.select([self.control, self.wake_read], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_read in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_read, 4096)
+                self._reap()
+            if self.control in readable:
+                self._on_control()
+
+    def _on_sigterm(self, _signum: int, _frame: object) -> None:
+        self._shutdown()
+
+    def _on_control(self) -> None:
+        data = self.control.recv(protocol.CONTROL_PACKET_MAX)
+        if not data:
+            self._shutdown()
+        message = protocol.decode_to_parent(data)
+        if isinstance(message, protocol.Spawn):
+            for _ in range(message.count):
+                self._spawn()
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self._become_child(theirs)
+        theirs.close()
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(
+                self.control,
+                [protocol.encode_control(protocol.Ready(pid=pid))],
+                [ours.fileno(), pidfd],
+            )
+        finally:
+            ours.close()
+            os.close(pidfd)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            message = protocol.Exited(pid=pid, returncode=os.waitstatus_to_exitcode(status))
+            with contextlib.suppress(OSError):
+                self.control.send(protocol.encode_control(message))
+
+    def _shutdown(self) -> NoReturn:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(0)
+
+    def _become_child(self, sock: socket.socket) -> NoReturn:
+        """In the forked child: shed the parent's state, then serve exactly one run."""
+        code = 70
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)
+            self.control.close()
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+            os.setsid()
+            self._limit_resources()
+            code = serve_one(sock, self.config)
+        finally:
+            os._exit(code)
+
+    def _limit_resources(self) -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        limit = (_address_space_kb() * 1024) + self.config.memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def serve_one(sock: socket.socket, config: PoolConfig) -> int:
+    """Wait for one run request on ``sock``, run it, send the result; return an exit code."""
+    run = Run(config)
+    install_soft_stop(run)
+    try:
+        request = protocol.recv_request(sock, REQUEST_LIMIT)
+    except (ProtocolError, OSError):
+        return 0  # The pool closed this waiting child; nothing to run.
+    result = run.execute(request)
+    try:
+        sock.sendall(protocol.frame(result))
+    except OSError:
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> NoReturn:
+    control = socket.socket(fileno=int(argv[1]))
+    first = protocol.decode_to_parent(control.recv(protocol.CONTROL_PACKET_MAX))
+    if not isinstance(first, protocol.Start):
+        raise SystemExit("warm parent: expected a start message first")
+    started = time.perf_counter()
+    failed = preload(first.config.allowed_modules)
+    # Objects made so far are shared with every child; keep the collector off them.
+    gc.collect()
+    gc.freeze()
+    ready = protocol.Started(
+        pid=os.getpid(),
+        preload_ms=(time.perf_counter() - started) * 1000,
+        failed_imports=failed,
+    )
+    control.send(protocol.encode_control(ready))
+    WarmParent(control, first.config).serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
