@@ -111,7 +111,7 @@ def _dev_settings(settings: Settings, url: str) -> Settings:
     if generated:
         print(f"pyexec: development key made: EXECUTOR_API_KEYS={lines[1].split('=', 1)[1]}")
     print(f"pyexec: settings for 'pyexec call' written to {env_file}")
-    print("pyexec: try: pyexec call --name text.normalize --ctx '{\"text\": \"  Hello   World \"}'")
+    print('pyexec: try: pyexec call --name text.normalize --ctx \'{"text": "  Hello   World "}\'')
     sys.stdout.flush()
     return settings
 

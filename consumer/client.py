@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 import nats
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -29,7 +29,7 @@ class Client:
 
     def __init__(
         self,
-        nc: NATS,
+        nc: NatsClient,
         key_id: str,
         secret: str | bytes,
         *,
@@ -121,7 +121,9 @@ class Client:
         except NatsTimeout:
             raise ClientError(f"no reply on '{subject}' within {wait:g} s") from None
         content_type = (msg.headers or {}).get("Content-Type")
-        encoding = protocol.MSGPACK if content_type == protocol.MSGPACK_CONTENT_TYPE else protocol.JSON
+        encoding: Encoding = (
+            protocol.MSGPACK if content_type == protocol.MSGPACK_CONTENT_TYPE else protocol.JSON
+        )
         try:
             return protocol.decode_reply(msg.data, encoding)
         except msgspec.DecodeError as exc:

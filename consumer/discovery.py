@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -108,7 +108,7 @@ class Discovery:
             "endpoints": [stats.to_dict() for stats in self.endpoints.values()],
         }
 
-    async def start(self, nc: NATS) -> None:
+    async def start(self, nc: NatsClient) -> None:
         """Subscribe to ``$SRV.<VERB>``, ``$SRV.<VERB>.pyexec`` and ``$SRV.<VERB>.pyexec.<id>``."""
         answers = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}
         for verb, answer in answers.items():

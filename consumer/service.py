@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import nats
 import structlog
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -32,7 +32,7 @@ def package_version() -> str:
         return "0.0.0"
 
 
-async def connect(settings: Settings, urls: list[str], *, name: str) -> NATS:
+async def connect(settings: Settings, urls: list[str], *, name: str) -> NatsClient:
     """A connection that keeps reconnecting for as long as it takes."""
 
     async def on_error(exc: Exception) -> None:
@@ -135,7 +135,7 @@ class Replica:
             endpoints=endpoints,
         )
 
-    async def _subscribe(self, nc: NATS, handler: Handler, discovery: Discovery) -> None:
+    async def _subscribe(self, nc: NatsClient, handler: Handler, discovery: Discovery) -> None:
         for kind in ("code", "named"):
 
             async def on_message(msg: Msg, kind: str = kind) -> None:
@@ -151,7 +151,7 @@ class Replica:
         await nc.flush()
 
     async def _serve(
-        self, nc: NATS, handler: Handler, discovery: Discovery, kind: str, msg: Msg
+        self, nc: NatsClient, handler: Handler, discovery: Discovery, kind: str, msg: Msg
     ) -> None:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
@@ -165,7 +165,9 @@ class Replica:
         reply = response.reply
         error = reply.error
         discovery.record(
-            kind, elapsed_ns(started), error.message if reply.status == "rejected" and error else None
+            kind,
+            elapsed_ns(started),
+            error.message if reply.status == "rejected" and error else None,
         )
         log.info(
             "request",
@@ -179,23 +181,26 @@ class Replica:
             reply_bytes=len(response.data),
         )
 
-    async def _drain(self, nc: NATS, discovery: Discovery) -> None:
+    async def _drain(self, nc: NatsClient, discovery: Discovery) -> None:
         """Stop taking requests, give in-flight ones the grace period, then drain NATS."""
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
-                await subscription.drain()
+                await subscription.drain()  # type: ignore[no-untyped-call]
         await discovery.stop()
         if self._tasks:
-            pending = asyncio.gather(*self._tasks, return_exceptions=True)
+            in_flight = asyncio.create_task(asyncio.wait(set(self._tasks)))
             stop_now = asyncio.create_task(self._stop_now.wait())
-            done, _ = await asyncio.wait(
-                {asyncio.ensure_future(pending), stop_now},
+            await asyncio.wait(
+                {in_flight, stop_now},
                 timeout=self.settings.shutdown_grace,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            in_flight.cancel()
             stop_now.cancel()
             if self._tasks:
-                log.warning("grace period over; abandoning in-flight requests", count=len(self._tasks))
+                log.warning(
+                    "grace period over; abandoning in-flight requests", count=len(self._tasks)
+                )
                 for task in self._tasks:
                     task.cancel()
         with contextlib.suppress(Exception):

@@ -59,9 +59,13 @@ def _iso(value: dt.datetime | dt.date | dt.time) -> Any:
 def _key(key: Any) -> str:
     if isinstance(key, str):
         return key
-    if key is None or isinstance(key, bool | int | float):
-        # The same keys json.dumps accepts, spelled the way it spells them.
-        return {None: "null", True: "true", False: "false"}.get(key, str(key))
+    # The same keys json.dumps accepts, spelled the way it spells them.
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, int | float):
+        return str(key)
     converted = to_json_value(key, MAX_DEPTH)
     if isinstance(converted, str):
         return converted

@@ -21,7 +21,7 @@ class ProtocolError(SandboxError):
     """A frame on a parent/child pipe was malformed, too large or cut short."""
 
 
-class PolicyViolation(Exception):  # noqa: N818 - the name is the contract's error code
+class PolicyViolation(Exception):
     """Raised inside a run when the script reaches something the policy refuses.
 
     It derives from ``Exception`` so that it travels through the script like any

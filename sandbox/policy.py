@@ -146,10 +146,7 @@ class Policy:
             isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))
         ):
             self.refuse(f"'str.{name}' (it can walk attributes; use an f-string instead)")
-        if default is _MISSING:
-            value = getattr(obj, name)
-        else:
-            value = getattr(obj, name, default)
+        value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
         return self.check(value, where)
 
     def guarded_hasattr(self, obj: Any, name: Any) -> bool:
@@ -191,7 +188,8 @@ class Policy:
             self.refuse("relative import")
         if not self.module_allowed(name):
             self.refuse(f"import of module '{name}' (not on the allowed list)")
-        module: ModuleType = __import__(name, globals, locals, fromlist or (), 0)
+        fromlist = tuple(fromlist or ())
+        module: ModuleType = __import__(name, globals, locals, fromlist, 0)
         if fromlist:
             leaf = sys.modules[name]
             for item in fromlist:

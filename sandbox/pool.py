@@ -115,7 +115,8 @@ class Pool:
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         python = self.config.python or sys.executable
         try:
-            self._parent = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            # S603: our own interpreter and module. ASYNC220: fork+exec returns at once.
+            self._parent = subprocess.Popen(  # noqa: S603, ASYNC220
                 [python, "-m", "sandbox.zygote", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=env,
@@ -128,7 +129,9 @@ class Pool:
         self._control = ours
         self.parent_starts += 1
         try:
-            await loop.sock_sendall(ours, protocol.encode_control(protocol.Start(config=self.config)))
+            await loop.sock_sendall(
+                ours, protocol.encode_control(protocol.Start(config=self.config))
+            )
             async with asyncio.timeout(START_TIMEOUT):
                 data = await loop.sock_recv(ours, protocol.CONTROL_PACKET_MAX)
             started = protocol.decode_from_parent(data) if data else None

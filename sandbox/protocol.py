@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -72,16 +72,18 @@ def encode_control(message: ToParent | FromParent) -> bytes:
 
 def decode_to_parent(data: bytes) -> ToParent:
     try:
-        return _to_parent.decode(data)
+        message: ToParent = _to_parent.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"bad control message: {exc}") from None
+    return message
 
 
 def decode_from_parent(data: bytes) -> FromParent:
     try:
-        return _from_parent.decode(data)
+        message: FromParent = _from_parent.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"bad control message: {exc}") from None
+    return message
 
 
 # -- pool <-> child --------------------------------------------------------------------------------
@@ -104,8 +106,6 @@ class RunResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stdout: str = ""
     run_ms: float = 0.0
 
-
-RunPhase = Literal["request", "result"]
 
 _run_encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(RunRequest)

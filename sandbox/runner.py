@@ -10,7 +10,7 @@ import traceback
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
-from RestrictedPython import compile_restricted_exec
+from RestrictedPython.compile import compile_restricted_exec
 
 from sandbox.api import ErrorCode, ErrorInfo
 from sandbox.config import PoolConfig
@@ -23,7 +23,7 @@ FILENAME = "<script>"
 ENTRY_POINT = "execute"
 
 
-class ScriptTimeout(BaseException):  # noqa: N818 - reads as what happened
+class ScriptTimeout(BaseException):
     """Raised into the script when the pool's soft stop (SIGTERM) arrives."""
 
 
@@ -134,7 +134,7 @@ class Run:
             )
 
         namespace = self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))
-        stdout, sys.stdout = sys.stdout, self.capture  # type: ignore[assignment]
+        stdout, sys.stdout = sys.stdout, self.capture
         try:
             value = self._call(compiled.code, namespace, request.ctx)
         except BaseException as exc:  # noqa: BLE001 - every way a script fails is reported

@@ -63,14 +63,14 @@ class WarmParent:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:
             try:
-                readable, _, _ = select.select([self.control, self.wake_read], [], [])
+                readable, _, _ = select.select([self.control.fileno(), self.wake_read], [], [])
             except InterruptedError:
                 continue
             if self.wake_read in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_read, 4096)
                 self._reap()
-            if self.control in readable:
+            if self.control.fileno() in readable:
                 self._on_control()
 
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
