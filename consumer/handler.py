@@ -17,6 +17,8 @@ from consumer.errors import InvalidRequest, Overloaded, Rejected, Unauthorized
 from consumer.protocol import Encoding, ErrorBody, Reply
 from sandbox import Job, Outcome, Pool, PoolError
 
+log = structlog.get_logger("pyexec.request")
+
 SERVICE_ERROR_HEADER = "Nats-Service-Error"
 SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 # Room left in a message for the reply's own fields and headers around the result.
@@ -98,6 +100,19 @@ class Handler:
                 error=ErrorBody(code=overloaded.code, type="Overloaded", message=str(overloaded)),
             )
             return self._respond(reply, encoding, overloaded.http, started)
+        except Exception:
+            # A defect of ours, not of the request: log it, and still answer the caller.
+            log.exception("request failed inside the executor")
+            reply = Reply(
+                request_id=request_id or str(uuid.uuid4()),
+                status="error",
+                error=ErrorBody(
+                    code="worker_lost",
+                    type="InternalError",
+                    message="the executor failed while handling the request; see its logs",
+                ),
+            )
+            return self._respond(reply, encoding, None, started)
         return self._respond(
             self._reply(request_id, outcome), encoding, None, started, wait_ms=outcome.wait_ms
         )
@@ -166,7 +181,7 @@ class Handler:
         headers = None
         if reply.status == "rejected" and reply.error is not None:
             headers = {
-                SERVICE_ERROR_HEADER: reply.error.message,
+                SERVICE_ERROR_HEADER: _header_value(reply.error.message),
                 SERVICE_ERROR_CODE_HEADER: str(http),
             }
         if encoding == protocol.MSGPACK:
@@ -179,6 +194,12 @@ class Handler:
             wait_ms=wait_ms,
             handling_ms=(time.perf_counter() - started) * 1000,
         )
+
+
+def _header_value(text: str, limit: int = 512) -> str:
+    """Text safe for a NATS header value: one line, printable, bounded."""
+    flat = "".join(ch if ch.isprintable() else " " for ch in text)
+    return flat[:limit]
 
 
 _ERROR_TYPES = {"output_limit": "OutputLimit", "result_not_serializable": "NotSerializable"}

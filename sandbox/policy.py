@@ -205,6 +205,16 @@ class Policy:
                 self.check(value, f"{name}.{item}")
         return module
 
+    def augmented_attribute(self, obj: Any, name: str, op: str, value: Any) -> None:
+        """``obj.name op= value`` (the compiler checked ``name`` and wrapped ``obj``)."""
+        current = self.guarded_getattr(obj, name)
+        setattr(self.guarded_write(obj), name, _inplacevar(op, current, value))
+
+    def augmented_item(self, obj: Any, key: Any, op: str, value: Any) -> None:
+        """``obj[key] op= value``."""
+        current = self.guarded_getitem(obj, key)
+        self.guarded_write(obj)[key] = _inplacevar(op, current, value)
+
     def guarded_type(self, obj: Any) -> type:
         """``type(obj)`` with one argument; creating classes goes through ``class``."""
         return type(obj)
@@ -252,6 +262,8 @@ class Policy:
             "_unpack_sequence_": guarded_unpack_sequence,
             "_write_": self.guarded_write,
             "_inplacevar_": _inplacevar,
+            "_aug_attr_": self.augmented_attribute,
+            "_aug_item_": self.augmented_item,
             "_apply_": _apply,
             "_print_": print_factory,
         }

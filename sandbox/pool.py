@@ -231,7 +231,13 @@ class Pool:
             raise PoolClosed("the pool is closed")
         queued = time.perf_counter()
         async with self._slots:
-            child = await self._ready.get()
+            try:
+                async with asyncio.timeout(job.timeout):
+                    child = await self._ready.get()
+            except TimeoutError:
+                raise WarmParentFailed(
+                    "no worker process became ready in time; the warm parent is restarting"
+                ) from None
             wait_ms = (time.perf_counter() - queued) * 1000
             self._spawn(1)
             self._running += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import signal
 import sys
 import time
@@ -10,17 +9,13 @@ import traceback
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
-from RestrictedPython.compile import compile_restricted_exec
-
-from sandbox.api import ErrorCode, ErrorInfo
+from sandbox.api import ErrorCode, ErrorInfo, Status
+from sandbox.compiler import ENTRY_POINT, FILENAME, compile_script
 from sandbox.config import PoolConfig
 from sandbox.convert import NotSerializable, to_json_value
 from sandbox.errors import PolicyViolation
 from sandbox.policy import Policy
 from sandbox.protocol import RunRequest, RunResult
-
-FILENAME = "<script>"
-ENTRY_POINT = "execute"
 
 
 class ScriptTimeout(BaseException):
@@ -108,39 +103,21 @@ class Run:
 
     def _execute(self, request: RunRequest) -> RunResult:
         source = request.source
-        try:
-            tree = ast.parse(source, FILENAME, "exec")
-        except SyntaxError as exc:
-            return _failed("syntax_error", exc, _syntax_text(exc))
-        except (ValueError, RecursionError, MemoryError) as exc:
-            return _failed("syntax_error", exc, None, f"the script cannot be parsed: {exc}")
-
-        if not _defines_entry_point(tree):
-            return RunResult(
-                status="rejected",
-                error=ErrorInfo(
-                    code="invalid_request",
-                    type="MissingEntryPoint",
-                    message=f"the script must define a top-level function '{ENTRY_POINT}(ctx)'",
-                ),
-            )
-
-        compiled = compile_restricted_exec(tree, FILENAME)
-        if compiled.errors or compiled.code is None:
-            message = "; ".join(compiled.errors) or "the script was refused by the policy"
-            return RunResult(
-                status="error",
-                error=ErrorInfo(code="policy_violation", type="PolicyViolation", message=message),
-            )
+        compiled = compile_script(source)
+        if compiled.code is None:
+            status: Status = "rejected" if compiled.status == "rejected" else "error"
+            return RunResult(status=status, error=compiled.error)
 
         namespace = self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))
-        stdout, sys.stdout = sys.stdout, self.capture
+        # Library output (print, warnings) joins the script's own, never the service's log.
+        streams = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.capture
         try:
             value = self._call(compiled.code, namespace, request.ctx)
         except BaseException as exc:  # noqa: BLE001 - every way a script fails is reported
             return self._failure(exc, source)
         finally:
-            sys.stdout = stdout
+            sys.stdout, sys.stderr = streams
 
         if self.policy.violations:
             return self._policy_failure()
@@ -204,34 +181,6 @@ class Run:
                 traceback=_script_traceback(exc, source) if exc is not None else None,
             ),
         )
-
-
-def _defines_entry_point(tree: ast.Module) -> bool:
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == ENTRY_POINT:
-            return True
-        if isinstance(node, ast.Assign) and any(
-            isinstance(target, ast.Name) and target.id == ENTRY_POINT for target in node.targets
-        ):
-            return True
-    return False
-
-
-def _failed(
-    code: ErrorCode, exc: BaseException, trace: str | None, message: str | None = None
-) -> RunResult:
-    if message is None:
-        message = str(exc)
-        if isinstance(exc, SyntaxError) and exc.lineno is not None:
-            message = f"line {exc.lineno}: {exc.msg}"
-    return RunResult(
-        status="error",
-        error=ErrorInfo(code=code, type=type(exc).__name__, message=message, traceback=trace),
-    )
-
-
-def _syntax_text(exc: SyntaxError) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc))
 
 
 def _script_traceback(exc: BaseException, source: str) -> str | None:

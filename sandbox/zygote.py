@@ -134,6 +134,11 @@ class WarmParent:
             os.close(self.wake_read)
             os.close(self.wake_write)
             os.setsid()
+            # Whatever C code writes to the terminal is dropped; Python output is captured.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.close(devnull)
             self._limit_resources()
             code = serve_one(sock, self.config)
         finally:
