@@ -61,7 +61,7 @@ class Discovery:
     metadata: dict[str, str]
     endpoints: dict[str, EndpointStats]
     started: str = field(
-        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     )
     _subscriptions: list[Subscription] = field(default_factory=list)
 

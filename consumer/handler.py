@@ -61,30 +61,32 @@ class Handler:
     ) -> Response:
         """Answer one request; never raises for anything a caller sends."""
         started = time.perf_counter()
-        encoding: Encoding = protocol.JSON
+        content_type = (headers or {}).get("Content-Type")
+        # The reply's encoding; whether the request's Content-Type is acceptable is checked
+        # after the signature, so that an unsigned request is always 'unauthorized'.
+        encoding = protocol.reply_encoding(content_type)
         request_id: str | None = None
         try:
-            encoding = protocol.encoding_of((headers or {}).get("Content-Type"))
             self.verifier.verify(subject, headers, body)
+            protocol.encoding_of(content_type)
             kind = self._kinds.get(subject)
             if kind is None:
                 raise InvalidRequest(f"subject '{subject}' is not served here")
-            try:
-                request = protocol.decode_request(
-                    kind,
-                    body,
-                    encoding,
-                    max_bytes=self.settings.max_request_bytes,
-                    max_depth=self.settings.max_ctx_depth,
-                )
-            except InvalidRequest:
-                request_id = protocol.request_id_of(body, encoding)
-                raise
+            request = protocol.decode_request(
+                kind,
+                body,
+                encoding,
+                max_bytes=self.settings.max_request_bytes,
+                max_depth=self.settings.max_ctx_depth,
+            )
             request_id = request.request_id or str(uuid.uuid4())
             structlog.contextvars.bind_contextvars(request_id=request_id)
             job = self._job(request)
             outcome = await self.pool.run(job)
         except Rejected as exc:
+            if request_id is None and len(body) <= self.settings.max_request_bytes:
+                # Echo the caller's id where the body carries a usable one.
+                request_id = protocol.request_id_of(body, encoding)
             reply = Reply(
                 request_id=request_id or str(uuid.uuid4()),
                 status="rejected",

@@ -30,7 +30,7 @@ class CodeRequest(
     code: str
     ctx: dict[str, Any] | None = None
     timeout: Timeout | None = None
-    mode: Mode = "sync"
+    mode: Mode | None = None
     request_id: RequestId | None = None
 
 
@@ -42,7 +42,7 @@ class NamedRequest(
     name: ScriptName
     ctx: dict[str, Any] | None = None
     timeout: Timeout | None = None
-    mode: Mode = "sync"
+    mode: Mode | None = None
     request_id: RequestId | None = None
 
 
@@ -94,6 +94,12 @@ _reply_decoders: dict[str, Any] = {
 }
 
 
+def reply_encoding(content_type: str | None) -> Encoding:
+    """The encoding a reply uses: MessagePack if the request said so, JSON otherwise."""
+    value = (content_type or "").split(";")[0].strip().lower()
+    return MSGPACK if value == MSGPACK_CONTENT_TYPE else JSON
+
+
 def encoding_of(content_type: str | None) -> Encoding:
     """The body encoding a ``Content-Type`` header names."""
     value = (content_type or "").split(";")[0].strip().lower()
@@ -116,9 +122,11 @@ def decode_request(
         request: Request = _decoders[kind, encoding].decode(body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         name = "JSON" if encoding == JSON else "MessagePack"
         raise InvalidRequest(f"the body is not valid {name}: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"ctx is nested deeper than {max_depth} levels") from None
     if request.ctx is not None:
         depth = nesting_depth(request.ctx, max_depth)
         if depth > max_depth:
@@ -150,7 +158,7 @@ def request_id_of(body: bytes, encoding: Encoding) -> str | None:
     """The ``request_id`` of a body that failed validation, if it carries a usable one."""
     try:
         value = _id_decoders[encoding].decode(body).request_id
-    except (msgspec.DecodeError, TypeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):
         return None
     if isinstance(value, str) and 0 < len(value) <= 200:
         return value

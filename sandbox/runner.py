@@ -9,6 +9,8 @@ import traceback
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
+import msgspec
+
 from sandbox.api import ErrorCode, ErrorInfo, Status
 from sandbox.compiler import ENTRY_POINT, FILENAME, compile_script
 from sandbox.config import PoolConfig
@@ -16,6 +18,8 @@ from sandbox.convert import NotSerializable, to_json_value
 from sandbox.errors import PolicyViolation
 from sandbox.policy import Policy
 from sandbox.protocol import RunRequest, RunResult
+
+_JSON = msgspec.json.Encoder()
 
 
 class ScriptTimeout(BaseException):
@@ -122,7 +126,7 @@ class Run:
         if self.policy.violations:
             return self._policy_failure()
         try:
-            converted = to_json_value(value)
+            encoded = _JSON.encode(to_json_value(value))
         except (NotSerializable, RecursionError) as exc:
             return RunResult(
                 status="error",
@@ -130,7 +134,21 @@ class Run:
                     code="result_not_serializable", type=type(exc).__name__, message=str(exc)
                 ),
             )
-        return RunResult(status="ok", result=converted)
+        except MemoryError:
+            encoded = b""
+        if not encoded or len(encoded) > self.config.result_limit:
+            size = f"{len(encoded)} bytes" if encoded else "too large to encode"
+            return RunResult(
+                status="error",
+                error=ErrorInfo(
+                    code="output_limit",
+                    type="OutputLimit",
+                    message=f"the result is {size}, over the limit of "
+                    f"{self.config.result_limit} bytes; return less data",
+                ),
+            )
+        # Sent as it is: the result is encoded once, here.
+        return RunResult(status="ok", result=msgspec.Raw(encoded))
 
     def _call(self, code: CodeType, namespace: dict[str, Any], ctx: dict[str, Any]) -> Any:
         self.in_script = True
