@@ -139,7 +139,10 @@ def _call(args: argparse.Namespace) -> int:
     secret = keyring.secret(key_id)
     if secret is None:
         raise ConfigError(f"--key-id '{key_id}' is not in EXECUTOR_API_KEYS")
-    reply = asyncio.run(_send(args, urls.split(","), key_id, secret, ctx))
+    prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "").strip() or "pyexec"
+    reply = asyncio.run(
+        _send(args, urls.split(","), key_id=key_id, secret=secret, ctx=ctx, prefix=prefix)
+    )
     print(json.dumps(msgspec.to_builtins(reply), indent=2, ensure_ascii=False))
     return EXIT_CODES.get(reply.status, 1)
 
@@ -158,10 +161,18 @@ def _call_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 async def _send(
-    args: argparse.Namespace, urls: list[str], key_id: str, secret: bytes, ctx: dict[str, Any]
+    args: argparse.Namespace,
+    urls: list[str],
+    *,
+    key_id: str,
+    secret: bytes,
+    ctx: dict[str, Any],
+    prefix: str,
 ) -> Any:
     encoding = "msgpack" if args.msgpack else "json"
-    async with await Client.connect(urls, key_id, secret, encoding=encoding) as client:
+    async with await Client.connect(
+        urls, key_id, secret, encoding=encoding, prefix=prefix
+    ) as client:
         if args.name:
             return await client.execute_named(
                 args.name, ctx, timeout=args.timeout, request_id=args.request_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -121,7 +122,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     urls_text = env.get("NATS_URL", "").strip()
     nats_urls = tuple(u.strip() for u in urls_text.split(",") if u.strip()) or None
     keys = parse_keys(env)
-    cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     workers = _int(env, "EXECUTOR_WORKERS", cpus, low=1, high=1024)
     default_timeout = _float(env, "EXECUTOR_DEFAULT_TIMEOUT", 30.0)
     max_timeout = _float(env, "EXECUTOR_MAX_TIMEOUT", 60.0)
@@ -176,7 +177,22 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         allowed_modules=allowed_modules,
         shutdown_grace=_float(env, "EXECUTOR_SHUTDOWN_GRACE", 30.0),
         data_dir=Path(env.get("EXECUTOR_DATA_DIR", "") or ".pyexec"),
+        nonce_cache_size=_int(
+            env, "EXECUTOR_NONCE_CACHE_SIZE", 200_000, low=1000, high=100_000_000
+        ),
     )
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return max(1, cpus)
+    if quota != "max" and int(period) > 0:
+        cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    return max(1, cpus)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

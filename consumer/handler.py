@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 
 from consumer import protocol
@@ -61,7 +62,7 @@ class Handler:
     ) -> Response:
         """Answer one request; never raises for anything a caller sends."""
         started = time.perf_counter()
-        content_type = (headers or {}).get("Content-Type")
+        content_type = _header(headers, "Content-Type")
         # The reply's encoding; whether the request's Content-Type is acceptable is checked
         # after the signature, so that an unsigned request is always 'unauthorized'.
         encoding = protocol.reply_encoding(content_type)
@@ -180,6 +181,9 @@ class Handler:
                 f"{self.max_payload} bytes; return less data",
             )
             data = protocol.encode(reply, encoding)
+            if len(data) + REPLY_OVERHEAD > self.max_payload:
+                reply = msgspec.structs.replace(reply, stdout="[stdout dropped: too large]")
+                data = protocol.encode(reply, encoding)
         headers = None
         if reply.status == "rejected" and reply.error is not None:
             headers = {
@@ -198,6 +202,16 @@ class Handler:
         )
 
 
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header's value, its name matched without regard to case."""
+    if not headers:
+        return None
+    if name in headers:
+        return headers[name]
+    lowered = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == lowered), None)
+
+
 def _header_value(text: str, limit: int = 512) -> str:
     """Text safe for a NATS header value: one line, printable, bounded."""
     flat = "".join(ch if ch.isprintable() else " " for ch in text)
@@ -208,13 +222,12 @@ _ERROR_TYPES = {"output_limit": "OutputLimit", "result_not_serializable": "NotSe
 
 
 def _replaced(reply: Reply, code: str, message: str) -> Reply:
-    """The same reply turned into an error without a result (stdout is kept, cut if needed)."""
-    stdout = reply.stdout[: 64 * 1024]
+    """The same reply turned into an error without its result; stdout is kept."""
     return Reply(
         request_id=reply.request_id,
         job_id=reply.job_id,
         status="error",
         error=ErrorBody(code=code, type=_ERROR_TYPES[code], message=message),
-        stdout=stdout,
+        stdout=reply.stdout,
         duration_ms=reply.duration_ms,
     )

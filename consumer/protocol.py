@@ -128,30 +128,34 @@ def decode_request(
     except RecursionError:
         raise InvalidRequest(f"ctx is nested deeper than {max_depth} levels") from None
     if request.ctx is not None:
-        depth = nesting_depth(request.ctx, max_depth)
-        if depth > max_depth:
-            raise InvalidRequest(f"ctx is nested deeper than {max_depth} levels")
+        check_ctx(request.ctx, max_depth)
     return request
 
 
-def nesting_depth(value: Any, limit: int) -> int:
-    """How deeply lists and objects nest in ``value``, counting stops just past ``limit``."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_ctx(ctx: dict[str, Any], max_depth: int) -> None:
+    """Refuse a ctx nested deeper than ``max_depth`` (ctx itself is level 1) or holding
+    anything but JSON values (MessagePack can carry binary, extension types and
+    non-string keys)."""
+    stack: list[tuple[Any, int]] = [(ctx, 1)]
     while stack:
         item, depth = stack.pop()
         children: Iterable[Any]
         if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                raise InvalidRequest("ctx holds an object key that is not a string")
             children = item.values()
         elif isinstance(item, list):
             children = item
-        else:
+        elif isinstance(item, _SCALARS):
             continue
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
+        else:
+            raise InvalidRequest(f"ctx holds a {type(item).__name__} value, which is not JSON")
+        if depth > max_depth:
+            raise InvalidRequest(f"ctx is nested deeper than {max_depth} levels")
         stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def request_id_of(body: bytes, encoding: Encoding) -> str | None:

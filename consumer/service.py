@@ -19,10 +19,12 @@ from consumer.auth import Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
+from consumer.errors import ConfigError
 from consumer.handler import REPLY_OVERHEAD, Handler
 from sandbox import Pool
 
 log = structlog.get_logger("pyexec.service")
+MIN_RESULT_LIMIT = 64 * 1024
 
 
 def package_version() -> str:
@@ -80,7 +82,13 @@ class Replica:
             loop.add_signal_handler(signum, self.request_stop)
         service_id = uuid.uuid4().hex
         nc = await connect(self.settings, self.urls, name=f"pyexec-{service_id[:8]}")
-        result_limit = max(1024, nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.stdout_limit)
+        result_limit = nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.stdout_limit
+        if result_limit < MIN_RESULT_LIMIT:
+            await nc.close()
+            raise ConfigError(
+                f"EXECUTOR_STDOUT_LIMIT ({self.settings.stdout_limit}) leaves no room for a "
+                f"result in the server's max payload of {nc.max_payload} bytes"
+            )
         pool = Pool(self.settings.pool_config(result_limit))
         try:
             startup = time.perf_counter()

@@ -59,17 +59,26 @@ def _iso(value: dt.datetime | dt.date | dt.time) -> Any:
 def _key(key: Any) -> str:
     if isinstance(key, str):
         return key
-    # The same keys json.dumps accepts, spelled the way it spells them.
-    if key is None:
-        return "null"
-    if isinstance(key, bool):
-        return "true" if key else "false"
-    if isinstance(key, int | float):
-        return str(key)
-    converted = to_json_value(key, MAX_DEPTH)
+    # The keys json.dumps accepts, spelled the way it spells them, plus the scalar
+    # conversions values get (dates, decimals, UUIDs, numpy scalars).
+    if isinstance(key, list | tuple | set | frozenset | dict):
+        raise NotSerializable(f"a dict key of type '{type(key).__name__}' has no JSON form")
+    converted = to_json_value(key)
     if isinstance(converted, str):
         return converted
+    if converted is None:
+        return _float_key(key) if isinstance(key, float) else "null"
+    if isinstance(converted, bool):
+        return "true" if converted else "false"
+    if isinstance(converted, int | float):
+        return repr(converted)
     raise NotSerializable(f"a dict key of type '{type(key).__name__}' has no JSON form")
+
+
+def _float_key(key: float) -> str:
+    if math.isnan(key):
+        return "NaN"
+    return "Infinity" if key > 0 else "-Infinity"
 
 
 _UNCONVERTED = object()

@@ -216,8 +216,15 @@ def _script_traceback(exc: BaseException, source: str) -> str | None:
         tb = tb.tb_next
     if not frames:
         return None
-    summary = "".join(traceback.format_exception_only(type(exc), exc))
-    return "Traceback (most recent call last):\n" + "".join(frames) + summary
+    return "Traceback (most recent call last):\n" + "".join(frames) + _exception_line(exc)
+
+
+def _exception_line(exc: BaseException) -> str:
+    """The traceback's last line; the sandbox's own exception types go by their bare name."""
+    if type(exc).__module__.startswith("sandbox."):
+        text = str(exc)
+        return f"{type(exc).__name__}: {text}\n" if text else f"{type(exc).__name__}\n"
+    return "".join(traceback.format_exception_only(type(exc), exc))
 
 
 def install_soft_stop(run: Run) -> None:
