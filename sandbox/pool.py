@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -40,6 +41,16 @@ class _Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
 
+    def alive(self) -> bool:
+        """True unless the child has exited (its pidfd turns readable when it does)."""
+        if self.exited.done():
+            return False
+        try:
+            readable, _, _ = select.select([self.pidfd], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
     def release(self) -> None:
         """Kill the child if it still runs and close what this side holds of it."""
         self.signal(signal.SIGKILL)
@@ -65,7 +76,7 @@ class Pool:
         self._parent: subprocess.Popen[bytes] | None = None
         self._restarting: asyncio.Task[None] | None = None
         self._closed = False
-        self._running = 0
+        self._running: set[_Child] = set()
         self.failed_imports: list[str] = []
         self.parent_starts = 0
 
@@ -81,7 +92,7 @@ class Pool:
     @property
     def busy(self) -> int:
         """Jobs running now."""
-        return self._running
+        return len(self._running)
 
     @property
     def warm(self) -> int:
@@ -102,6 +113,8 @@ class Pool:
         self._stop_parent()
         while not self._ready.empty():
             self._ready.get_nowait().release()
+        for child in self._running:
+            child.signal(signal.SIGKILL)
         for waiter in self._exits.values():
             if not waiter.done():
                 waiter.cancel()
@@ -231,21 +244,14 @@ class Pool:
             raise PoolClosed("the pool is closed")
         queued = time.perf_counter()
         async with self._slots:
-            try:
-                async with asyncio.timeout(job.timeout):
-                    child = await self._ready.get()
-            except TimeoutError:
-                raise WarmParentFailed(
-                    "no worker process became ready in time; the warm parent is restarting"
-                ) from None
+            child = await self._take_child(job.timeout)
             wait_ms = (time.perf_counter() - queued) * 1000
-            self._spawn(1)
-            self._running += 1
+            self._running.add(child)
             started = time.perf_counter()
             try:
                 outcome = await self._run_in(child, job)
             finally:
-                self._running -= 1
+                self._running.discard(child)
                 child.release()
                 self._exits.pop(child.pid, None)
         duration_ms = (time.perf_counter() - started) * 1000
@@ -257,6 +263,22 @@ class Pool:
             duration_ms=duration_ms,
             wait_ms=wait_ms,
         )
+
+    async def _take_child(self, timeout: float) -> _Child:
+        """A live waiting child (one that died while waiting is dropped), and order another."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    child = await self._ready.get()
+                    self._spawn(1)
+                    if child.alive():
+                        return child
+                    child.release()
+                    self._exits.pop(child.pid, None)
+        except TimeoutError:
+            raise WarmParentFailed(
+                "no worker process became ready in time; the warm parent is restarting"
+            ) from None
 
     async def _run_in(self, child: _Child, job: Job) -> protocol.RunResult:
         child.sock.setblocking(False)
