@@ -104,7 +104,7 @@ class Verifier:
             (NONCE_HEADER, nonce, _NONCE),
             (SIGNATURE_HEADER, given, _SIGNATURE),
         ):
-            if not pattern.match(value):
+            if not pattern.fullmatch(value):
                 raise Unauthorized("malformed_header", f"the {name} header is malformed")
         secret = self._keyring.secret(key_id)
         if secret is None:

@@ -38,7 +38,7 @@ class Catalog:
         return path.read_text(encoding="utf-8")
 
     def _path(self, name: str) -> Path | None:
-        if len(name) > MAX_NAME_LENGTH or not NAME.match(name):
+        if len(name) > MAX_NAME_LENGTH or not NAME.fullmatch(name):
             return None
         *folders, stem = name.split(".")
         candidate = self.root.joinpath(*folders, f"{stem}.py")

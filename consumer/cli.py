@@ -105,6 +105,7 @@ def _dev_settings(settings: Settings, url: str) -> Settings:
     env_file = settings.data_dir / DEV_ENV_FILE
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "w") as out:
         out.write("\n".join(lines) + "\n")
     print(f"pyexec: embedded NATS server at {url} (JetStream data in {settings.data_dir})")
@@ -188,7 +189,7 @@ async def _send(
 
 def _keygen(args: argparse.Namespace) -> int:
     key_id = args.id or f"key-{secrets.token_hex(4)}"
-    if not config.KEY_ID.match(key_id):
+    if not config.KEY_ID.fullmatch(key_id):
         raise ConfigError("--id may hold letters, digits, '.', '_' and '-' only")
     print(f"{key_id}:{secrets.token_hex(32)}")
     return 0

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -18,6 +19,10 @@ from consumer.protocol import Encoding, Reply
 # Seconds the client waits past the script's own timeout for the reply to arrive.
 REPLY_MARGIN = 5.0
 DEFAULT_TIMEOUT = 30.0
+
+
+async def _quiet(_exc: Exception) -> None:
+    """Connection errors surface as exceptions from ``connect``; nothing to log twice."""
 
 
 class Client:
@@ -49,7 +54,17 @@ class Client:
         cls, servers: str | list[str], key_id: str, secret: str | bytes, **options: Any
     ) -> Client:
         """Open a connection of the client's own; closed with the client."""
-        nc = await nats.connect(servers=servers, connect_timeout=5, max_reconnect_attempts=3)
+        try:
+            nc = await nats.connect(
+                servers=servers,
+                connect_timeout=5,
+                max_reconnect_attempts=3,
+                allow_reconnect=False,
+                error_cb=_quiet,
+            )
+        except (OSError, TimeoutError, NatsError) as exc:
+            shown = servers if isinstance(servers, str) else ",".join(servers)
+            raise ClientError(f"cannot connect to NATS at {shown}: {exc!r}") from None
         return cls(nc, key_id, secret, owns_connection=True, **options)
 
     async def __aenter__(self) -> Client:

@@ -52,7 +52,7 @@ def parse_keys(environ: Mapping[str, str]) -> Keyring:
     secrets: dict[str, str] = {}
     for position, entry in enumerate(filter(None, (e.strip() for e in many.split(","))), 1):
         key_id, colon, secret = entry.partition(":")
-        if not colon or not KEY_ID.match(key_id):
+        if not colon or not KEY_ID.fullmatch(key_id):
             raise ConfigError(
                 f"EXECUTOR_API_KEYS: entry {position} must be 'id:secret' with an id of "
                 "letters, digits, '.', '_' or '-'"
@@ -133,10 +133,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             f"({max_timeout:g})"
         )
     prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "pyexec").strip()
-    if not SUBJECT_TOKEN.match(prefix):
+    if not SUBJECT_TOKEN.fullmatch(prefix):
         raise ConfigError("EXECUTOR_SUBJECT_PREFIX must be subject tokens such as 'pyexec'")
     queue_group = env.get("EXECUTOR_QUEUE_GROUP", "pyexec").strip()
-    if not SUBJECT_TOKEN.match(queue_group):
+    if not SUBJECT_TOKEN.fullmatch(queue_group):
         raise ConfigError("EXECUTOR_QUEUE_GROUP must be a name such as 'pyexec'")
     scripts_dir = Path(env.get("EXECUTOR_SCRIPTS_DIR", "") or DEFAULT_SCRIPTS_DIR)
     if not scripts_dir.is_dir():
@@ -153,7 +153,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         else DEFAULT_ALLOWED_MODULES
     )
     for module in allowed_modules:
-        if not SUBJECT_TOKEN.match(module) or "-" in module:
+        if not SUBJECT_TOKEN.fullmatch(module) or "-" in module:
             raise ConfigError(f"EXECUTOR_ALLOWED_MODULES: '{module}' is not a module name")
     return Settings(
         nats_urls=nats_urls,

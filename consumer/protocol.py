@@ -19,7 +19,8 @@ Status = Literal["ok", "error", "timeout", "rejected", "accepted"]
 Mode = Literal["sync", "async"]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Timeout = Annotated[float, msgspec.Meta(gt=0)]
-ScriptName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# No upper bound here: a name no script has, however long, is 'unknown_script'.
+ScriptName = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class CodeRequest(

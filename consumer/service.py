@@ -7,7 +7,9 @@ import contextlib
 import signal
 import time
 import uuid
+from collections.abc import Coroutine
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
 
 import nats
 import structlog
@@ -25,6 +27,7 @@ from sandbox import Pool
 
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
+T = TypeVar("T")
 
 
 def package_version() -> str:
@@ -80,19 +83,46 @@ class Replica:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        service_id = uuid.uuid4().hex
-        nc = await connect(self.settings, self.urls, name=f"pyexec-{service_id[:8]}")
-        result_limit = nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.stdout_limit
-        if result_limit < MIN_RESULT_LIMIT:
-            await nc.close()
-            raise ConfigError(
-                f"EXECUTOR_STDOUT_LIMIT ({self.settings.stdout_limit}) leaves no room for a "
-                f"result in the server's max payload of {nc.max_payload} bytes"
-            )
-        pool = Pool(self.settings.pool_config(result_limit))
         try:
-            startup = time.perf_counter()
-            await pool.start()
+            await self._run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        log.info("stopped")
+
+    async def _unless_stopped(self, step: Coroutine[Any, Any, T]) -> T | None:
+        """Run a start-up step, abandoning it if a stop is requested meanwhile."""
+        task = asyncio.create_task(step)
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("stop requested during start-up")
+        return None
+
+    async def _run(self) -> None:
+        startup = time.perf_counter()
+        service_id = uuid.uuid4().hex
+        nc = await self._unless_stopped(
+            connect(self.settings, self.urls, name=f"pyexec-{service_id[:8]}")
+        )
+        if nc is None:
+            return
+        pool: Pool | None = None
+        try:
+            result_limit = nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.stdout_limit
+            if result_limit < MIN_RESULT_LIMIT:
+                raise ConfigError(
+                    f"EXECUTOR_STDOUT_LIMIT ({self.settings.stdout_limit}) leaves no room for a "
+                    f"result in the server's max payload of {nc.max_payload} bytes"
+                )
+            pool = Pool(self.settings.pool_config(result_limit))
+            if await self._unless_stopped(pool.start()) is None:
+                return
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
             catalog = Catalog(self.settings.scripts_dir)
@@ -119,12 +149,10 @@ class Replica:
             log.info("stopping", in_flight=len(self._tasks))
             await self._drain(nc, discovery)
         finally:
-            await pool.close()
+            if pool is not None:
+                await pool.close()
             if not nc.is_closed:
                 await nc.close()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
-        log.info("stopped")
 
     def _discovery(self, service_id: str, catalog: Catalog) -> Discovery:
         endpoints = {

@@ -101,9 +101,10 @@ class Pool:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self) -> Pool:
         """Start the warm parent and wait until it has imported the libraries."""
         await self._start_parent()
+        return self
 
     async def close(self) -> None:
         """Stop the warm parent and every waiting child. Running jobs are killed."""
@@ -151,6 +152,9 @@ class Pool:
         except (OSError, TimeoutError, ProtocolError) as exc:
             self._stop_parent()
             raise WarmParentFailed(f"the warm parent did not start: {exc!r}") from exc
+        except asyncio.CancelledError:
+            self._stop_parent()
+            raise
         if not isinstance(started, protocol.Started):
             self._stop_parent()
             raise WarmParentFailed("the warm parent exited while starting")

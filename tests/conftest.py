@@ -248,7 +248,7 @@ class Caller:
             finally:
                 await nc.close()
             got = dict(msg.headers or {})
-            encoding = (
+            encoding: protocol.Encoding = (
                 protocol.MSGPACK
                 if got.get("Content-Type") == protocol.MSGPACK_CONTENT_TYPE
                 else protocol.JSON

@@ -1,0 +1,394 @@
+"""The ``pyexec`` command line: keygen, scripts, and serve/call against the embedded server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PYEXEC = [sys.executable, "-m", "consumer"]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "pyexec"
+URL_LINE = re.compile(r"embedded NATS server at (nats://127\.0\.0\.1:(\d+))")
+KEY_LINE = re.compile(r"development key made: EXECUTOR_API_KEYS=(dev:[0-9a-f]{64})\s*$")
+ENV_LINE = re.compile(r"settings for 'pyexec call' written to (\S+)\s*$")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any NATS_* or EXECUTOR_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
+    env.update(extra)
+    return env
+
+
+def run_pyexec(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PYEXEC, *args],
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def nats_server_pids(cwd: Path) -> list[int]:
+    """Ids of running nats-server processes storing under ``cwd``'s .pyexec folder."""
+    store = (cwd / ".pyexec" / "jetstream").resolve()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            where = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if not argv[0].endswith("nats-server") or "-sd" not in argv[:-1]:
+            continue
+        if (where / argv[argv.index("-sd") + 1]).resolve() == store:
+            pids.append(int(entry.name))
+    return pids
+
+
+def port_accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+# -- keygen and scripts ------------------------------------------------------------------------
+
+
+def test_keygen_prints_an_id_and_a_64_hex_secret(tmp_path: Path) -> None:
+    """`pyexec keygen` prints one id:secret line with a 64-hex-digit secret, new each time."""
+    lines = []
+    for _ in range(2):
+        done = subprocess.run(
+            [str(CONSOLE_SCRIPT), "keygen"],
+            cwd=tmp_path,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        lines.append(done.stdout.strip())
+    for line in lines:
+        assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}:[0-9a-f]{64}", line), line
+    assert lines[0] != lines[1]
+
+
+def test_keygen_honours_id(tmp_path: Path) -> None:
+    """`pyexec keygen --id backend-2025` uses that id before the colon."""
+    done = run_pyexec("keygen", "--id", "backend-2025", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"backend-2025:[0-9a-f]{64}", done.stdout.strip()), done.stdout
+
+
+def test_keygen_refuses_an_id_with_a_colon(tmp_path: Path) -> None:
+    """`pyexec keygen --id 'a:b'` exits 2 and explains which characters an id may hold."""
+    done = run_pyexec("keygen", "--id", "a:b", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--id" in done.stderr
+    assert done.stdout == ""
+
+
+def test_scripts_lists_the_shipped_scripts_with_summaries(tmp_path: Path) -> None:
+    """`pyexec scripts` lists text.normalize and sql.transpile with their one-line summaries."""
+    done = run_pyexec("scripts", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    listed = {
+        line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1].strip()
+        for line in done.stdout.splitlines()
+        if line.strip()
+    }
+    assert listed["text.normalize"] == "Normalize text: Unicode form, whitespace and case."
+    assert listed["sql.transpile"] == "Translate SQL from one dialect to another with sqlglot."
+
+
+# -- the embedded default ----------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedServe:
+    """`pyexec serve` with no NATS_URL and no keys, run in its own working directory."""
+
+    cwd: Path
+    process: subprocess.Popen[str]
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    def wait_for_log(self, event: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stderr):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("event") == event:
+                    return dict(record)
+            if self.process.poll() is not None:
+                raise RuntimeError("serve exited: " + "".join(self.stdout + self.stderr)[-3000:])
+            time.sleep(0.05)
+        raise TimeoutError(f"no '{event}' log line within {timeout} s")
+
+    def printed(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        for line in self.stdout:
+            found = pattern.search(line)
+            if found:
+                return found
+        raise AssertionError(f"no line matching {pattern.pattern!r} in {self.stdout!r}")
+
+    @property
+    def port(self) -> int:
+        return int(self.printed(URL_LINE).group(2))
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            for reader in self.readers:
+                reader.join(timeout=5)
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()
+            for pid in nats_server_pids(self.cwd):  # left behind only if serve was killed
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_embedded(cwd: Path) -> EmbeddedServe:
+    """Start `pyexec serve` in ``cwd`` with the embedded defaults and wait until it serves."""
+    process = subprocess.Popen(
+        [*PYEXEC, "serve"],
+        cwd=cwd,
+        env=clean_env(EXECUTOR_METRICS_PORT="0", EXECUTOR_WORKERS="2", EXECUTOR_LOG_FORMAT="json"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    serve = EmbeddedServe(cwd=cwd, process=process)
+    for pipe, sink in ((process.stdout, serve.stdout), (process.stderr, serve.stderr)):
+
+        def collect(pipe: Any = pipe, sink: list[str] = sink) -> None:
+            for line in pipe:
+                sink.append(line)
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        serve.readers.append(reader)
+    try:
+        serve.wait_for_log("replica ready")
+    except BaseException:
+        serve.stop()
+        raise
+    return serve
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServe]:
+    """One embedded `pyexec serve` for the module's call tests."""
+    serve = start_embedded(tmp_path_factory.mktemp("embedded"))
+    try:
+        yield serve
+    finally:
+        serve.stop()
+
+
+def call(embedded: EmbeddedServe, *args: str) -> tuple[int, dict[str, Any], str]:
+    """`pyexec call ARGS` in the serve's directory: exit code, the printed reply, stderr."""
+    done = run_pyexec("call", *args, cwd=embedded.cwd)
+    reply = json.loads(done.stdout) if done.stdout.strip() else {}
+    return done.returncode, reply, done.stderr
+
+
+def test_embedded_serve_prints_url_and_dev_key(embedded: EmbeddedServe) -> None:
+    """Serve without NATS_URL prints its local URL, a dev key and where dev.env was written."""
+    url = embedded.printed(URL_LINE).group(1)
+    key = embedded.printed(KEY_LINE).group(1)
+    env_file = Path(embedded.printed(ENV_LINE).group(1))
+    if not env_file.is_absolute():
+        env_file = embedded.cwd / env_file
+    assert env_file.resolve() == (embedded.cwd / ".pyexec" / "dev.env").resolve()
+    assert port_accepts(embedded.port)
+    lines = env_file.read_text().splitlines()
+    assert f"NATS_URL={url}" in lines
+    assert f"EXECUTOR_API_KEYS={key}" in lines
+
+
+def test_dev_env_is_readable_by_its_owner_only(embedded: EmbeddedServe) -> None:
+    """The dev.env holding the dev secret has mode 0600."""
+    mode = stat.S_IMODE((embedded.cwd / ".pyexec" / "dev.env").stat().st_mode)
+    assert mode == 0o600
+
+
+def test_embedded_keeps_jetstream_data_under_dot_pyexec(embedded: EmbeddedServe) -> None:
+    """With EXECUTOR_DATA_DIR unset the embedded server stores its data in ./.pyexec."""
+    assert (embedded.cwd / ".pyexec" / "jetstream").is_dir()
+
+
+def test_call_by_name_finds_the_embedded_server(embedded: EmbeddedServe) -> None:
+    """`pyexec call --name text.normalize` in the same directory needs no NATS_URL and exits 0."""
+    code, reply, stderr = call(embedded, "--name", "text.normalize", "--ctx", '{"text": " a  b "}')
+    assert code == 0, stderr
+    assert reply["status"] == "ok"
+    assert reply["result"] == {"text": "a b", "changed": True}
+    assert reply["error"] is None
+
+
+def test_call_file_runs_it(embedded: EmbeddedServe, tmp_path: Path) -> None:
+    """`pyexec call FILE.py --ctx ...` runs the file's execute(ctx) and prints its result."""
+    script = tmp_path / "add.py"
+    script.write_text("def execute(ctx):\n    print('adding')\n    return ctx['a'] + ctx['b']\n")
+    code, reply, stderr = call(embedded, str(script), "--ctx", '{"a": 2, "b": 40}')
+    assert code == 0, stderr
+    assert reply["status"] == "ok"
+    assert reply["result"] == 42
+    assert "adding" in reply["stdout"]
+
+
+def test_call_echoes_request_id(embedded: EmbeddedServe, tmp_path: Path) -> None:
+    """`pyexec call --request-id` sends the id and the printed reply carries it back."""
+    script = tmp_path / "one.py"
+    script.write_text("def execute(ctx):\n    return 1\n")
+    code, reply, stderr = call(embedded, str(script), "--request-id", "cli-42")
+    assert code == 0, stderr
+    assert reply["request_id"] == "cli-42"
+
+
+def test_call_script_error_exits_1(embedded: EmbeddedServe, tmp_path: Path) -> None:
+    """A script that raises prints an error reply and `pyexec call` exits 1."""
+    script = tmp_path / "boom.py"
+    script.write_text("def execute(ctx):\n    raise ValueError('boom')\n")
+    code, reply, _ = call(embedded, str(script))
+    assert code == 1
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "script_error"
+    assert reply["error"]["message"] == "boom"
+
+
+def test_call_rejection_exits_2(embedded: EmbeddedServe) -> None:
+    """An unknown script name prints a rejected reply and `pyexec call` exits 2."""
+    code, reply, _ = call(embedded, "--name", "no.such.script")
+    assert code == 2
+    assert reply["status"] == "rejected"
+    assert reply["error"]["code"] == "unknown_script"
+
+
+def test_call_with_ctx_not_json_exits_2(embedded: EmbeddedServe) -> None:
+    """`--ctx` that is not JSON exits 2 with a message naming --ctx, before anything is sent."""
+    code, reply, stderr = call(embedded, "--name", "text.normalize", "--ctx", "{text: a}")
+    assert code == 2
+    assert reply == {}
+    assert "--ctx" in stderr
+    assert "JSON" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_call_with_ctx_not_an_object_exits_2(embedded: EmbeddedServe) -> None:
+    """`--ctx '[1, 2]'` exits 2 saying ctx must be a JSON object."""
+    code, _, stderr = call(embedded, "--name", "text.normalize", "--ctx", "[1, 2]")
+    assert code == 2
+    assert "--ctx" in stderr
+    assert "object" in stderr
+
+
+def test_call_async_is_not_available_yet(embedded: EmbeddedServe) -> None:
+    """`pyexec call --async` exits non-zero saying async jobs are not available yet."""
+    code, reply, stderr = call(embedded, "--name", "text.normalize", "--async")
+    assert code != 0
+    assert reply == {}
+    assert "--async" in stderr
+    assert "not" in stderr
+    assert "yet" in stderr
+
+
+def test_call_without_server_settings_explains(tmp_path: Path) -> None:
+    """`pyexec call` with no NATS_URL and no dev.env in its directory exits 2 naming NATS_URL."""
+    done = run_pyexec("call", "--name", "text.normalize", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "NATS_URL" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sigterm_stops_serve_and_its_nats_server(tmp_path: Path) -> None:
+    """On SIGTERM the embedded serve exits 0 and takes its nats-server (and its port) down."""
+    serve = start_embedded(tmp_path)
+    try:
+        port = serve.port
+        assert port_accepts(port)
+        assert len(nats_server_pids(tmp_path)) == 1
+        serve.process.send_signal(signal.SIGTERM)
+        code = serve.process.wait(timeout=30)
+        left = nats_server_pids(tmp_path)
+    finally:
+        serve.stop()
+    assert code == 0
+    assert left == []
+    assert not port_accepts(port)
+    events = [json.loads(line).get("event") for line in serve.stderr if line.startswith("{")]
+    assert "stopped" in events
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_call_with_a_stale_dev_env_explains(tmp_path: Path) -> None:
+    """`pyexec call` whose dev.env names a stopped server exits 2 with one clear error line."""
+    (tmp_path / ".pyexec").mkdir()
+    url = f"nats://127.0.0.1:{closed_port()}"
+    (tmp_path / ".pyexec" / "dev.env").write_text(
+        f"NATS_URL={url}\nEXECUTOR_API_KEYS=dev:{'a' * 64}\n"
+    )
+    done = run_pyexec("call", "--name", "text.normalize", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("pyexec: error:")
+
+
+def test_dev_env_is_made_private_even_if_it_existed(tmp_path: Path) -> None:
+    """A dev.env left world-readable from before is 0600 once serve writes the new dev key."""
+    (tmp_path / ".pyexec").mkdir()
+    old = tmp_path / ".pyexec" / "dev.env"
+    old.write_text("NATS_URL=nats://127.0.0.1:1\n")
+    old.chmod(0o644)
+    serve = start_embedded(tmp_path)
+    try:
+        key = serve.printed(KEY_LINE).group(1)
+        written = old.read_text()
+        mode = stat.S_IMODE(old.stat().st_mode)
+    finally:
+        serve.stop()
+    assert f"EXECUTOR_API_KEYS={key}" in written
+    assert mode == 0o600
