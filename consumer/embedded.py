@@ -64,8 +64,14 @@ class EmbeddedNats:
             server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store),
         ]  # fmt: skip
         with self.log_path.open("ab") as log_file:
+            # A session of its own: Ctrl-C on the terminal reaches the replica, which drains
+            # its connection first and then stops the server.
             self.process = subprocess.Popen(  # noqa: S603 - a fixed command line of our own
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

@@ -27,6 +27,7 @@ from sandbox import Pool
 
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
+DRAIN_STEP_TIMEOUT = 5.0
 T = TypeVar("T")
 
 
@@ -152,7 +153,7 @@ class Replica:
             if pool is not None:
                 await pool.close()
             if not nc.is_closed:
-                await nc.close()
+                await _bounded(nc.close(), "connection close")
 
     def _discovery(self, service_id: str, catalog: Catalog) -> Discovery:
         endpoints = {
@@ -218,11 +219,14 @@ class Replica:
         )
 
     async def _drain(self, nc: NatsClient, discovery: Discovery) -> None:
-        """Stop taking requests, give in-flight ones the grace period, then drain NATS."""
+        """Stop taking requests, give in-flight ones the grace period, then drain NATS.
+
+        Every step that talks to the server is bounded: with the server gone, a drain would
+        wait for a reconnection that may never come.
+        """
         for subscription in self._subscriptions:
-            with contextlib.suppress(Exception):
-                await subscription.drain()  # type: ignore[no-untyped-call]
-        await discovery.stop()
+            await _bounded(subscription.drain(), "unsubscribe")  # type: ignore[no-untyped-call]
+        await _bounded(discovery.stop(), "discovery stop")
         if self._tasks:
             in_flight = asyncio.create_task(asyncio.wait(set(self._tasks)))
             stop_now = asyncio.create_task(self._stop_now.wait())
@@ -239,5 +243,13 @@ class Replica:
                 )
                 for task in self._tasks:
                     task.cancel()
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        await _bounded(nc.drain(), "connection drain")
+
+
+async def _bounded(step: Coroutine[Any, Any, Any], what: str) -> None:
+    """Await a shutdown step for at most DRAIN_STEP_TIMEOUT seconds; log if it fails."""
+    try:
+        async with asyncio.timeout(DRAIN_STEP_TIMEOUT):
+            await step
+    except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever a step raised
+        log.warning("shutdown step did not finish", step=what, error=repr(exc))

@@ -193,6 +193,7 @@ def start_embedded(cwd: Path) -> EmbeddedServe:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # as a shell job: a process group of its own
     )
     serve = EmbeddedServe(cwd=cwd, process=process)
     for pipe, sink in ((process.stdout, serve.stdout), (process.stderr, serve.stderr)):
@@ -355,6 +356,25 @@ def test_sigterm_stops_serve_and_its_nats_server(tmp_path: Path) -> None:
     assert not port_accepts(port)
     events = [json.loads(line).get("event") for line in serve.stderr if line.startswith("{")]
     assert "stopped" in events
+
+
+def test_ctrl_c_on_the_terminal_stops_serve_cleanly(tmp_path: Path) -> None:
+    """SIGINT to serve's whole process group (Ctrl-C) still drains, exits 0 and stops NATS.
+
+    Regression: the embedded nats-server shared serve's process group, so Ctrl-C killed it
+    first and the replica's drain then waited forever for a reconnection.
+    """
+    serve = start_embedded(tmp_path)
+    try:
+        port = serve.port
+        os.killpg(serve.process.pid, signal.SIGINT)
+        code = serve.process.wait(timeout=30)
+        left = nats_server_pids(tmp_path)
+    finally:
+        serve.stop()
+    assert code == 0
+    assert left == []
+    assert not port_accepts(port)
 
 
 def closed_port() -> int:

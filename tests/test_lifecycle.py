@@ -19,7 +19,15 @@ import pytest
 from consumer.client import Client
 from consumer.errors import ClientError
 from consumer.protocol import Reply
-from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, replica_env, start_replica
+from tests.conftest import (
+    KEY_ID,
+    SECRET,
+    NatsServer,
+    ReplicaProcess,
+    free_port,
+    replica_env,
+    start_replica,
+)
 
 SERVE = [sys.executable, "-m", "consumer", "serve"]
 
@@ -304,3 +312,21 @@ def test_sigterm_while_nats_is_unreachable_stops(tmp_path: Path) -> None:
                 process.kill()
                 process.wait()
     assert code == 0, "serve ignored SIGTERM while connecting to NATS"
+
+
+def test_sigterm_after_the_nats_server_died_still_exits(tmp_path: Path) -> None:
+    """A replica whose NATS server is gone stops on SIGTERM instead of waiting to reconnect."""
+    server = NatsServer(port=free_port(), store=tmp_path / "js")
+    server.start()
+    replica = start_replica(server.url)
+    try:
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait()
+        replica.wait_for("nats disconnected")
+        code = replica.stop(signal.SIGTERM, timeout=60)
+    finally:
+        replica.stop(signal.SIGKILL)
+        server.stop()
+    assert code == 0
+    assert any(record.get("event") == "stopped" for record in replica.records())
