@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -49,6 +49,22 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """Seconds between the soft stop at a timeout and SIGKILL."""
     python: str = ""
     """Interpreter for the warm parent; empty means the running one."""
+    disabled_layers: tuple[str, ...] = ()
+    """Isolation layers switched off: for tests of one layer on its own and for diagnosis."""
+    run_as_user: str = "nobody"
+    """The user runs switch to when the service runs as root."""
+    scratch_dir: str = ""
+    """Where the runs' scratch folders are made; empty means the system temporary folder."""
+    scratch_limit_mb: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """The largest file a run may write, in MB."""
+    network: Literal["on", "off"] = "on"
+    """Whether runs may use the network at all."""
+    net_ports: tuple[int, ...] = (80, 443)
+    """TCP ports runs may connect to on public addresses."""
+    net_allow: tuple[str, ...] = ()
+    """Destinations allowed even when private, loopback or local: CIDRs, hosts, host:port."""
+    read_paths: tuple[str, ...] = ()
+    """Extra files and folders runs may read (data a library needs)."""
     passthrough_env: tuple[str, ...] = (
         "LANG", "LC_ALL", "TZ", "PYTHONPATH", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
         "NLTK_DATA", "SSL_CERT_FILE", "SSL_CERT_DIR",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import builtins
 import operator
 import sys
+from collections import UserString
 from collections.abc import Callable, Iterable
-from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
+from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any, NoReturn
 
 from RestrictedPython.Guards import (
@@ -17,6 +18,7 @@ from RestrictedPython.Guards import (
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from sandbox.config import FORBIDDEN_MODULES
+from sandbox.doors import Doors
 from sandbox.errors import PolicyViolation
 
 # Builtins a script gets on top of RestrictedPython's ``safe_builtins``. Functions that
@@ -35,15 +37,6 @@ REFUSED_BUILTINS: tuple[str, ...] = (
     "exit", "quit", "help", "delattr", "setattr", "getattr", "hasattr", "type", "__import__",
 )  # fmt: skip
 
-# Objects that are refused however a script reaches them (an attribute of some library
-# module, an item of a dict, a name imported from a module). Dotted paths are resolved
-# against modules already imported, so listing one never imports anything.
-REFUSED_OBJECTS: tuple[str, ...] = (
-    "io.open", "io.open_code", "io.FileIO", "operator.attrgetter", "operator.methodcaller",
-    "string.Formatter", "nltk.download", "nltk.downloader.download", "pandas.read_pickle",
-    "pandas.eval", "pandas.DataFrame.to_pickle", "pandas.Series.to_pickle",
-)  # fmt: skip
-
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
     "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow,
@@ -52,22 +45,6 @@ _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
 }  # fmt: skip
 
 _MISSING = object()
-
-
-def _resolve(path: str) -> object | None:
-    """The object at a dotted path, if its module is already imported; None otherwise."""
-    parts = path.split(".")
-    for cut in range(len(parts), 0, -1):
-        module = sys.modules.get(".".join(parts[:cut]))
-        if module is None:
-            continue
-        value: object = module
-        for name in parts[cut:]:
-            value = getattr(value, name, None)
-            if value is None:
-                return None
-        return value
-    return None
 
 
 def _describe(obj: object) -> str:
@@ -81,14 +58,13 @@ def _describe(obj: object) -> str:
 class Policy:
     """The guards one run uses; it remembers every refusal, caught or not."""
 
-    def __init__(self, allowed_modules: Iterable[str]) -> None:
+    def __init__(self, allowed_modules: Iterable[str], scratch: str | None = None) -> None:
         self.allowed_modules = frozenset(allowed_modules) - FORBIDDEN_MODULES
         self.violations: list[str] = []
-        refused = [getattr(builtins, name) for name in REFUSED_BUILTINS]
-        refused += [obj for obj in map(_resolve, REFUSED_OBJECTS) if obj is not None]
-        self._refused_ids = frozenset(id(obj) for obj in refused)
-        # Keep the objects alive so that their ids stay theirs.
-        self._refused_objects = refused
+        self._refused_builtins = frozenset(
+            id(getattr(builtins, name)) for name in REFUSED_BUILTINS if hasattr(builtins, name)
+        )
+        self.doors = Doors(self.refuse, scratch)
 
     # -- refusing ---------------------------------------------------------------------------
 
@@ -110,9 +86,7 @@ class Policy:
             if not self.module_allowed(value.__name__):
                 self.refuse(f"module '{value.__name__}' (reached through {where})")
             return value
-        if id(value) in self._refused_ids:
-            self.refuse(f"'{where}' is not available to scripts")
-        if isinstance(value, MethodType) and id(value.__func__) in self._refused_ids:
+        if id(value) in self._refused_builtins:
             self.refuse(f"'{where}' is not available to scripts")
         if isinstance(value, BuiltinFunctionType):
             owner = value.__self__
@@ -122,7 +96,7 @@ class Policy:
             owner_name = getattr(value, "__module__", None)
             if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
                 self.refuse(f"'{where}' belongs to module '{owner_name}'")
-        return value
+        return self.doors.guard(value, where)
 
     @staticmethod
     def _owner_allowed(module_name: str) -> bool:
@@ -143,9 +117,10 @@ class Policy:
         if name in INSPECT_ATTRIBUTES:
             self.refuse(f"attribute '{where}' (interpreter internals)")
         if name in ("format", "format_map") and (
-            isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))
+            isinstance(obj, str | UserString)
+            or (isinstance(obj, type) and issubclass(obj, str | UserString))
         ):
-            self.refuse(f"'str.{name}' (it can walk attributes; use an f-string instead)")
+            self.refuse(f"'{where}' (it can walk attributes; use an f-string instead)")
         value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
         return self.check(value, where)
 

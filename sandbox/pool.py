@@ -17,6 +17,7 @@ from sandbox import protocol
 from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
 from sandbox.config import PoolConfig
 from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
+from sandbox.isolation import LayerStatus
 
 START_TIMEOUT = 120.0
 EXIT_STATUS_WAIT = 2.0
@@ -78,6 +79,7 @@ class Pool:
         self._closed = False
         self._running: set[_Child] = set()
         self.failed_imports: list[str] = []
+        self.layers: list[LayerStatus] = []
         self.parent_starts = 0
 
     async def __aenter__(self) -> Pool:
@@ -159,6 +161,7 @@ class Pool:
             self._stop_parent()
             raise WarmParentFailed("the warm parent exited while starting")
         self.failed_imports = started.failed_imports
+        self.layers = started.layers
         loop.add_reader(ours.fileno(), self._on_control)
         self._spawn(self.config.warm_children)
 

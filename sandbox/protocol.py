@@ -17,6 +17,7 @@ import msgspec
 from sandbox.api import ErrorInfo, Status
 from sandbox.config import PoolConfig
 from sandbox.errors import ProtocolError
+from sandbox.isolation import LayerStatus
 
 _HEADER = struct.Struct(">I")
 CONTROL_PACKET_MAX = 65536
@@ -43,6 +44,7 @@ class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="star
     pid: int
     preload_ms: float
     failed_imports: list[str]
+    layers: list[LayerStatus]
 
 
 class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import signal
 import sys
 import time
@@ -12,10 +13,11 @@ from typing import Any
 import msgspec
 
 from sandbox.api import ErrorCode, ErrorInfo, Status
-from sandbox.compiler import ENTRY_POINT, FILENAME, compile_script
-from sandbox.config import PoolConfig
+from sandbox.compiler import ENTRY_POINT, FILENAME, compile_script, compile_unrestricted
 from sandbox.convert import NotSerializable, to_json_value
+from sandbox.doors import install_child_hooks
 from sandbox.errors import PolicyViolation
+from sandbox.isolation import Plan, guard_network, limit_cpu
 from sandbox.policy import Policy
 from sandbox.protocol import RunRequest, RunResult
 
@@ -26,18 +28,35 @@ class ScriptTimeout(BaseException):
     """Raised into the script when the pool's soft stop (SIGTERM) arrives."""
 
 
+class OutputFlood(Exception):
+    """Raised into the script when it prints far more than the stdout limit keeps."""
+
+
 class Capture:
-    """Where a run's printed output goes, kept up to a limit and marked where it was cut."""
+    """Where a run's printed output goes, kept up to a limit and marked where it was cut.
+
+    Output past the limit is dropped; a script that goes on printing
+    ``FLOOD_FACTOR`` times the limit (at least 1 MiB) is stopped with ``output_limit``.
+    """
+
+    FLOOD_FACTOR = 16
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.flood_limit = max(limit * self.FLOOD_FACTOR, 1024 * 1024)
         self._parts: list[str] = []
         self._size = 0
+        self._offered = 0
         self.cut = False
+        self.flooded = False
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._offered += len(text)
+        if self._offered > self.flood_limit:
+            self.flooded = True
+            raise OutputFlood(f"the script printed more than {self.flood_limit} characters")
         room = self.limit - self._size
         if len(text) > room:
             self.cut = self.cut or bool(text)
@@ -78,9 +97,16 @@ class _PrintCollector:
 class Run:
     """One script's run in this process. Only one ever happens per child."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, plan: Plan, scratch: str) -> None:
+        config = plan.config
         self.config = config
-        self.policy = Policy(config.allowed_modules)
+        self.policy_on = "policy" in plan.layers
+        self.limits_on = "limits" in plan.layers
+        self.policy = Policy(config.allowed_modules, scratch)
+        if "network" in plan.layers:
+            guard_network(plan, self.policy.refuse)
+        if self.policy_on:
+            install_child_hooks(self.policy.refuse)
         self.capture = Capture(config.stdout_limit)
         self.timed_out = False
         self.in_script = False
@@ -94,6 +120,8 @@ class Run:
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run the script and describe how it ended; never raises."""
+        if self.limits_on:
+            limit_cpu(request.timeout)
         started = time.perf_counter()
         result = self._execute(request)
         run_ms = (time.perf_counter() - started) * 1000
@@ -107,12 +135,16 @@ class Run:
 
     def _execute(self, request: RunRequest) -> RunResult:
         source = request.source
-        compiled = compile_script(source)
+        compiled = compile_script(source) if self.policy_on else compile_unrestricted(source)
         if compiled.code is None:
             status: Status = "rejected" if compiled.status == "rejected" else "error"
             return RunResult(status=status, error=compiled.error)
 
-        namespace = self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))
+        namespace = (
+            self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))
+            if self.policy_on
+            else {"__builtins__": builtins, "__name__": "script"}
+        )
         # Library output (print, warnings) joins the script's own, never the service's log.
         streams = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = self.capture
@@ -125,6 +157,8 @@ class Run:
 
         if self.policy.violations:
             return self._policy_failure()
+        if self.capture.flooded:
+            return self._flood_failure()
         try:
             encoded = _JSON.encode(to_json_value(value))
         except (NotSerializable, RecursionError) as exc:
@@ -174,6 +208,8 @@ class Run:
             )
         if self.policy.violations or isinstance(exc, PolicyViolation):
             return self._policy_failure(exc, source)
+        if self.capture.flooded:
+            return self._flood_failure()
         code: ErrorCode = "memory_limit" if isinstance(exc, MemoryError) else "script_error"
         message = str(exc)
         if code == "memory_limit":
@@ -185,6 +221,17 @@ class Run:
                 type=type(exc).__name__,
                 message=message,
                 traceback=_script_traceback(exc, source),
+            ),
+        )
+
+    def _flood_failure(self) -> RunResult:
+        return RunResult(
+            status="error",
+            error=ErrorInfo(
+                code="output_limit",
+                type="OutputLimit",
+                message=f"the script printed more than {self.capture.flood_limit} characters "
+                f"and was stopped (stdout keeps the first {self.capture.limit})",
             ),
         )
 

@@ -8,20 +8,21 @@ its own socket for exactly one run request, runs it, answers, and exits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
 import os
-import resource
 import select
+import shutil
 import signal
 import socket
 import sys
 import time
 from typing import NoReturn
 
-from sandbox import protocol
-from sandbox.config import PoolConfig
+from sandbox import isolation, protocol
 from sandbox.errors import ProtocolError
+from sandbox.isolation import LAYERS, LayerStatus, Plan
 from sandbox.runner import Run, install_soft_stop
 
 REQUEST_LIMIT = 64 * 1024 * 1024
@@ -38,20 +39,49 @@ def preload(modules: tuple[str, ...]) -> list[str]:
     return failed
 
 
-def _address_space_kb() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1])
-    return 0
+def probe(plan: Plan, statuses: list[LayerStatus]) -> tuple[Plan, list[LayerStatus]]:
+    """Apply the OS layers one more at a time in throwaway children; keep those that work."""
+    accepted = {"policy"} & plan.layers
+    by_name = {status.name: status for status in statuses}
+    for layer in LAYERS:
+        if layer == "policy" or layer not in plan.layers:
+            continue
+        trial = dataclasses.replace(plan, layers=frozenset(accepted | {layer}))
+        error = _try_isolation(trial)
+        if error is None:
+            accepted.add(layer)
+        else:
+            by_name[layer] = LayerStatus(layer, False, f"failed on this host: {error}")
+    narrowed = dataclasses.replace(plan, layers=frozenset(accepted))
+    return narrowed, [by_name[name] for name in LAYERS if name in by_name]
+
+
+def _try_isolation(plan: Plan) -> str | None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        message = b""
+        try:
+            isolation.enter(plan)
+        except Exception as exc:  # noqa: BLE001 - the probe reports whatever failed
+            message = repr(exc).encode()[:500]
+        os.write(write, message or b"ok")
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        result = answer.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(isolation.scratch_path(plan, pid), ignore_errors=True)
+    return None if result == b"ok" else (result.decode(errors="replace") or "the probe died")
 
 
 class WarmParent:
     """Forks children on request and reports them (and their exits) to the pool."""
 
-    def __init__(self, control: socket.socket, config: PoolConfig) -> None:
+    def __init__(self, control: socket.socket, plan: Plan) -> None:
         self.control = control
-        self.config = config
+        self.plan = plan
         self.children: set[int] = set()
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
@@ -113,6 +143,7 @@ class WarmParent:
             if pid == 0:
                 return
             self.children.discard(pid)
+            shutil.rmtree(isolation.scratch_path(self.plan, pid), ignore_errors=True)
             message = protocol.Exited(pid=pid, returncode=os.waitstatus_to_exitcode(status))
             with contextlib.suppress(OSError):
                 self.control.send(protocol.encode_control(message))
@@ -121,6 +152,10 @@ class WarmParent:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        shutil.rmtree(self.plan.scratch_root, ignore_errors=True)
         os._exit(0)
 
     def _become_child(self, sock: socket.socket) -> NoReturn:
@@ -139,20 +174,19 @@ class WarmParent:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             os.close(devnull)
-            self._limit_resources()
-            code = serve_one(sock, self.config)
+            try:
+                scratch = isolation.enter(self.plan)
+            except Exception:  # noqa: BLE001 - never run a script less isolated than promised
+                code = isolation.ISOLATION_FAILED_EXIT
+            else:
+                code = serve_one(sock, self.plan, scratch)
         finally:
             os._exit(code)
 
-    def _limit_resources(self) -> None:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        limit = (_address_space_kb() * 1024) + self.config.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-
-def serve_one(sock: socket.socket, config: PoolConfig) -> int:
+def serve_one(sock: socket.socket, plan: Plan, scratch: str) -> int:
     """Wait for one run request on ``sock``, run it, send the result; return an exit code."""
-    run = Run(config)
+    run = Run(plan, scratch)
     install_soft_stop(run)
     try:
         request = protocol.recv_request(sock, REQUEST_LIMIT)
@@ -173,6 +207,8 @@ def main(argv: list[str]) -> NoReturn:
         raise SystemExit("warm parent: expected a start message first")
     started = time.perf_counter()
     failed = preload(first.config.allowed_modules)
+    plan, statuses = isolation.plan(first.config)
+    plan, statuses = probe(plan, statuses)
     # Objects made so far are shared with every child; keep the collector off them.
     gc.collect()
     gc.freeze()
@@ -180,9 +216,10 @@ def main(argv: list[str]) -> NoReturn:
         pid=os.getpid(),
         preload_ms=(time.perf_counter() - started) * 1000,
         failed_imports=failed,
+        layers=statuses,
     )
     control.send(protocol.encode_control(ready))
-    WarmParent(control, first.config).serve()
+    WarmParent(control, plan).serve()
 
 
 if __name__ == "__main__":

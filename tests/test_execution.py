@@ -375,11 +375,6 @@ def test_setting_an_attribute_on_a_module_is_refused(caller: Caller) -> None:
 # -- the sandbox: gaps found while testing (each reaches what the contract refuses) --------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DataFrame.eval/query resolve '@name.attr' with the real getattr: os is reached "
-    "and its functions called",
-)
 def test_os_through_pandas_eval_is_policy_violation(caller: Caller) -> None:
     """pandas' expression evaluator does not hand out os."""
     reply = run(
@@ -394,11 +389,6 @@ def test_os_through_pandas_eval_is_policy_violation(caller: Caller) -> None:
     assert_refused(reply)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="typing.get_type_hints evaluates string annotations with the real eval, unguarded: "
-    "dunders, __subclasses__ and os are reached",
-)
 def test_os_through_string_annotations_is_policy_violation(caller: Caller) -> None:
     """typing.get_type_hints does not evaluate a script's annotation outside the guards."""
     reply = run(
@@ -417,11 +407,6 @@ def test_os_through_string_annotations_is_policy_violation(caller: Caller) -> No
     assert_refused(reply)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="numpy.load(..., allow_pickle=True) unpickles script-made bytes: a pickle calling "
-    "os.getpid runs",
-)
 def test_os_through_numpy_unpickling_is_policy_violation(caller: Caller) -> None:
     """numpy.load does not unpickle (pickle is on the refused list, whatever the route)."""
     reply = run(
@@ -436,11 +421,6 @@ def test_os_through_numpy_unpickling_is_policy_violation(caller: Caller) -> None
     assert_refused(reply)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="collections.UserString.format is not guarded like str.format: a format string "
-    "walks dunder attributes",
-)
 def test_format_string_walk_through_userstring_is_policy_violation(caller: Caller) -> None:
     """A format string cannot walk attributes through a str look-alike either."""
     reply = run(
@@ -454,9 +434,6 @@ def test_format_string_walk_through_userstring_is_policy_violation(caller: Calle
     assert_refused(reply)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="pandas.read_csv opens any path the executor's user can read"
-)
 def test_reading_a_file_outside_the_scratch_directory_fails(caller: Caller) -> None:
     """A script cannot read the executor host's files (here /etc/passwd) through pandas."""
     reply = run(
@@ -471,10 +448,6 @@ def test_reading_a_file_outside_the_scratch_directory_fails(caller: Caller) -> N
     assert reply.status == "error"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DataFrame.to_csv and zipfile.ZipFile (openpyxl.writer.excel.ZipFile) write any path",
-)
 @pytest.mark.parametrize(
     "writer",
     [
@@ -525,7 +498,6 @@ def loopback_http() -> Iterator[tuple[str, list[str]]]:
         thread.join(timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason="requests reaches loopback addresses; nothing filters them")
 def test_request_to_loopback_is_refused(
     caller: Caller, loopback_http: tuple[str, list[str]]
 ) -> None:

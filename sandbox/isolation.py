@@ -1,0 +1,307 @@
+"""Putting a forked child behind every isolation layer, in order, before it waits for a script.
+
+Layers: ``policy`` (the whitelist guards and library doors), ``limits`` (resource limits,
+session, environment, scratch folder), ``user`` (an unprivileged uid when the service runs
+as root), ``seccomp`` (system calls), ``landlock`` (file system, TCP ports, signal scope) and
+``network`` (address rules below the script; a network namespace when the network is off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import pwd
+import resource
+import signal
+import stat
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import msgspec
+
+from sandbox import landlock, seccomp, syscalls
+from sandbox.config import PoolConfig
+from sandbox.netguard import IPAddress, NetworkPolicy, install, local_addresses, parse_allow
+
+Refuse = Callable[[str], NoReturn]
+LAYERS: tuple[str, ...] = ("policy", "limits", "user", "seccomp", "landlock", "network")
+CLONE_NEWNET = 0x40000000
+SYS_UNSHARE = {"x86_64": 272, "aarch64": 97}
+MAX_OPEN_FILES = 256
+ISOLATION_FAILED_EXIT = 71
+
+# Files and folders a run may read, besides the Python installation, when they exist.
+SYSTEM_READ_PATHS: tuple[str, ...] = (
+    "/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/usr/share/zoneinfo",
+    "/etc/localtime", "/etc/ssl/certs", "/etc/ssl/openssl.cnf", "/usr/share/ca-certificates",
+    "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+    "/etc/services", "/etc/protocols", "/usr/share/nltk_data", "/usr/local/share/nltk_data",
+    "/usr/lib/nltk_data", "/usr/local/lib/nltk_data", "/dev/urandom", "/dev/random",
+    "/sys/devices/system/cpu", "/proc/cpuinfo", "/proc/meminfo",
+)  # fmt: skip
+
+
+class LayerStatus(msgspec.Struct, frozen=True):
+    """Whether a layer is in force for the runs of this pool, and why not if it is not."""
+
+    name: str
+    active: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the warm parent worked out once, for every child it forks."""
+
+    config: PoolConfig
+    layers: frozenset[str]
+    uid: int | None = None
+    gid: int | None = None
+    keep_read_capability: bool = False
+    scratch_root: str = ""
+    read_paths: tuple[str, ...] = ()
+    own_addresses: frozenset[IPAddress] = field(default_factory=frozenset)
+
+
+def python_read_paths() -> set[str]:
+    """The Python installation: standard library, site-packages, shared libraries."""
+    found: set[str] = set()
+    for scheme_path in sysconfig.get_paths().values():
+        found.add(scheme_path)
+    for name in ("LIBDIR", "LIBPL", "BINLIBDEST"):
+        value = sysconfig.get_config_var(name)
+        if isinstance(value, str):
+            found.add(value)
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    for entry in sys.path:
+        real = os.path.realpath(entry)
+        if any(real.startswith(os.path.realpath(prefix) + os.sep) for prefix in prefixes):
+            found.add(real)
+    for prefix in prefixes:
+        for sub in ("nltk_data", "share/nltk_data", "lib/nltk_data"):
+            found.add(os.path.join(prefix, sub))
+    return {os.path.realpath(p) for p in found if p and os.path.exists(p)}
+
+
+def _readable_by_others(path: str) -> bool:
+    """True if every folder on the way to ``path`` lets other users through."""
+    current = os.path.realpath(path)
+    while True:
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:
+            return False
+        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
+            return False
+        parent = os.path.dirname(current)
+        if parent == current:
+            return True
+        current = parent
+
+
+def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
+    """Decide, in the warm parent, which layers this host supports and how to apply them."""
+    disabled = set(config.disabled_layers)
+    statuses: list[LayerStatus] = []
+    active: set[str] = set()
+
+    def record(name: str, ok: bool, detail: str) -> None:
+        if name in disabled:
+            statuses.append(LayerStatus(name, False, "switched off by configuration"))
+            return
+        statuses.append(LayerStatus(name, ok, detail))
+        if ok:
+            active.add(name)
+
+    record("policy", True, "RestrictedPython whitelist, guarded imports, attributes, doors")
+    record("limits", True, "CPU, memory, file size, open files, no core dumps, own session")
+
+    uid = gid = None
+    keep_capability = False
+    read_paths = sorted(python_read_paths() | {p for p in SYSTEM_READ_PATHS if os.path.exists(p)})
+    read_paths += [p for p in config.read_paths if os.path.exists(p)]
+    if os.geteuid() != 0:
+        record("user", True, f"the service already runs unprivileged (uid {os.geteuid()})")
+    else:
+        try:
+            entry = pwd.getpwnam(config.run_as_user)
+        except KeyError:
+            record("user", False, f"user '{config.run_as_user}' does not exist on this host")
+        else:
+            uid, gid = entry.pw_uid, entry.pw_gid
+            keep_capability = not all(_readable_by_others(p) for p in read_paths)
+            detail = f"runs as {config.run_as_user} (uid {uid})"
+            if keep_capability:
+                detail += (
+                    "; the Python installation is not readable by that user, so the run keeps "
+                    "CAP_DAC_READ_SEARCH, confined by Landlock"
+                )
+            record("user", True, detail)
+
+    reason = seccomp.supported()
+    record("seccomp", reason is None, reason or "no new processes, no kernel doors")
+
+    abi = landlock.abi_version()
+    record(
+        "landlock",
+        abi > 0,
+        f"Landlock ABI {abi}" + (" with TCP port rules" if abi >= 4 else "")
+        if abi
+        else "Landlock is not available in this kernel",
+    )
+    if keep_capability and "landlock" not in active:
+        # Without Landlock the capability would let a run read any file: run as root instead.
+        statuses = [s for s in statuses if s.name != "user"]
+        active.discard("user")
+        statuses.append(
+            LayerStatus("user", False, "the Python installation is not readable by "
+                        f"{config.run_as_user} and Landlock is not there to confine a capability")
+        )  # fmt: skip
+        uid = gid = None
+        keep_capability = False
+    network_detail = (
+        f"outbound TCP to ports {','.join(map(str, config.net_ports))} of public addresses"
+        if config.network == "on"
+        else "no network (a namespace of its own where the service runs as root)"
+    )
+    record("network", True, network_detail)
+
+    scratch_root = tempfile.mkdtemp(prefix="pyexec-runs-", dir=config.scratch_dir or None)
+    # Runs may pass through to their own folder, not list the others.
+    os.chmod(scratch_root, 0o711)  # noqa: S103
+    result = Plan(
+        config=config,
+        layers=frozenset(active),
+        uid=uid,
+        gid=gid,
+        keep_read_capability=keep_capability,
+        scratch_root=scratch_root,
+        read_paths=tuple(read_paths),
+        own_addresses=local_addresses(),
+    )
+    order = {name: index for index, name in enumerate(LAYERS)}
+    return result, sorted(statuses, key=lambda s: order[s.name])
+
+
+def scratch_path(plan: Plan, pid: int) -> str:
+    return os.path.join(plan.scratch_root, str(pid))
+
+
+def enter(plan: Plan) -> str:
+    """In a freshly forked child: apply the OS layers; return the run's scratch folder.
+
+    Raises :class:`~sandbox.syscalls.SyscallError` (or OSError) if a layer the warm parent
+    found working cannot be applied; the child must then exit without running anything.
+    """
+    layers = plan.layers
+    config = plan.config
+    scratch = scratch_path(plan, os.getpid())
+    os.mkdir(scratch, 0o700)
+    if plan.uid is not None and "user" in layers:
+        os.chown(scratch, plan.uid, plan.gid if plan.gid is not None else -1)
+    os.chdir(scratch)
+    _clean_environment(config, scratch)
+    if "limits" in layers:
+        _limit_resources(config)
+    if config.network == "off" and "network" in layers and os.geteuid() == 0:
+        number = SYS_UNSHARE.get(syscalls.machine())
+        if number is not None:
+            syscalls.syscall(number, ctypes.c_int(CLONE_NEWNET), what="unshare(CLONE_NEWNET)")
+    if "user" in layers and plan.uid is not None:
+        _drop_user(plan)
+    if layers & {"seccomp", "landlock", "user"}:
+        syscalls.no_new_privs()
+    if "landlock" in layers:
+        ports: tuple[int, ...] | None = None
+        if "network" in layers:
+            ports = tuple(sorted(set(config.net_ports) | _allowed_ports(config)))
+            if config.network == "off":
+                ports = ()
+        own_proc = f"/proc/{os.getpid()}"
+        landlock.restrict(
+            landlock.Rules(
+                read_only=(*plan.read_paths, own_proc),
+                read_write=(scratch, "/dev/null"),
+                connect_ports=ports,
+            )
+        )
+    if "seccomp" in layers:
+        seccomp.install()
+    return scratch
+
+
+def _allowed_ports(config: PoolConfig) -> set[int]:
+    return {rule.port for rule in map(parse_allow, config.net_allow) if rule.port is not None}
+
+
+def network_policy(plan: Plan, refuse: Refuse) -> NetworkPolicy:
+    config = plan.config
+    return NetworkPolicy(
+        enabled=config.network == "on",
+        ports=frozenset(config.net_ports),
+        allowed=tuple(parse_allow(entry) for entry in config.net_allow),
+        own=plan.own_addresses,
+        refuse=refuse,
+    )
+
+
+def guard_network(plan: Plan, refuse: Refuse) -> None:
+    """Install the address rules for the sockets of this process."""
+    install(network_policy(plan, refuse))
+
+
+def _clean_environment(config: PoolConfig, scratch: str) -> None:
+    kept = {key: os.environ[key] for key in config.passthrough_env if key in os.environ}
+    kept.pop("PYTHONPATH", None)
+    os.environ.clear()
+    os.environ.update(kept)
+    os.environ.update(
+        PATH="/usr/local/bin:/usr/bin:/bin", HOME=scratch, TMPDIR=scratch, LANG="C.UTF-8"
+    )
+    tempfile.tempdir = scratch
+
+
+def _limit_resources(config: PoolConfig) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    base = _address_space_bytes()
+    limit = base + config.memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    scratch_bytes = config.scratch_limit_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (scratch_bytes, scratch_bytes))
+    # A write past the file-size limit fails with EFBIG instead of killing the run.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
+
+
+def limit_cpu(timeout: float) -> None:
+    """CPU seconds for the run: its timeout and one more; the kernel stops it past that."""
+    soft = math.ceil(timeout) + 1
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+
+
+def _address_space_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _drop_user(plan: Plan) -> None:
+    assert plan.uid is not None
+    assert plan.gid is not None
+    os.setgroups([])
+    os.setgid(plan.gid)
+    if plan.keep_read_capability:
+        syscalls.keep_capabilities(True)
+    os.setuid(plan.uid)
+    if plan.keep_read_capability:
+        syscalls.set_capabilities((syscalls.CAP_DAC_READ_SEARCH,))
+        syscalls.keep_capabilities(False)
