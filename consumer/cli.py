@@ -22,6 +22,7 @@ from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
 from consumer.errors import ClientError, ConfigError
 from consumer.service import Replica
+from sandbox import LayerStatus, Pool
 
 DEV_KEY_ID = "dev"
 DEV_ENV_FILE = "dev.env"
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     scripts = commands.add_parser("scripts", help="list the installed scripts")
     scripts.set_defaults(handler=_scripts)
+
+    doctor = commands.add_parser("doctor", help="say which isolation layers work on this host")
+    doctor.set_defaults(handler=_doctor)
     return parser
 
 
@@ -192,6 +196,29 @@ def _keygen(args: argparse.Namespace) -> int:
     if not config.KEY_ID.fullmatch(key_id):
         raise ConfigError("--id may hold letters, digits, '.', '_' and '-' only")
     print(f"{key_id}:{secrets.token_hex(32)}")
+    return 0
+
+
+def _doctor(_args: argparse.Namespace) -> int:
+    """Start a pool as ``serve`` would and report its isolation layers; 1 if any is missing."""
+    settings = config.load()
+
+    async def layers() -> list[LayerStatus]:
+        async with Pool(settings.pool_config(result_limit=900_000)) as pool:
+            return pool.layers
+
+    found = asyncio.run(layers())
+    for layer in found:
+        mark = "active  " if layer.active else "INACTIVE"
+        print(f"{layer.name:9} {mark} {layer.detail}")
+    missing = [layer.name for layer in found if not layer.active]
+    if missing:
+        print(
+            f"missing: {', '.join(missing)}; 'pyexec serve' warns, or refuses to start with "
+            "EXECUTOR_REQUIRE_ISOLATION=1"
+        )
+        return 1
+    print("all isolation layers are active")
     return 0
 
 

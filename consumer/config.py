@@ -9,10 +9,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from consumer.errors import ConfigError
-from sandbox import DEFAULT_ALLOWED_MODULES, PoolConfig
+from sandbox import DEFAULT_ALLOWED_MODULES, LAYERS, PoolConfig, parse_allow
 
 DEFAULT_SCRIPTS_DIR = Path(__file__).parent / "scripts"
 KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -96,6 +96,15 @@ class Settings:
     shutdown_grace: float = 30.0
     data_dir: Path = Path(".pyexec")
     nonce_cache_size: int = 200_000
+    require_isolation: bool = False
+    disabled_layers: tuple[str, ...] = ()
+    run_as_user: str = "nobody"
+    scratch_dir: str = ""
+    scratch_mb: int = 64
+    network: Literal["on", "off"] = "on"
+    net_ports: tuple[int, ...] = (80, 443)
+    net_allow: tuple[str, ...] = ()
+    read_paths: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -113,6 +122,14 @@ class Settings:
             stdout_limit=self.stdout_limit,
             result_limit=result_limit,
             allowed_modules=self.allowed_modules,
+            disabled_layers=self.disabled_layers,
+            run_as_user=self.run_as_user,
+            scratch_dir=self.scratch_dir,
+            scratch_limit_mb=self.scratch_mb,
+            network=self.network,
+            net_ports=self.net_ports,
+            net_allow=self.net_allow,
+            read_paths=self.read_paths,
         )
 
 
@@ -180,7 +197,63 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         nonce_cache_size=_int(
             env, "EXECUTOR_NONCE_CACHE_SIZE", 200_000, low=1000, high=100_000_000
         ),
+        **_isolation(env),
     )
+
+
+def _isolation(env: Mapping[str, str]) -> dict[str, Any]:
+    """The isolation settings (see docs/security.md)."""
+    require = _flag(env, "EXECUTOR_REQUIRE_ISOLATION")
+    disabled = _list(env, "EXECUTOR_UNSAFE_DISABLE_LAYERS")
+    unknown = set(disabled) - set(LAYERS)
+    if unknown:
+        raise ConfigError(
+            f"EXECUTOR_UNSAFE_DISABLE_LAYERS: unknown layer(s) {', '.join(sorted(unknown))}; "
+            f"the layers are {', '.join(LAYERS)}"
+        )
+    if require and disabled:
+        raise ConfigError(
+            "EXECUTOR_UNSAFE_DISABLE_LAYERS cannot be used with EXECUTOR_REQUIRE_ISOLATION=1"
+        )
+    network = env.get("EXECUTOR_NETWORK", "").strip().lower() or "on"
+    if network not in ("on", "off"):
+        raise ConfigError("EXECUTOR_NETWORK must be 'on' or 'off'")
+    ports = []
+    for text in _list(env, "EXECUTOR_NET_PORTS") or ["80", "443"]:
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise ConfigError(f"EXECUTOR_NET_PORTS: '{text}' is not a TCP port")
+        ports.append(int(text))
+    allow = _list(env, "EXECUTOR_NET_ALLOW")
+    for entry in allow:
+        try:
+            parse_allow(entry)
+        except ValueError as exc:
+            raise ConfigError(f"EXECUTOR_NET_ALLOW: {exc}") from None
+    user = env.get("EXECUTOR_RUN_AS_USER", "").strip() or "nobody"
+    return {
+        "require_isolation": require,
+        "disabled_layers": tuple(disabled),
+        "run_as_user": user,
+        "scratch_dir": env.get("EXECUTOR_SCRATCH_DIR", "").strip(),
+        "scratch_mb": _int(env, "EXECUTOR_SCRATCH_MB", 64, low=1, high=1024 * 1024),
+        "network": "off" if network == "off" else "on",
+        "net_ports": tuple(ports),
+        "net_allow": tuple(allow),
+        "read_paths": tuple(_list(env, "EXECUTOR_READ_PATHS", separator=":")),
+    }
+
+
+def _list(env: Mapping[str, str], name: str, separator: str = ",") -> list[str]:
+    return [part.strip() for part in env.get(name, "").split(separator) if part.strip()]
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    text = env.get(name, "").strip().lower()
+    if text in ("", "0", "false", "no"):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0")
 
 
 def available_cpus() -> int:

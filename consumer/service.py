@@ -23,7 +23,7 @@ from consumer.config import Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError
 from consumer.handler import REPLY_OVERHEAD, Handler
-from sandbox import Pool
+from sandbox import LayerStatus, Pool
 
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
@@ -126,6 +126,7 @@ class Replica:
                 return
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
+            check_isolation(self.settings, pool.layers)
             catalog = Catalog(self.settings.scripts_dir)
             handler = Handler(
                 self.settings,
@@ -244,6 +245,26 @@ class Replica:
                 for task in self._tasks:
                     task.cancel()
         await _bounded(nc.drain(), "connection drain")
+
+
+def check_isolation(settings: Settings, layers: list[LayerStatus]) -> None:
+    """Log every isolation layer; refuse to serve with one missing if isolation is required."""
+    missing = [layer for layer in layers if not layer.active]
+    for layer in layers:
+        log.info("isolation layer", layer=layer.name, active=layer.active, detail=layer.detail)
+    if not missing:
+        return
+    names = ", ".join(layer.name for layer in missing)
+    if settings.require_isolation:
+        raise ConfigError(
+            f"EXECUTOR_REQUIRE_ISOLATION=1 but these isolation layers are not active on this "
+            f"host: {names} (run 'pyexec doctor' for details)"
+        )
+    log.warning(
+        "ISOLATION INCOMPLETE: scripts run without some layers",
+        missing=names,
+        hint="run 'pyexec doctor'; set EXECUTOR_REQUIRE_ISOLATION=1 to refuse to start",
+    )
 
 
 async def _bounded(step: Coroutine[Any, Any, Any], what: str) -> None:

@@ -7,12 +7,16 @@ The consumer side talks to this package only through :class:`Pool`, :class:`Job`
 from sandbox.api import ErrorInfo, Job, Outcome
 from sandbox.config import DEFAULT_ALLOWED_MODULES, PoolConfig
 from sandbox.errors import PoolClosed, PoolError, SandboxError, WarmParentFailed
+from sandbox.isolation import LAYERS, LayerStatus
+from sandbox.netguard import parse_allow
 from sandbox.pool import Pool
 
 __all__ = [
     "DEFAULT_ALLOWED_MODULES",
+    "LAYERS",
     "ErrorInfo",
     "Job",
+    "LayerStatus",
     "Outcome",
     "Pool",
     "PoolClosed",
@@ -20,4 +24,5 @@ __all__ = [
     "PoolError",
     "SandboxError",
     "WarmParentFailed",
+    "parse_allow",
 ]
