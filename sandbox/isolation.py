@@ -155,7 +155,7 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
         if abi
         else "Landlock is not available in this kernel",
     )
-    if keep_capability and "landlock" not in active:
+    if keep_capability and "landlock" not in active and "user" not in disabled:
         # Without Landlock the capability would let a run read any file: run as root instead.
         statuses = [s for s in statuses if s.name != "user"]
         active.discard("user")
@@ -218,11 +218,10 @@ def enter(plan: Plan) -> str:
     if layers & {"seccomp", "landlock", "user"}:
         syscalls.no_new_privs()
     if "landlock" in layers:
-        ports: tuple[int, ...] | None = None
-        if "network" in layers:
+        # The port rule holds in the kernel whether or not the Python-level guard is on.
+        ports: tuple[int, ...] = ()
+        if config.network == "on":
             ports = tuple(sorted(set(config.net_ports) | _allowed_ports(config)))
-            if config.network == "off":
-                ports = ()
         own_proc = f"/proc/{os.getpid()}"
         landlock.restrict(
             landlock.Rules(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from sandbox.isolation import LayerStatus
 
 START_TIMEOUT = 120.0
 EXIT_STATUS_WAIT = 2.0
+PARENT_EXIT_WAIT = 1.0
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -80,6 +82,7 @@ class Pool:
         self._running: set[_Child] = set()
         self.failed_imports: list[str] = []
         self.layers: list[LayerStatus] = []
+        self._scratch_root = ""
         self.parent_starts = 0
 
     async def __aenter__(self) -> Pool:
@@ -162,6 +165,7 @@ class Pool:
             raise WarmParentFailed("the warm parent exited while starting")
         self.failed_imports = started.failed_imports
         self.layers = started.layers
+        self._scratch_root = started.scratch_root
         loop.add_reader(ours.fileno(), self._on_control)
         self._spawn(self.config.warm_children)
 
@@ -172,10 +176,17 @@ class Pool:
             self._control.close()
             self._control = None
         if self._parent is not None:
-            with contextlib.suppress(ProcessLookupError):
+            # With its control socket closed the warm parent kills its children, removes
+            # their scratch folders and exits; SIGKILL only if it does not within a second.
+            try:
+                self._parent.wait(timeout=PARENT_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
                 self._parent.kill()
-            self._parent.wait()
+                self._parent.wait()
             self._parent = None
+        if self._scratch_root:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
+            self._scratch_root = ""
 
     def _spawn(self, count: int) -> None:
         if self._control is None or count <= 0:

@@ -45,6 +45,7 @@ class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="star
     preload_ms: float
     failed_imports: list[str]
     layers: list[LayerStatus]
+    scratch_root: str
 
 
 class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):

@@ -217,6 +217,7 @@ def main(argv: list[str]) -> NoReturn:
         preload_ms=(time.perf_counter() - started) * 1000,
         failed_imports=failed,
         layers=statuses,
+        scratch_root=plan.scratch_root,
     )
     control.send(protocol.encode_control(ready))
     WarmParent(control, plan).serve()
