@@ -202,6 +202,10 @@ def enter(plan: Plan) -> str:
     layers = plan.layers
     config = plan.config
     scratch = scratch_path(plan, os.getpid())
+    if not os.path.isdir(plan.scratch_root):
+        # Removed under us (a temporary-folder cleaner): make it again rather than fail runs.
+        os.makedirs(plan.scratch_root, exist_ok=True)
+        os.chmod(plan.scratch_root, 0o711)  # noqa: S103 - pass through, no listing
     os.mkdir(scratch, 0o700)
     if plan.uid is not None and "user" in layers:
         os.chown(scratch, plan.uid, plan.gid if plan.gid is not None else -1)
