@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from consumer import config, logs
+from consumer import bench, config, logs
 from consumer.catalog import Catalog
 from consumer.client import Client
 from consumer.config import Keyring, Settings
@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="say which isolation layers work on this host")
     doctor.set_defaults(handler=_doctor)
+
+    bench_parser = commands.add_parser("bench", help="run the load benchmark over NATS")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=bench.main)
     return parser
 
 

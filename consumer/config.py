@@ -105,6 +105,7 @@ class Settings:
     net_ports: tuple[int, ...] = (80, 443)
     net_allow: tuple[str, ...] = ()
     read_paths: tuple[str, ...] = ()
+    pool_mode: Literal["warm", "fresh"] = "warm"
 
     @property
     def embedded(self) -> bool:
@@ -130,6 +131,7 @@ class Settings:
             net_ports=self.net_ports,
             net_allow=self.net_allow,
             read_paths=self.read_paths,
+            mode=self.pool_mode,
         )
 
 
@@ -230,6 +232,9 @@ def _isolation(env: Mapping[str, str]) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"EXECUTOR_NET_ALLOW: {exc}") from None
     user = env.get("EXECUTOR_RUN_AS_USER", "").strip() or "nobody"
+    mode = env.get("EXECUTOR_POOL_MODE", "").strip().lower() or "warm"
+    if mode not in ("warm", "fresh"):
+        raise ConfigError("EXECUTOR_POOL_MODE must be 'warm' or 'fresh'")
     return {
         "require_isolation": require,
         "disabled_layers": tuple(disabled),
@@ -240,6 +245,7 @@ def _isolation(env: Mapping[str, str]) -> dict[str, Any]:
         "net_ports": tuple(ports),
         "net_allow": tuple(allow),
         "read_paths": tuple(_list(env, "EXECUTOR_READ_PATHS", separator=":")),
+        "pool_mode": "fresh" if mode == "fresh" else "warm",
     }
 
 

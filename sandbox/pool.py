@@ -14,6 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from sandbox import protocol
 from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
 from sandbox.config import PoolConfig
@@ -108,6 +110,11 @@ class Pool:
 
     async def start(self) -> Pool:
         """Start the warm parent and wait until it has imported the libraries."""
+        if self.config.mode == "fresh":
+            # Each run starts its own; one is started here only to learn the layers.
+            async with Pool(msgspec.structs.replace(self.config, mode="warm")) as probe:
+                self.failed_imports, self.layers = probe.failed_imports, probe.layers
+            return self
         await self._start_parent()
         return self
 
@@ -260,6 +267,8 @@ class Pool:
         """Run one job in a fresh child and return how it ended."""
         if self._closed:
             raise PoolClosed("the pool is closed")
+        if self.config.mode == "fresh":
+            return await self._run_fresh(job)
         queued = time.perf_counter()
         async with self._slots:
             child = await self._take_child(job.timeout)
@@ -281,6 +290,13 @@ class Pool:
             duration_ms=duration_ms,
             wait_ms=wait_ms,
         )
+
+    async def _run_fresh(self, job: Job) -> Outcome:
+        """The naive way, for comparison: a new interpreter, imports and all, for this run."""
+        async with self._slots:
+            single = msgspec.structs.replace(self.config, mode="warm", workers=1, warm_children=1)
+            async with Pool(single) as pool:
+                return await pool.run(job)
 
     async def _take_child(self, timeout: float) -> _Child:
         """A live waiting child (one that died while waiting is dropped), and order another."""

@@ -1,0 +1,316 @@
+"""``pyexec bench``: a closed-loop load generator over NATS against real replicas.
+
+It starts a nats-server and a replica of its own (or uses ``--url`` with keys from the
+environment), runs each scenario with N callers that send a request as soon as their last
+reply arrives, and reports runs/s, latency percentiles, errors and the replica's memory. With
+``--baseline`` (the default) it then runs the same load against a replica in the naive mode
+(a fresh interpreter per run, libraries imported per run) and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consumer.client import Client
+from consumer.embedded import EmbeddedNats
+
+SCENARIOS: dict[str, tuple[str, dict[str, Any], int]] = {
+    # name: (source, ctx, default callers)
+    "trivial": ("def execute(ctx):\n    return ctx['n'] + 1\n", {"n": 1}, 4),
+    "pandas": (
+        "import pandas as pd\n\n"
+        "def execute(ctx):\n"
+        "    df = pd.DataFrame(ctx['rows'])\n"
+        "    out = df.groupby('region').agg(total=('amount', 'sum'), n=('amount', 'count'))\n"
+        "    return out.reset_index()\n",
+        {
+            "rows": [
+                {"region": f"r{i % 7}", "amount": (i * 37) % 1000, "day": i % 31}
+                for i in range(700)
+            ]
+        },
+        2,
+    ),
+    "stdout": (
+        "def execute(ctx):\n    for i in range(2000):\n        print('line', i, 'of output')\n"
+        "    return 1\n",
+        {},
+        4,
+    ),
+    "result100k": ("def execute(ctx):\n    return 'x' * 100_000\n", {}, 4),
+}
+
+
+@dataclass
+class Measured:
+    """One scenario against one replica."""
+
+    scenario: str
+    mode: str
+    callers: int
+    seconds: float
+    runs: int
+    errors: int
+    runs_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    error_codes: dict[str, int] = field(default_factory=dict)
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def run_scenario(
+    client: Client, name: str, callers: int, seconds: float, mode: str
+) -> Measured:
+    source, ctx, _ = SCENARIOS[name]
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    # Warm up each caller's path once before measuring.
+    await asyncio.gather(*(client.execute_code(source, ctx, timeout=30) for _ in range(callers)))
+    deadline = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            reply = await client.execute_code(source, ctx, timeout=30)
+            latencies.append((time.perf_counter() - started) * 1000)
+            if reply.status != "ok":
+                code = reply.error.code if reply.error else reply.status
+                codes[code] = codes.get(code, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return Measured(
+        scenario=name,
+        mode=mode,
+        callers=callers,
+        seconds=round(elapsed, 2),
+        runs=len(ordered),
+        errors=sum(codes.values()),
+        runs_per_s=round(len(ordered) / elapsed, 1),
+        p50_ms=round(statistics.median(ordered), 2) if ordered else float("nan"),
+        p90_ms=round(percentile(ordered, 0.90), 2),
+        p99_ms=round(percentile(ordered, 0.99), 2),
+        error_codes=codes,
+    )
+
+
+def tree_pss_mb(root: int) -> float:
+    """Proportional set size of a process and all its descendants, in MB."""
+    total_kb = 0
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+                for line in rollup:
+                    if line.startswith("Pss:"):
+                        total_kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                pending.extend(int(child) for child in task.read_text().split())
+            except OSError:
+                continue
+    return round(total_kb / 1024, 1)
+
+
+class BenchReplica:
+    """A replica process started for the benchmark."""
+
+    def __init__(self, url: str, key: tuple[str, str], prefix: str, env: dict[str, str]) -> None:
+        self.url = url
+        self.key = key
+        self.prefix = prefix
+        log = tempfile.NamedTemporaryFile(prefix="pyexec-bench-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log_path = Path(log.name)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
+        full_env.update(
+            NATS_URL=url,
+            EXECUTOR_API_KEYS=f"{key[0]}:{key[1]}",
+            EXECUTOR_SUBJECT_PREFIX=prefix,
+            EXECUTOR_QUEUE_GROUP=prefix,
+            EXECUTOR_METRICS_PORT="0",
+            EXECUTOR_LOG_FORMAT="json",
+            EXECUTOR_MAX_TIMEOUT="60",
+        )
+        full_env.update(env)
+        self.spawned = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "serve"],
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        log.close()
+        self.first_reply_s = float("nan")
+
+    async def wait_ready(self, client: Client, timeout: float = 120) -> None:
+        """Poll until the first request is answered; remember how long that took."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"replica exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                reply = await client.execute_code("def execute(ctx):\n    return 1\n", timeout=5)
+            except Exception:  # noqa: BLE001 - not listening yet
+                await asyncio.sleep(0.05)
+                continue
+            if reply.status == "ok":
+                self.first_reply_s = round(time.perf_counter() - self.spawned, 2)
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError("the replica did not answer in time")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_path.unlink(missing_ok=True)
+
+
+async def bench_mode(
+    url: str, mode: str, scenarios: list[str], args: argparse.Namespace
+) -> tuple[list[Measured], dict[str, Any]]:
+    key = ("bench", secrets.token_hex(32))
+    env = {"EXECUTOR_POOL_MODE": mode}
+    if args.workers:
+        env["EXECUTOR_WORKERS"] = str(args.workers)
+    replica = BenchReplica(url, key, f"bench{mode}", env)
+    results: list[Measured] = []
+    try:
+        async with await Client.connect(url, key[0], key[1], prefix=f"bench{mode}") as client:
+            await replica.wait_ready(client)
+            idle_pss = tree_pss_mb(replica.process.pid)
+            peak_pss = idle_pss
+            for name in scenarios:
+                callers = args.concurrency or SCENARIOS[name][2]
+                seconds = args.duration if mode == "warm" else args.baseline_duration
+                measured = await run_scenario(client, name, callers, seconds, mode)
+                peak_pss = max(peak_pss, tree_pss_mb(replica.process.pid))
+                results.append(measured)
+                print(_row(measured), flush=True)
+    finally:
+        replica.stop()
+    facts = {
+        "first_reply_s": replica.first_reply_s,
+        "idle_pss_mb": idle_pss,
+        "peak_pss_mb": peak_pss,
+    }
+    return results, facts
+
+
+def _row(m: Measured) -> str:
+    errors = f"{m.errors}" + (f" {m.error_codes}" if m.error_codes else "")
+    return (
+        f"{m.mode:6} {m.scenario:11} callers={m.callers:<3} runs={m.runs:<6} "
+        f"{m.runs_per_s:8.1f}/s  p50={m.p50_ms:8.2f}  p90={m.p90_ms:8.2f}  "
+        f"p99={m.p99_ms:8.2f} ms  errors={errors}"
+    )
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    server = None
+    if args.url:
+        url = args.url
+    else:
+        data = Path(tempfile.mkdtemp(prefix="pyexec-bench-nats-"))
+        server = EmbeddedNats(data, port=0)
+        server.start()
+        url = server.url
+    report: dict[str, Any] = {"machine": machine_facts(), "scenarios": scenarios}
+    try:
+        print(f"pyexec bench: {url}, scenarios {', '.join(scenarios)}", flush=True)
+        warm, warm_facts = await bench_mode(url, "warm", scenarios, args)
+        report["warm"] = [asdict(m) for m in warm]
+        report["warm_facts"] = warm_facts
+        print(
+            f"warm replica: first reply {warm_facts['first_reply_s']} s after start, "
+            f"PSS idle {warm_facts['idle_pss_mb']} MB, peak {warm_facts['peak_pss_mb']} MB",
+            flush=True,
+        )
+        if args.baseline:
+            fresh, fresh_facts = await bench_mode(url, "fresh", scenarios, args)
+            report["fresh"] = [asdict(m) for m in fresh]
+            report["fresh_facts"] = fresh_facts
+            for w, f in zip(warm, fresh, strict=True):
+                ratio = w.runs_per_s / f.runs_per_s if f.runs_per_s else float("inf")
+                print(
+                    f"ratio  {w.scenario:11} warm/fresh runs/s = {ratio:6.1f}x  "
+                    f"(p50 {w.p50_ms} ms vs {f.p50_ms} ms)",
+                    flush=True,
+                )
+                report.setdefault("ratios", {})[w.scenario] = round(ratio, 1)
+    finally:
+        if server is not None:
+            server.stop()
+    return report
+
+
+def machine_facts() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": sys.version.split()[0],
+        "kernel": os.uname().release,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", choices=["all", *SCENARIOS], default="all")
+    parser.add_argument("--concurrency", type=int, default=0, help="callers (default per scenario)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
+    parser.add_argument("--workers", type=int, default=0, help="EXECUTOR_WORKERS for the replica")
+    parser.add_argument(
+        "--no-baseline", dest="baseline", action="store_false",
+        help="skip the fresh-interpreter-per-run comparison",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline-duration", type=float, default=10.0, help="seconds per baseline scenario"
+    )
+    parser.add_argument("--url", default="", help="an existing NATS server (default: start one)")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    report = asyncio.run(bench(args))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
