@@ -145,27 +145,7 @@ class Doors:
     def __init__(self, refuse: Refuse, scratch: str | None) -> None:
         self._refuse = refuse
         self._scratch = os.path.realpath(scratch) if scratch else None
-        table: dict[int, _Door] = {}
-        kept: list[object] = []
-        for name, (position, keyword) in PATH_ARGUMENTS.items():
-            self._add(table, kept, name, _Door(name, "path", position, keyword))
-        for name in REFUSED:
-            self._add(table, kept, name, _Door(name, "refused"))
-        for name, (position, keyword) in EXPRESSIONS.items():
-            self._add(table, kept, name, _Door(name, "expression", position, keyword))
-        self._table = table
-        self._kept = kept  # keeps the objects, and so their ids, alive
-
-    @staticmethod
-    def _add(table: dict[int, _Door], kept: list[object], name: str, door: _Door) -> None:
-        value = resolve(name)
-        if value is None:
-            return
-        owner = resolve(name.rpartition(".")[0])
-        kept.append(value)
-        table[identity(value)] = _Door(
-            door.name, door.kind, door.position, door.keyword, method=isinstance(owner, type)
-        )
+        self._table = door_table()
 
     def guard(self, value: Any, where: str) -> Any:
         """``value`` itself if it is no door, its guarded form if it is one."""
@@ -215,6 +195,38 @@ class Doors:
         for keyword in _EXPRESSION_KEYWORDS:
             if kwargs.get(keyword) is not None:
                 self._refuse(f"'{name}' with {keyword}=")
+
+
+_TABLE: dict[int, _Door] = {}
+_KEPT: list[object] = []  # keeps the door objects, and so their ids, alive
+
+
+def door_table() -> dict[int, _Door]:
+    """The doors among the modules imported so far, by the id of their function.
+
+    Built once (the warm parent builds it before forking, so runs share it) and again only
+    if it came out empty.
+    """
+    if _TABLE:
+        return _TABLE
+    for name, (position, keyword) in PATH_ARGUMENTS.items():
+        _add(name, _Door(name, "path", position, keyword))
+    for name in REFUSED:
+        _add(name, _Door(name, "refused"))
+    for name, (position, keyword) in EXPRESSIONS.items():
+        _add(name, _Door(name, "expression", position, keyword))
+    return _TABLE
+
+
+def _add(name: str, door: _Door) -> None:
+    value = resolve(name)
+    if value is None:
+        return
+    owner = resolve(name.rpartition(".")[0])
+    _KEPT.append(value)
+    _TABLE[identity(value)] = _Door(
+        door.name, door.kind, door.position, door.keyword, method=isinstance(owner, type)
+    )
 
 
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str) -> Any:

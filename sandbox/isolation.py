@@ -66,6 +66,7 @@ class Plan:
     keep_read_capability: bool = False
     scratch_root: str = ""
     read_paths: tuple[str, ...] = ()
+    read_rules: tuple[landlock.PathRule, ...] = ()
     own_addresses: frozenset[IPAddress] = field(default_factory=frozenset)
 
 
@@ -87,6 +88,15 @@ def python_read_paths() -> set[str]:
         for sub in ("nltk_data", "share/nltk_data", "lib/nltk_data"):
             found.add(os.path.join(prefix, sub))
     return {os.path.realpath(p) for p in found if p and os.path.exists(p)}
+
+
+def _outermost(paths: set[str]) -> list[str]:
+    """The paths not already inside another one of them: one Landlock rule covers both."""
+    kept: list[str] = []
+    for path in sorted(paths):
+        if not any(path.startswith(parent.rstrip("/") + "/") for parent in kept):
+            kept.append(path)
+    return kept
 
 
 def _readable_by_others(path: str) -> bool:
@@ -124,8 +134,11 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
 
     uid = gid = None
     keep_capability = False
-    read_paths = sorted(python_read_paths() | {p for p in SYSTEM_READ_PATHS if os.path.exists(p)})
-    read_paths += [p for p in config.read_paths if os.path.exists(p)]
+    read_paths = _outermost(
+        python_read_paths()
+        | {p for p in SYSTEM_READ_PATHS if os.path.exists(p)}
+        | {os.path.realpath(p) for p in config.read_paths if os.path.exists(p)}
+    )
     if os.geteuid() != 0:
         record("user", True, f"the service already runs unprivileged (uid {os.geteuid()})")
     else:
@@ -183,6 +196,7 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
         keep_read_capability=keep_capability,
         scratch_root=scratch_root,
         read_paths=tuple(read_paths),
+        read_rules=landlock.open_paths(tuple(read_paths)) if "landlock" in active else (),
         own_addresses=local_addresses(),
     )
     order = {name: index for index, name in enumerate(LAYERS)}
@@ -226,14 +240,16 @@ def enter(plan: Plan) -> str:
         ports: tuple[int, ...] = ()
         if config.network == "on":
             ports = tuple(sorted(set(config.net_ports) | _allowed_ports(config)))
-        own_proc = f"/proc/{os.getpid()}"
+        own_proc = landlock.open_paths((f"/proc/{os.getpid()}",))
         landlock.restrict(
             landlock.Rules(
-                read_only=(*plan.read_paths, own_proc),
+                read_only=(*plan.read_rules, *own_proc),
                 read_write=(scratch, "/dev/null"),
                 connect_ports=ports,
             )
         )
+        for rule in (*plan.read_rules, *own_proc):
+            os.close(rule.fd)
     if "seccomp" in layers:
         seccomp.install()
     return scratch
@@ -260,14 +276,18 @@ def guard_network(plan: Plan, refuse: Refuse) -> None:
 
 
 def _clean_environment(config: PoolConfig, scratch: str) -> None:
-    kept = {key: os.environ[key] for key in config.passthrough_env if key in os.environ}
-    kept.pop("PYTHONPATH", None)
-    os.environ.clear()
-    os.environ.update(kept)
+    """Keep only the allow-listed variables (the warm parent starts with just those)."""
+    allowed = {*config.passthrough_env, *_SET_BY_POOL} - {"PYTHONPATH"}
+    for key in [key for key in os.environ if key not in allowed]:
+        del os.environ[key]
     os.environ.update(
         PATH="/usr/local/bin:/usr/bin:/bin", HOME=scratch, TMPDIR=scratch, LANG="C.UTF-8"
     )
     tempfile.tempdir = scratch
+
+
+# Set by the pool for the warm parent: numeric libraries must not start thread pools.
+_SET_BY_POOL = ("PATH", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _limit_resources(config: PoolConfig) -> None:

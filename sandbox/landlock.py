@@ -81,10 +81,31 @@ def abi_version() -> int:
 
 
 @dataclass(frozen=True)
+class PathRule:
+    """A path opened with O_PATH ahead of time (the warm parent does it once for all runs)."""
+
+    path: str
+    fd: int
+    directory: bool
+
+
+def open_paths(paths: tuple[str, ...]) -> tuple[PathRule, ...]:
+    """O_PATH handles for the paths that exist; each rule later needs no lookup of its own."""
+    rules = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # A path that does not exist on this host needs no rule.
+        rules.append(PathRule(path, fd, os.path.isdir(path)))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
 class Rules:
     """What one run may touch."""
 
-    read_only: tuple[str, ...]
+    read_only: tuple[PathRule, ...]
     read_write: tuple[str, ...]
     connect_ports: tuple[int, ...] | None
     """TCP ports a run may connect to; None leaves TCP to the other layers."""
@@ -107,15 +128,18 @@ def restrict(rules: Rules) -> int:
         ctypes.c_uint32(0), what="landlock_create_ruleset",
     )  # fmt: skip
     try:
-        for path in rules.read_only:
-            _allow_path(ruleset, path, READ_ONLY & handled_fs)
-        for path in rules.read_write:
-            _allow_path(ruleset, path, handled_fs & ~FS_EXECUTE)
+        for rule in rules.read_only:
+            _allow(ruleset, rule, READ_ONLY & handled_fs)
+        for opened in open_paths(rules.read_write):
+            try:
+                _allow(ruleset, opened, handled_fs & ~FS_EXECUTE)
+            finally:
+                os.close(opened.fd)
         if handled_net:
             for port in rules.connect_ports or ():
-                rule = _NetPortAttr(NET_CONNECT_TCP, port)
+                port_rule = _NetPortAttr(NET_CONNECT_TCP, port)
                 syscall(
-                    SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_NET_PORT, ctypes.byref(rule),
+                    SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_NET_PORT, ctypes.byref(port_rule),
                     ctypes.c_uint32(0), what=f"landlock rule for port {port}",
                 )  # fmt: skip
         syscall(
@@ -126,18 +150,11 @@ def restrict(rules: Rules) -> int:
     return abi
 
 
-def _allow_path(ruleset: int, path: str, rights: int) -> None:
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError:
-        return  # A path that does not exist on this host needs no rule.
-    try:
-        if not os.path.isdir(path):
-            rights &= _FILE_RIGHTS
-        rule = _PathBeneathAttr(rights, fd)
-        syscall(
-            SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule),
-            ctypes.c_uint32(0), what=f"landlock rule for {path}",
-        )  # fmt: skip
-    finally:
-        os.close(fd)
+def _allow(ruleset: int, rule: PathRule, rights: int) -> None:
+    if not rule.directory:
+        rights &= _FILE_RIGHTS
+    attr = _PathBeneathAttr(rights, rule.fd)
+    syscall(
+        SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(attr),
+        ctypes.c_uint32(0), what=f"landlock rule for {rule.path}",
+    )  # fmt: skip

@@ -17,6 +17,7 @@ Syscalls run by the wrong ABI (x32 on x86_64, or a foreign architecture) kill th
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 
 from sandbox.syscalls import load_seccomp, machine
@@ -77,6 +78,7 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("<HBBI", code, jt, jf, k)
 
 
+@functools.cache
 def build_filter() -> bytes:
     """The packed BPF program for this architecture."""
     table = _TABLES[machine()]

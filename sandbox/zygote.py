@@ -20,7 +20,8 @@ import sys
 import time
 from typing import NoReturn
 
-from sandbox import isolation, protocol
+from sandbox import isolation, protocol, seccomp
+from sandbox.doors import door_table
 from sandbox.errors import ProtocolError
 from sandbox.isolation import LAYERS, LayerStatus, Plan
 from sandbox.runner import Run, install_soft_stop
@@ -107,7 +108,10 @@ class WarmParent:
         self._shutdown()
 
     def _on_control(self) -> None:
-        data = self.control.recv(protocol.CONTROL_PACKET_MAX)
+        try:
+            data = self.control.recv(protocol.CONTROL_PACKET_MAX)
+        except OSError:
+            data = b""
         if not data:
             self._shutdown()
         message = protocol.decode_to_parent(data)
@@ -130,6 +134,8 @@ class WarmParent:
                 [protocol.encode_control(protocol.Ready(pid=pid))],
                 [ours.fileno(), pidfd],
             )
+        except OSError:
+            self._shutdown()  # The pool is gone.
         finally:
             ours.close()
             os.close(pidfd)
@@ -209,6 +215,10 @@ def main(argv: list[str]) -> NoReturn:
     failed = preload(first.config.allowed_modules)
     plan, statuses = isolation.plan(first.config)
     plan, statuses = probe(plan, statuses)
+    # Work every run would repeat is done once here and shared with the children.
+    door_table()
+    if "seccomp" in plan.layers:
+        seccomp.build_filter()
     # Objects made so far are shared with every child; keep the collector off them.
     gc.collect()
     gc.freeze()
