@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     scripts.set_defaults(handler=_scripts)
 
     doctor = commands.add_parser("doctor", help="say which isolation layers work on this host")
+    doctor.add_argument(
+        "--timings", action="store_true", help="also show what each step costs, in milliseconds"
+    )
     doctor.set_defaults(handler=_doctor)
 
     bench_parser = commands.add_parser("bench", help="run the load benchmark over NATS")
@@ -203,18 +206,22 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _doctor(_args: argparse.Namespace) -> int:
+def _doctor(args: argparse.Namespace) -> int:
     """Start a pool as ``serve`` would and report its isolation layers; 1 if any is missing."""
     settings = config.load()
 
-    async def layers() -> list[LayerStatus]:
+    async def inspect() -> tuple[list[LayerStatus], dict[str, float]]:
         async with Pool(settings.pool_config(result_limit=900_000)) as pool:
-            return pool.layers
+            return pool.layers, pool.timings
 
-    found = asyncio.run(layers())
+    found, timings = asyncio.run(inspect())
     for layer in found:
         mark = "active  " if layer.active else "INACTIVE"
         print(f"{layer.name:9} {mark} {layer.detail}")
+    if args.timings:
+        print("\ntimings (ms):")
+        for step, ms in timings.items():
+            print(f"  {step:45} {ms:9.3f}")
     missing = [layer.name for layer in found if not layer.active]
     if missing:
         print(

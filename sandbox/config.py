@@ -49,6 +49,8 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """Seconds between the soft stop at a timeout and SIGKILL."""
     python: str = ""
     """Interpreter for the warm parent; empty means the running one."""
+    preload: bool = True
+    """Import every allowed module in the warm parent before forking (off: import on use)."""
     mode: Literal["warm", "fresh"] = "warm"
     """``fresh`` starts a new interpreter (imports included) for every run: a benchmark baseline."""
     disabled_layers: tuple[str, ...] = ()

@@ -19,6 +19,7 @@ import stat
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -207,12 +208,22 @@ def scratch_path(plan: Plan, pid: int) -> str:
     return os.path.join(plan.scratch_root, str(pid))
 
 
-def enter(plan: Plan) -> str:
+def enter(plan: Plan, timings: dict[str, float] | None = None) -> str:
     """In a freshly forked child: apply the OS layers; return the run's scratch folder.
 
     Raises :class:`~sandbox.syscalls.SyscallError` (or OSError) if a layer the warm parent
     found working cannot be applied; the child must then exit without running anything.
+    ``timings``, when given, receives the milliseconds each step took.
     """
+    started = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal started
+        if timings is not None:
+            now = time.perf_counter()
+            timings[step] = round((now - started) * 1000, 3)
+            started = now
+
     layers = plan.layers
     config = plan.config
     scratch = scratch_path(plan, os.getpid())
@@ -225,14 +236,18 @@ def enter(plan: Plan) -> str:
         os.chown(scratch, plan.uid, plan.gid if plan.gid is not None else -1)
     os.chdir(scratch)
     _clean_environment(config, scratch)
+    lap("scratch and environment")
     if "limits" in layers:
         _limit_resources(config)
+        lap("limits")
     if config.network == "off" and "network" in layers and os.geteuid() == 0:
         number = SYS_UNSHARE.get(syscalls.machine())
         if number is not None:
             syscalls.syscall(number, ctypes.c_int(CLONE_NEWNET), what="unshare(CLONE_NEWNET)")
+            lap("network namespace")
     if "user" in layers and plan.uid is not None:
         _drop_user(plan)
+        lap("user")
     if layers & {"seccomp", "landlock", "user"}:
         syscalls.no_new_privs()
     if "landlock" in layers:
@@ -250,8 +265,10 @@ def enter(plan: Plan) -> str:
         )
         for rule in (*plan.read_rules, *own_proc):
             os.close(rule.fd)
+        lap("landlock")
     if "seccomp" in layers:
         seccomp.install()
+        lap("seccomp")
     return scratch
 
 

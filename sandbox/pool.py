@@ -85,6 +85,7 @@ class Pool:
         self.failed_imports: list[str] = []
         self.layers: list[LayerStatus] = []
         self._scratch_root = ""
+        self.timings: dict[str, float] = {}
         self.parent_starts = 0
 
     async def __aenter__(self) -> Pool:
@@ -114,6 +115,7 @@ class Pool:
             # Each run starts its own; one is started here only to learn the layers.
             async with Pool(msgspec.structs.replace(self.config, mode="warm")) as probe:
                 self.failed_imports, self.layers = probe.failed_imports, probe.layers
+                self.timings = probe.timings
             return self
         await self._start_parent()
         return self
@@ -173,6 +175,7 @@ class Pool:
         self.failed_imports = started.failed_imports
         self.layers = started.layers
         self._scratch_root = started.scratch_root
+        self.timings = started.timings
         loop.add_reader(ours.fileno(), self._on_control)
         self._spawn(self.config.warm_children)
 
@@ -292,9 +295,12 @@ class Pool:
         )
 
     async def _run_fresh(self, job: Job) -> Outcome:
-        """The naive way, for comparison: a new interpreter, imports and all, for this run."""
+        """The naive way, for comparison: a new interpreter for this run, which imports what
+        the script imports."""
         async with self._slots:
-            single = msgspec.structs.replace(self.config, mode="warm", workers=1, warm_children=1)
+            single = msgspec.structs.replace(
+                self.config, mode="warm", workers=1, warm_children=1, preload=False
+            )
             async with Pool(single) as pool:
                 return await pool.run(job)
 

@@ -46,6 +46,8 @@ class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="star
     failed_imports: list[str]
     layers: list[LayerStatus]
     scratch_root: str
+    timings: dict[str, float]
+    """Milliseconds of one-time work (import, warm-up) and of each step a child takes."""
 
 
 class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):

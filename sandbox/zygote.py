@@ -20,11 +20,14 @@ import sys
 import time
 from typing import NoReturn
 
+import msgspec
+
 from sandbox import isolation, protocol, seccomp
 from sandbox.doors import door_table
 from sandbox.errors import ProtocolError
 from sandbox.isolation import LAYERS, LayerStatus, Plan
 from sandbox.runner import Run, install_soft_stop
+from sandbox.warmup import warm_up
 
 REQUEST_LIMIT = 64 * 1024 * 1024
 
@@ -55,6 +58,41 @@ def probe(plan: Plan, statuses: list[LayerStatus]) -> tuple[Plan, list[LayerStat
             by_name[layer] = LayerStatus(layer, False, f"failed on this host: {error}")
     narrowed = dataclasses.replace(plan, layers=frozenset(accepted))
     return narrowed, [by_name[name] for name in LAYERS if name in by_name]
+
+
+def _time_child(plan: Plan) -> dict[str, float]:
+    """What one child spends on each step before and during a trivial run."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        timings: dict[str, float] = {}
+        with contextlib.suppress(Exception):
+            scratch = isolation.enter(plan, timings)
+            started = time.perf_counter()
+            run = Run(plan, scratch)
+            timings["prepare the run (policy, guards, warm path)"] = _ms(started)
+            started = time.perf_counter()
+            run.execute(protocol.RunRequest(source=_TRIVIAL, ctx={}, timeout=5))
+            timings["a trivial run"] = _ms(started)
+        os.write(write, msgspec.json.encode(timings))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        data = answer.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(isolation.scratch_path(plan, pid), ignore_errors=True)
+    try:
+        return msgspec.json.decode(data, type=dict[str, float])
+    except msgspec.DecodeError:
+        return {}
+
+
+_TRIVIAL = "def execute(ctx):\n    return 1\n"
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _try_isolation(plan: Plan) -> str | None:
@@ -212,13 +250,17 @@ def main(argv: list[str]) -> NoReturn:
     if not isinstance(first, protocol.Start):
         raise SystemExit("warm parent: expected a start message first")
     started = time.perf_counter()
-    failed = preload(first.config.allowed_modules)
+    failed = preload(first.config.allowed_modules) if first.config.preload else []
+    timings = {"import libraries": round((time.perf_counter() - started) * 1000, 1)}
+    if first.config.preload:
+        timings.update({f"warm up {name}": ms for name, ms in warm_up().items()})
     plan, statuses = isolation.plan(first.config)
     plan, statuses = probe(plan, statuses)
     # Work every run would repeat is done once here and shared with the children.
     door_table()
     if "seccomp" in plan.layers:
         seccomp.build_filter()
+    timings.update({f"child: {step}": ms for step, ms in _time_child(plan).items()})
     # Objects made so far are shared with every child; keep the collector off them.
     gc.collect()
     gc.freeze()
@@ -228,6 +270,7 @@ def main(argv: list[str]) -> NoReturn:
         failed_imports=failed,
         layers=statuses,
         scratch_root=plan.scratch_root,
+        timings=timings,
     )
     control.send(protocol.encode_control(ready))
     WarmParent(control, plan).serve()
