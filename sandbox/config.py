@@ -27,7 +27,28 @@ FORBIDDEN_MODULES: frozenset[str] = frozenset({
     "site", "webbrowser", "tracemalloc", "faulthandler", "atexit", "copyreg", "posixpath",
     "ntpath", "glob", "linecache", "_thread", "_posixsubprocess", "_socket", "_ctypes",
     "_pickle", "_signal", "_imp", "_frozen_importlib", "_frozen_importlib_external",
+    "types", "traceback", "timeit", "doctest", "pdb", "bdb", "trace", "cProfile", "profile",
+    "pydoc", "zipfile", "tarfile", "gzip", "bz2", "lzma", "dbm", "sqlite3", "fileinput",
+    "filecmp", "logging", "xmlrpc", "socketserver", "imaplib", "poplib", "nntplib",
 })  # fmt: skip
+
+# Parts of allowed libraries that are refused as modules (reached as attributes or imported):
+# they capture frames, unpickle, call C directly, fetch data or start processes.
+FORBIDDEN_SUBMODULES: tuple[str, ...] = (
+    "pandas.core.computation", "pandas.compat.pickle_compat", "pandas.io.pickle",
+    "pandas.io.common", "pandas.io.parsers", "pandas.io.clipboard", "pandas.io.clipboards",
+    "pandas.io.sql", "pandas.io.pytables", "pandas.testing", "numpy.ctypeslib",
+    "numpy.f2py", "numpy.distutils", "numpy.testing", "numpy.lib.format", "nltk.downloader",
+    "nltk.internals", "nltk.data", "nltk.classify.senna", "nltk.app", "nltk.parse.corenlp",
+    "nltk.tag.stanford", "nltk.parse.stanford", "nltk.tokenize.stanford", "sqlglot.executor",
+    "openai.cli", "pymorphy3.cli", "requests.utils",
+)  # fmt: skip
+
+# Of those, the ones where no function or class is for scripts at all (refused by owner too).
+FORBIDDEN_OWNERS: tuple[str, ...] = (
+    "pandas.core.computation", "pandas.compat.pickle_compat", "pandas.io.pickle",
+    "numpy.ctypeslib", "nltk.downloader", "nltk.internals", "sqlglot.executor",
+)  # fmt: skip
 
 
 class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -1,25 +1,19 @@
-"""The known doors of the allowed libraries: file paths, pickles and strings evaluated as code.
+"""The known doors of the allowed libraries: file paths, pickles and expression evaluators.
 
-Two kinds of guard live here. Door wrappers are handed to a script in place of a library
-function that takes a file path, unpickles, or evaluates an expression: in-memory use
-(``io.BytesIO``, ``io.StringIO``, no path at all) goes through unchanged, a path inside the
-run's scratch folder is allowed, and anything else is a policy violation. Child hooks replace,
-for the whole run, the functions libraries call internally to unpickle or to compile strings,
-so that a library cannot be talked into doing either on a script's behalf.
+Door wrappers are handed to a script in place of a library function that takes a file path,
+unpickles, or evaluates an expression: in-memory use (``io.BytesIO``, ``io.StringIO``, no path
+at all) goes through unchanged, a path inside the run's scratch folder is allowed, and anything
+else is a policy violation. (What libraries do internally is covered by ``sandbox.hooks``.)
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import BuiltinFunctionType, MethodType, ModuleType
 from typing import Any, NoReturn
-
-from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 Refuse = Callable[[str], NoReturn]
 
@@ -39,6 +33,8 @@ PATH_ARGUMENTS: dict[str, tuple[int, str]] = {
     "pandas.read_spss": (0, "path"),
     "pandas.read_stata": (0, "filepath_or_buffer"),
     "pandas.ExcelFile": (0, "path_or_buffer"),
+    "pandas.io.parsers.TextFileReader": (0, "f"),
+    "pandas.io.parsers.readers.TextFileReader": (0, "f"),
     "pandas.ExcelWriter": (0, "path"),
     "pandas.DataFrame.to_csv": (0, "path_or_buf"),
     "pandas.DataFrame.to_excel": (0, "excel_writer"),
@@ -94,11 +90,6 @@ EXPRESSIONS: dict[str, tuple[int, str]] = {
 }
 _EXPRESSION_KEYWORDS = ("local_dict", "global_dict", "resolvers", "target")
 
-# Modules whose own generated code (identifiers they validated) may be compiled and evaluated.
-# (and the import system, RestrictedPython and the sandbox itself, which compile trusted code).
-TRUSTED_CODE_GENERATORS = frozenset(
-    {"dataclasses", "collections", "importlib", "RestrictedPython", "sandbox"}
-)
 
 
 def resolve(path: str) -> object | None:
@@ -167,6 +158,9 @@ class Doors:
                     self._refuse(f"'{where}' with allow_pickle=True (unpickling)")
             else:
                 self._check_expression(argument, kwargs, where)
+                # Names resolve to the frame's columns only, never to a caller's variables.
+                kwargs["local_dict"] = {}
+                kwargs["global_dict"] = {}
             return function(*args, **kwargs)
 
         guarded.__name__ = getattr(function, "__name__", door.name)
@@ -177,7 +171,7 @@ class Doors:
         if not isinstance(argument, str | bytes | os.PathLike):
             return  # None, a buffer or a file-like object: in memory.
         text = os.fsdecode(argument)
-        if text.startswith("file:"):
+        if text.lower().startswith("file:"):
             self._refuse(f"'{name}' with a file URL")
         if "://" in text:
             return  # A URL: fetched over the network, under the network rules.
@@ -233,84 +227,3 @@ def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyw
     if keyword in kwargs:
         return kwargs[keyword]
     return args[position] if len(args) > position else None
-
-
-# -- hooks for the whole run ------------------------------------------------------------------
-
-
-def install_child_hooks(refuse: Refuse) -> None:
-    """Refuse unpickling and the compiling of unvetted strings anywhere in this process.
-
-    ``marshal`` is left alone: the import system loads cached bytecode with it, and no
-    script can reach it.
-    """
-    import pickle  # noqa: PLC0415 - patched here, never used by a script directly
-
-    def refused(what: str) -> Callable[..., NoReturn]:
-        def stop(*_args: Any, **_kwargs: Any) -> NoReturn:
-            refuse(f"{what} (nothing is unpickled inside the sandbox)")
-
-        return stop
-
-    for name in ("load", "loads", "Unpickler"):
-        setattr(pickle, name, refused(f"pickle.{name}"))
-    pickled = sys.modules.get("_pickle")
-    if pickled is not None:
-        for name in ("load", "loads", "Unpickler"):
-            setattr(pickled, name, refused(f"pickle.{name}"))
-
-    real_compile = builtins.compile
-    real_eval = builtins.eval
-    real_exec = builtins.exec
-
-    def vet(source: Any, what: str, flags: int = 0) -> None:
-        if flags & ast.PyCF_ONLY_AST:
-            return  # Parsing only (ast.parse): nothing runs.
-        caller = sys._getframe(2).f_globals.get("__name__", "")
-        if str(caller).split(".")[0] in TRUSTED_CODE_GENERATORS:
-            return
-        if isinstance(source, bytes):
-            source = source.decode("utf-8", "replace")
-        if isinstance(source, str):
-            try:
-                tree: ast.AST = real_compile(
-                    source.strip(), "<vetted>", "exec", ast.PyCF_ONLY_AST, dont_inherit=True
-                )
-            except (SyntaxError, ValueError):
-                return  # It will not compile either.
-        elif isinstance(source, ast.AST):
-            tree = source
-        else:
-            return  # A code object: compiled earlier, and vetted then.
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and (
-                node.attr.startswith("_") or node.attr in INSPECT_ATTRIBUTES
-            ):
-                refuse(f"{what} of a string reaching '.{node.attr}' (from {caller or '?'})")
-            if isinstance(node, ast.Name) and (
-                node.id.startswith("__") or node.id in _DANGEROUS_NAMES
-            ):
-                refuse(f"{what} of a string using '{node.id}' (from {caller or '?'})")
-
-    def checked_compile(source: Any, *args: Any, **kwargs: Any) -> Any:
-        flags = kwargs.get("flags", args[2] if len(args) > 2 else 0)
-        vet(source, "compile()", flags if isinstance(flags, int) else 0)
-        return real_compile(source, *args, **kwargs)
-
-    def checked_eval(source: Any, *args: Any, **kwargs: Any) -> Any:
-        vet(source, "eval()")
-        return real_eval(source, *args, **kwargs)
-
-    def checked_exec(source: Any, *args: Any, **kwargs: Any) -> Any:
-        vet(source, "exec()")
-        return real_exec(source, *args, **kwargs)
-
-    builtins.compile = checked_compile
-    builtins.eval = checked_eval
-    builtins.exec = checked_exec
-
-
-_DANGEROUS_NAMES = frozenset({
-    "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "globals", "locals",
-    "vars", "breakpoint", "input", "memoryview", "type", "object", "super",
-})  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import operator
 import sys
+import types
 from collections import UserString
 from collections.abc import Callable, Iterable
 from types import BuiltinFunctionType, FunctionType, ModuleType
@@ -17,7 +18,7 @@ from RestrictedPython.Guards import (
 )
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
-from sandbox.config import FORBIDDEN_MODULES
+from sandbox.config import FORBIDDEN_MODULES, FORBIDDEN_OWNERS, FORBIDDEN_SUBMODULES
 from sandbox.doors import Doors
 from sandbox.errors import PolicyViolation
 
@@ -78,6 +79,8 @@ class Policy:
         parts = name.split(".")
         if any(part in FORBIDDEN_MODULES for part in parts):
             return False
+        if _within(name, FORBIDDEN_SUBMODULES):
+            return False
         return parts[0] in self.allowed_modules
 
     def check(self, value: Any, where: str) -> Any:
@@ -86,7 +89,7 @@ class Policy:
             if not self.module_allowed(value.__name__):
                 self.refuse(f"module '{value.__name__}' (reached through {where})")
             return value
-        if id(value) in self._refused_builtins:
+        if id(value) in self._refused_builtins or id(value) in _REFUSED_TYPE_IDS:
             self.refuse(f"'{where}' is not available to scripts")
         if isinstance(value, BuiltinFunctionType):
             owner = value.__self__
@@ -96,6 +99,12 @@ class Policy:
             owner_name = getattr(value, "__module__", None)
             if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
                 self.refuse(f"'{where}' belongs to module '{owner_name}'")
+        else:
+            # An object whose class belongs to a forbidden module (os.environ, a thread, a
+            # socket, a logger handler) is refused like the module itself.
+            owner_name = getattr(type(value), "__module__", "builtins")
+            if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
+                self.refuse(f"'{where}' is a {type(value).__name__} of module '{owner_name}'")
         return self.doors.guard(value, where)
 
     @staticmethod
@@ -103,6 +112,8 @@ class Policy:
         # Builtin types and functions are everywhere; the dangerous ones are refused by identity.
         if module_name == "builtins":
             return True
+        if _within(module_name, FORBIDDEN_OWNERS):
+            return False
         return not any(part in FORBIDDEN_MODULES for part in module_name.split("."))
 
     # -- guards RestrictedPython calls --------------------------------------------------------
@@ -191,8 +202,15 @@ class Policy:
         self.guarded_write(obj)[key] = _inplacevar(op, current, value)
 
     def guarded_type(self, obj: Any) -> type:
-        """``type(obj)`` with one argument; creating classes goes through ``class``."""
-        return type(obj)
+        """``type(obj)`` with one argument; creating classes goes through ``class``.
+
+        The class of a class (a metaclass) and the types that build functions, code and
+        modules from raw parts are refused: they would make objects the compiler never saw.
+        """
+        kind = type(obj)
+        if isinstance(obj, type) or id(kind) in _REFUSED_TYPE_IDS:
+            self.refuse(f"type() of a {kind.__name__}")
+        return kind
 
     def refusing(self, name: str) -> Callable[..., NoReturn]:
         """A stand-in for a refused builtin that raises a policy violation when called."""
@@ -242,6 +260,19 @@ class Policy:
             "_apply_": _apply,
             "_print_": print_factory,
         }
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+# Types that make functions, code, frames, cells or modules out of raw parts.
+_REFUSED_TYPES = (
+    types.FunctionType, types.CodeType, types.CellType, types.ModuleType, types.MethodType,
+    types.FrameType, types.TracebackType, types.GeneratorType, types.CoroutineType,
+    types.AsyncGeneratorType, types.MappingProxyType, types.SimpleNamespace,
+)  # fmt: skip
+_REFUSED_TYPE_IDS = frozenset(id(kind) for kind in _REFUSED_TYPES)
 
 
 def _inplacevar(op: str, target: Any, value: Any) -> Any:

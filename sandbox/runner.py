@@ -12,10 +12,10 @@ from typing import Any
 
 import msgspec
 
+from sandbox import hooks
 from sandbox.api import ErrorCode, ErrorInfo, Status
 from sandbox.compiler import ENTRY_POINT, FILENAME, compile_script, compile_unrestricted
 from sandbox.convert import NotSerializable, to_json_value
-from sandbox.doors import install_child_hooks
 from sandbox.errors import PolicyViolation
 from sandbox.isolation import Plan, guard_network, limit_cpu
 from sandbox.policy import Policy
@@ -102,6 +102,11 @@ class _PrintCollector:
         print(*objects, **kwargs)
 
 
+def _no_print(_getattr_: Any = None) -> _PrintCollector:
+    """``print`` inside strings a library evaluates: the output is dropped."""
+    return _PrintCollector(Capture(0))
+
+
 class Run:
     """One script's run in this process. Only one ever happens per child."""
 
@@ -114,7 +119,7 @@ class Run:
         if "network" in plan.layers:
             guard_network(plan, self.policy.refuse)
         if self.policy_on:
-            install_child_hooks(self.policy.refuse)
+            hooks.install(self.policy.refuse, lambda: self.policy.namespace(_no_print))
         self.capture = Capture(config.stdout_limit)
         self.timed_out = False
         self.in_script = False

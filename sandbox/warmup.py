@@ -89,7 +89,7 @@ def _pymorphy3(pymorphy3: Any) -> None:
     base.__init__(shared)
     shared.parse("стали")
     pymorphy3.MorphAnalyzer = MorphAnalyzer
-    analyzer_module = sys.modules.get("pymorphy3.analyzer")
+    analyzer_module: Any = sys.modules.get("pymorphy3.analyzer")
     if analyzer_module is not None:
         analyzer_module.MorphAnalyzer = MorphAnalyzer
 

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from consumer.protocol import Reply
+from sandbox.config import FORBIDDEN_SUBMODULES
 from tests.conftest import (
     OLD_SECRET,
     SECRET,
@@ -43,60 +44,9 @@ ZYGOTE_MARK = "sandbox.zygote"
 SETTLE_SECONDS = 20.0
 METADATA = "http://169.254.169.254/latest/meta-data/"
 
-# -- findings: routes the sandbox lets through (each one is a strict xfail below) ---------------
-
-PD_EVAL = (
-    "pandas.eval resolves names in the frame that called it, and that frame is the door "
-    "wrapper in sandbox/doors.py, whose globals hold os, sys and builtins: "
-    "pd.eval('os', engine='python') hands out os (and os.fork() is then called; only seccomp "
-    "stops it)"
-)
-PD_SCOPE = (
-    "pandas.core.computation.scope.Scope(level) captures any caller frame (sys._getframe): "
-    "Scope(1).scope is sandbox.runner's frame, and .get('sys') (dict.get is not guarded) "
-    "returns sys, then sys.modules.get('os')"
-)
-PYDANTIC_ANNOTATION = (
-    "openai.BaseModel (pydantic) evaluates a string annotation with eval() over the defining "
-    "frame's names; the child-wide eval hook only refuses '_' names, so "
-    "'pd.io.common.os.environ' is evaluated outside the guards (os reached, os.system callable)"
-)
-SINGLEDISPATCH_ANNOTATION = (
-    "functools.singledispatch().register(f) calls typing.get_type_hints(f) internally: the "
-    "door on typing.get_type_hints does not apply, and the string annotation is evaluated over "
-    "the script's globals outside the guards (pd.io.common.os.environ reached)"
-)
-CTYPESLIB = (
-    "numpy.ctypeslib.load_library is a plain numpy function that returns a ctypes.CDLL: a script "
-    "loads libc and calls any C function (getpid here), ctypes is reached"
-)
-PICKLE_COMPAT = (
-    "pandas.compat.pickle_compat.Unpickler subclasses pickle._Unpickler, which the child hooks "
-    "do not replace (only pickle.load/loads/Unpickler): its load() calls any callable the pickle "
-    "names (os.getpid here); pickle_compat.loads does the same"
-)
-TEXT_FILE_READER = (
-    "pandas.io.parsers.TextFileReader opens a path without the read_csv door: it reads "
-    "/proc/self/environ outside the scratch folder; only Landlock limits what it can open"
-)
-FILE_URL_CASE = (
-    "the door's file-URL check is case-sensitive (startswith('file:')): 'FILE:///...' counts as "
-    "a network URL and urllib's file handler opens it outside the scratch folder; only Landlock "
-    "limits what it can open"
-)
-SENNA_ENVIRON = (
-    "nltk.classify.senna.environ is os.environ itself (neither a module nor a function), so the "
-    "policy hands it out, and a script reads the run's environment through it"
-)
-RAW_SOCKET = (
-    "the network rules live on socket.socket in Python only: after any route to builtins "
-    "(pd.eval here), 'import _socket' gives a socket whose connect is not wrapped, and Landlock "
-    "allows the port, so a loopback address the rules refuse is reached (on the default ports "
-    "the same reaches 169.254.169.254:80)"
-)
-
 
 def _xfail(reason: str) -> pytest.MarkDecorator:
+    """A route the sandbox still lets through: kept as a strict xfail with the reason."""
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
@@ -313,17 +263,20 @@ LIBRARY_ATTRIBUTES = [
     body(
         "pandas-eval-frame-globals",
         "import pandas as pd\n---\nreturn str(pd.eval('os', engine='python'))",
-        xfail=PD_EVAL,
+        "policy_violation",
+        "script_error",
+        kind="UndefinedVariableError",  # the expression sees the frame's columns only
     ),
     body(
         "pandas-eval-sys-modules",
         "import pandas as pd\n---\nreturn sorted(pd.eval('sys.modules', engine='python'))[:3]",
-        xfail=PD_EVAL,
+        "policy_violation",
+        "script_error",
+        kind="UndefinedVariableError",
     ),
     body(
         "nltk-senna-environ",
         "import nltk\n---\nreturn sorted(nltk.classify.senna.environ)",
-        xfail=SENNA_ENVIRON,
     ),
     body(
         "numpy-ctypeslib-load-library",
@@ -333,7 +286,6 @@ LIBRARY_ATTRIBUTES = [
         libc = np.ctypeslib.load_library(ctx["libc_name"], ctx["libc_dir"])
         return libc.getpid()
         """,
-        xfail=CTYPESLIB,
     ),
 ]
 
@@ -508,7 +460,6 @@ FRAMES = [
         scope = pd.core.computation.scope.Scope(1).scope
         return str(scope.get("sys").modules.get("os"))
         """,
-        xfail=PD_SCOPE,
     ),
 ]
 
@@ -649,13 +600,11 @@ FILE_READS = [
         "pandas-text-file-reader-proc-environ",
         "import pandas as pd\n---\nreader = pd.io.parsers.TextFileReader("
         "'/proc/self/environ', sep='\\x01', header=None)\nreturn reader.read().to_string()",
-        xfail=TEXT_FILE_READER,
     ),
     body(
         "pandas-read-csv-upper-file-url-proc-environ",
         "import pandas as pd\n---\n"
         "return pd.read_csv('FILE:///proc/self/environ', sep='\\x01', header=None).to_string()",
-        xfail=FILE_URL_CASE,
     ),
 ]
 
@@ -872,12 +821,10 @@ PICKLE_AND_EVAL = [
         "import io\nimport pandas as pd\n---\n"
         "unpickler = pd.compat.pickle_compat.Unpickler(io.BytesIO(b'cos\\ngetpid\\n(tR.'))\n"
         "return unpickler.load()",
-        xfail=PICKLE_COMPAT,
     ),
     body(
         "pandas-pickle-compat-loads",
         "import pandas as pd\n---\nreturn pd.compat.pickle_compat.loads(b'cos\\ngetpid\\n(tR.')",
-        xfail=PICKLE_COMPAT,
     ),
     body(
         "openai-model-string-annotation",
@@ -891,7 +838,6 @@ PICKLE_AND_EVAL = [
         Model(x=1)
         return leak
         """,
-        xfail=PYDANTIC_ANNOTATION,
     ),
     body(
         "singledispatch-string-annotation",
@@ -908,7 +854,6 @@ PICKLE_AND_EVAL = [
         show.register(show_int)
         return leak
         """,
-        xfail=SINGLEDISPATCH_ANNOTATION,
     ),
 ]
 
@@ -957,7 +902,9 @@ PROCESSES = [
     body(
         "os-fork-via-pandas-eval",
         "import pandas as pd\n---\nreturn pd.eval('os.fork()', engine='python')",
-        xfail=PD_EVAL,
+        "policy_violation",
+        "script_error",
+        kind="UndefinedVariableError",
     ),
     body(
         "os-system-via-openai-annotation",
@@ -971,7 +918,6 @@ PROCESSES = [
         Model(x=1)
         return leak
         """,
-        xfail=PYDANTIC_ANNOTATION,
     ),
 ]
 
@@ -1506,13 +1452,18 @@ def run_attack(
 
     reply = raw.reply
     expected = payload.codes
+    if "script_error" in expected:
+        # A route an OS layer stops may now be refused earlier, by the policy: stronger still.
+        expected = (*expected, "policy_violation")
     if reply.status == "ok":
         assert "ok" in expected, f"the run succeeded: {reply.result!r:.500} {reply.stdout!r:.200}"
         return attempt
     assert reply.error is not None, reply
     assert reply.error.code in expected, reply.error
     if payload.mentions and reply.error.code == "policy_violation":
-        assert any(m in reply.error.message for m in payload.mentions), reply.error.message
+        # The refusal names the target, or a module on the way that is refused as a whole.
+        names = (*payload.mentions, *(f"'{module}" for module in FORBIDDEN_SUBMODULES))
+        assert any(m in reply.error.message for m in names), reply.error.message
     if payload.kind and reply.error.code == "script_error":
         assert reply.error.type == payload.kind, reply.error
     return attempt
@@ -1682,7 +1633,9 @@ def test_allowed_destination_is_reached_positive_control(
             pd.eval("builtins", engine="python").exec(code, names)
             return out
             """,
-            xfail=RAW_SOCKET,
+            "policy_violation",
+            "script_error",
+            kind="UndefinedVariableError",  # pd.eval no longer sees the caller's frame
         ),
     ],
 )
@@ -1705,12 +1658,16 @@ def test_allow_list_opens_only_what_it_names(
     "payload",
     [
         body(
-            "nltk-senna-environ", "import nltk\n---\nreturn dict(nltk.classify.senna.environ)", "ok"
+            "nltk-senna-environ",
+            "import nltk\n---\nreturn dict(nltk.classify.senna.environ)",
+            "ok",
+            "policy_violation",
         ),
         body(
             "pandas-eval-os-environ",
             "import pandas as pd\n---\nreturn dict(pd.eval('os.environ', engine='python'))",
             "ok",
+            "script_error",
         ),
         body(
             "proc-self-environ",

@@ -13,6 +13,7 @@ from textwrap import dedent
 import pytest
 
 from consumer.protocol import Reply
+from sandbox.config import FORBIDDEN_SUBMODULES
 from tests.conftest import Caller
 
 STDOUT_LIMIT = 200  # EXECUTOR_STDOUT_LIMIT of the shared replica
@@ -295,6 +296,9 @@ def test_forbidden_import_is_policy_violation(caller: Caller, statement: str, me
         "import requests\ndef execute(ctx):\n    return str(requests.utils.os)\n",
         "from nltk.data import os\ndef execute(ctx):\n    return 1\n",
         "import pandas as pd\ndef execute(ctx):\n    return str(getattr(pd.io.common, 'os'))\n",
+        "import uuid\ndef execute(ctx):\n    return str(uuid.os)\n",
+        "import openpyxl\ndef execute(ctx):\n    return str(openpyxl.xml.os)\n",
+        "import uuid\ndef execute(ctx):\n    return str(getattr(uuid, 'os'))\n",
     ],
     ids=[
         "pandas-attribute",
@@ -302,11 +306,19 @@ def test_forbidden_import_is_policy_violation(caller: Caller, statement: str, me
         "requests-attribute",
         "nltk-from-import",
         "getattr",
+        "uuid-attribute",
+        "openpyxl-attribute",
+        "uuid-getattr",
     ],
 )
 def test_os_through_an_allowed_module_is_policy_violation(caller: Caller, source: str) -> None:
-    """Reaching os as an attribute of an allowed library is refused and names the module."""
-    assert_refused(run(caller, source), "'os'")
+    """Reaching os as an attribute of an allowed library is refused and names what was refused:
+    os itself, or a library module on the way that is refused as a whole (pandas.io.common)."""
+    reply = run(caller, source)
+    assert reply.error is not None
+    refused = ("'os'", *(f"'{module}'" for module in FORBIDDEN_SUBMODULES))
+    assert any(name in reply.error.message for name in refused), reply.error.message
+    assert_refused(reply, "refused")
 
 
 @pytest.mark.parametrize(
