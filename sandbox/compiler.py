@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -129,6 +131,38 @@ def compile_script(source: str) -> Compiled:
             "policy_violation", "PolicyViolation", f"refused by the sandbox policy: {refused}"
         )
     return Compiled(code=result.code)
+
+
+# Compiled scripts by the SHA-256 of their source. The warm parent fills it (see ``learn``) and
+# every child forked afterwards inherits it, so a script that runs again skips compilation.
+CACHE_CAPACITY = 256
+LEARNABLE_BYTES = 24 * 1024  # fits a control packet even when JSON escaping doubles it
+_cache: OrderedDict[str, Compiled] = OrderedDict()
+
+
+def source_key(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def cached(source: str) -> Compiled | None:
+    """The compiled script for this exact source, if the warm parent learned it."""
+    if not _cache:
+        return None
+    return _cache.get(source_key(source))
+
+
+def learn(source: str) -> None:
+    """Compile and keep ``source`` (in the warm parent), dropping the least recently learned."""
+    key = source_key(source)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return
+    compiled = compile_script(source)
+    if compiled.code is None:
+        return
+    _cache[key] = compiled
+    while len(_cache) > CACHE_CAPACITY:
+        _cache.popitem(last=False)
 
 
 def _error(code: Any, kind: str, message: str, trace: str | None = None) -> Compiled:

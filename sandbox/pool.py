@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgspec
 
 from sandbox import protocol
 from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
+from sandbox.compiler import CACHE_CAPACITY, LEARNABLE_BYTES, source_key
 from sandbox.config import PoolConfig
 from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
 from sandbox.isolation import LayerStatus
@@ -86,6 +88,7 @@ class Pool:
         self.layers: list[LayerStatus] = []
         self._scratch_root = ""
         self.timings: dict[str, float] = {}
+        self._taught: OrderedDict[str, None] = OrderedDict()
         self.parent_starts = 0
 
     async def __aenter__(self) -> Pool:
@@ -280,6 +283,8 @@ class Pool:
             started = time.perf_counter()
             try:
                 outcome = await self._run_in(child, job)
+                if outcome.compiled:
+                    self._teach(job.source)
             finally:
                 self._running.discard(child)
                 child.release()
@@ -303,6 +308,20 @@ class Pool:
             )
             async with Pool(single) as pool:
                 return await pool.run(job)
+
+    def _teach(self, source: str) -> None:
+        """Have the warm parent compile a script that ran, so later children start with it."""
+        if len(source) > LEARNABLE_BYTES or self._control is None:
+            return
+        key = source_key(source)
+        if key in self._taught:
+            self._taught.move_to_end(key)
+            return
+        self._taught[key] = None
+        while len(self._taught) > CACHE_CAPACITY:
+            self._taught.popitem(last=False)
+        with contextlib.suppress(OSError):
+            self._control.send(protocol.encode_control(protocol.Learn(source=source)))
 
     async def _take_child(self, timeout: float) -> _Child:
         """A live waiting child (one that died while waiting is dropped), and order another."""

@@ -20,7 +20,7 @@ from sandbox.errors import ProtocolError
 from sandbox.isolation import LayerStatus
 
 _HEADER = struct.Struct(">I")
-CONTROL_PACKET_MAX = 65536
+CONTROL_PACKET_MAX = 128 * 1024
 
 
 # -- pool <-> warm parent -------------------------------------------------------------------------
@@ -63,7 +63,13 @@ class Exited(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="exite
     returncode: int
 
 
-ToParent = Start | Spawn
+class Learn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="learn"):
+    """Pool to warm parent: a script that compiled in a child; compile and keep it."""
+
+    source: str
+
+
+ToParent = Start | Spawn | Learn
 FromParent = Started | Ready | Exited
 
 _control_encoder = msgspec.json.Encoder()
@@ -110,6 +116,8 @@ class RunResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error: ErrorInfo | None = None
     stdout: str = ""
     run_ms: float = 0.0
+    compiled: bool = False
+    """The source compiled under the policy (so the warm parent may learn it)."""
 
 
 _run_encoder = msgspec.json.Encoder()

@@ -14,7 +14,13 @@ import msgspec
 
 from sandbox import hooks
 from sandbox.api import ErrorCode, ErrorInfo, Status
-from sandbox.compiler import ENTRY_POINT, FILENAME, compile_script, compile_unrestricted
+from sandbox.compiler import (
+    ENTRY_POINT,
+    FILENAME,
+    cached,
+    compile_script,
+    compile_unrestricted,
+)
 from sandbox.convert import NotSerializable, to_json_value
 from sandbox.errors import PolicyViolation
 from sandbox.isolation import Plan, guard_network, limit_cpu
@@ -123,6 +129,7 @@ class Run:
         self.capture = Capture(config.stdout_limit)
         self.timed_out = False
         self.in_script = False
+        self.compiled = False
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -160,11 +167,16 @@ class Run:
             error=result.error,
             stdout=self.capture.getvalue(),
             run_ms=run_ms,
+            compiled=self.compiled,
         )
 
     def _execute(self, request: RunRequest) -> RunResult:
         source = request.source
-        compiled = compile_script(source) if self.policy_on else compile_unrestricted(source)
+        if self.policy_on:
+            compiled = cached(source) or compile_script(source)
+            self.compiled = compiled.code is not None
+        else:
+            compiled = compile_unrestricted(source)
         if compiled.code is None:
             status: Status = "rejected" if compiled.status == "rejected" else "error"
             return RunResult(status=status, error=compiled.error)

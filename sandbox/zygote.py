@@ -23,6 +23,7 @@ from typing import NoReturn
 import msgspec
 
 from sandbox import isolation, protocol, seccomp
+from sandbox.compiler import learn
 from sandbox.doors import door_table
 from sandbox.errors import ProtocolError
 from sandbox.isolation import LAYERS, LayerStatus, Plan
@@ -152,10 +153,15 @@ class WarmParent:
             data = b""
         if not data:
             self._shutdown()
-        message = protocol.decode_to_parent(data)
+        try:
+            message = protocol.decode_to_parent(data)
+        except ProtocolError:
+            return  # Nothing the pool sends is worth dying for; ignore what cannot be read.
         if isinstance(message, protocol.Spawn):
             for _ in range(message.count):
                 self._spawn()
+        elif isinstance(message, protocol.Learn):
+            learn(message.source)
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
