@@ -17,6 +17,7 @@ import ast
 import builtins
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, NoReturn
 
 from RestrictedPython.compile import compile_restricted
@@ -42,8 +43,17 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> None:
     restricted: dict[int, Any] = {}  # id -> code object compiled under the rules (kept alive)
 
     def trusted(depth: int) -> bool:
-        caller = sys._getframe(depth).f_globals.get("__name__", "")
-        return str(caller).split(".")[0] in TRUSTED_CODE_GENERATORS
+        frame: FrameType | None = sys._getframe(depth)
+        assert frame is not None
+        caller = frame.f_globals.get("__name__", "")
+        if str(caller).split(".")[0] in TRUSTED_CODE_GENERATORS:
+            return True
+        # Code a library runs while it is being imported is the library's own, not a script's.
+        while frame is not None:
+            if frame.f_globals.get("__name__") == "importlib._bootstrap":
+                return True
+            frame = frame.f_back
+        return False
 
     def restricted_compile(source: Any, filename: str, mode: str) -> Any:
         if isinstance(source, bytes):
@@ -85,6 +95,8 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> None:
 
 
 def _refuse_unpickling(refuse: Refuse) -> None:
+    """Functions become refusals; the unpickler classes stay classes (libraries subclass them
+    at import time) but can neither load nor look up anything."""
     import pickle  # noqa: PLC0415 - patched here, never used by a script directly
 
     def refused(what: str) -> Callable[..., NoReturn]:
@@ -93,10 +105,19 @@ def _refuse_unpickling(refuse: Refuse) -> None:
 
         return stop
 
-    names = ("load", "loads", "Unpickler", "_load", "_loads", "_Unpickler")
-    for module in (pickle, sys.modules.get("_pickle")):
+    class Unpickler(pickle.Unpickler):
+        load = refused("pickle.Unpickler.load")
+        find_class = refused("pickle.Unpickler.find_class")
+
+    python_unpickler: Any = getattr(pickle, "_Unpickler", None)
+    if python_unpickler is not None:
+        python_unpickler.load = refused("pickle.Unpickler.load")
+        python_unpickler.find_class = refused("pickle.Unpickler.find_class")
+    modules: tuple[Any, ...] = (pickle, sys.modules.get("_pickle"))
+    for module in modules:
         if module is None:
             continue
-        for name in names:
+        for name in ("load", "loads", "_load", "_loads"):
             if hasattr(module, name):
                 setattr(module, name, refused(f"pickle.{name.lstrip('_')}"))
+        module.Unpickler = Unpickler

@@ -329,3 +329,24 @@ def test_run_after_close_raises_pool_closed() -> None:
             await pool.run(job("def execute(ctx):\n    return 1\n"))
 
     asyncio.run(main())
+
+
+def test_fresh_mode_imports_libraries_inside_the_isolated_run() -> None:
+    """The fresh-interpreter baseline imports pandas inside an isolated run and works.
+
+    Regression: the child-wide pickle hooks replaced ``pickle._Unpickler`` with a function,
+    and pandas, subclassing it while being imported there, failed with AttributeError.
+    """
+    source = (
+        "import pandas as pd\n"
+        "def execute(ctx):\n"
+        "    return pd.DataFrame({'a': [1, 2]}).groupby('a').size().tolist()\n"
+    )
+
+    async def scenario() -> Outcome:
+        async with Pool(PoolConfig(workers=1, warm_children=1, mode="fresh")) as pool:
+            return await pool.run(Job(source=source, ctx={}, timeout=30))
+
+    outcome = asyncio.run(scenario())
+    assert outcome.status == "ok", outcome.error
+    assert outcome.result == [1, 1]
