@@ -91,7 +91,6 @@ EXPRESSIONS: dict[str, tuple[int, str]] = {
 _EXPRESSION_KEYWORDS = ("local_dict", "global_dict", "resolvers", "target")
 
 
-
 def resolve(path: str) -> object | None:
     """The object at a dotted path, looked up among modules already imported."""
     parts = path.split(".")

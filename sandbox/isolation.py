@@ -100,7 +100,7 @@ def _outermost(paths: set[str]) -> list[str]:
     return kept
 
 
-def _readable_by_others(path: str) -> bool:
+def readable_by_others(path: str) -> bool:
     """True if every folder on the way to ``path`` lets other users through."""
     current = os.path.realpath(path)
     while True:
@@ -149,7 +149,7 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
             record("user", False, f"user '{config.run_as_user}' does not exist on this host")
         else:
             uid, gid = entry.pw_uid, entry.pw_gid
-            keep_capability = not all(_readable_by_others(p) for p in read_paths)
+            keep_capability = not all(readable_by_others(p) for p in read_paths)
             detail = f"runs as {config.run_as_user} (uid {uid})"
             if keep_capability:
                 detail += (

@@ -24,7 +24,6 @@ import re
 import select
 import shutil
 import socket
-import stat
 import struct
 import tempfile
 import threading
@@ -54,25 +53,9 @@ NOBODY = 65534
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _readable_by_others(path: str) -> bool:
-    """True if every folder from / down to ``path`` lets other users pass (o+x)."""
-    current = os.path.realpath(path)
-    while True:
-        try:
-            mode = os.stat(current).st_mode
-        except OSError:
-            return False
-        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(current)
-        if parent == current:
-            return True
-        current = parent
-
-
 # The user layer alone needs a Python installation the unprivileged user can read: otherwise
 # the run would keep CAP_DAC_READ_SEARCH, which only Landlock confines, so the layer stays off.
-PYTHON_HIDDEN = not all(_readable_by_others(p) for p in isolation.python_read_paths())
+PYTHON_HIDDEN = not all(isolation.readable_by_others(p) for p in isolation.python_read_paths())
 USER_ALONE_XFAIL = pytest.mark.xfail(
     IS_ROOT and PYTHON_HIDDEN,
     strict=True,
