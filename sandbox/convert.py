@@ -9,13 +9,9 @@ import sys
 import uuid
 from typing import Any
 
-from sandbox.errors import SandboxError
+from sandbox.errors import NotSerializable
 
 MAX_DEPTH = 100
-
-
-class NotSerializable(SandboxError):
-    """The result holds a value the contract has no JSON form for."""
 
 
 def to_json_value(value: Any, depth: int = 0) -> Any:

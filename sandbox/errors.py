@@ -1,5 +1,7 @@
 """The sandbox package's exceptions, grouped by what the caller does about them."""
 
+import os
+
 
 class SandboxError(Exception):
     """Root of every exception the sandbox package raises to its caller."""
@@ -28,3 +30,19 @@ class PolicyViolation(Exception):
     other error, but the run remembers it: a script that catches it still ends
     with ``policy_violation``.
     """
+
+
+class SyscallError(SandboxError):
+    """A system call an isolation layer needs failed; ``errno`` says why."""
+
+    def __init__(self, what: str, errno: int) -> None:
+        super().__init__(f"{what} failed: {os.strerror(errno)}")
+        self.errno = errno
+
+
+class NotSerializable(SandboxError):
+    """The result holds a value the contract has no JSON form for."""
+
+
+class OutputFlood(Exception):
+    """Raised into the script when it prints far more than the stdout limit keeps."""

@@ -211,7 +211,7 @@ def scratch_path(plan: Plan, pid: int) -> str:
 def enter(plan: Plan, timings: dict[str, float] | None = None) -> str:
     """In a freshly forked child: apply the OS layers; return the run's scratch folder.
 
-    Raises :class:`~sandbox.syscalls.SyscallError` (or OSError) if a layer the warm parent
+    Raises :class:`~sandbox.errors.SyscallError` (or OSError) if a layer the warm parent
     found working cannot be applied; the child must then exit without running anything.
     ``timings``, when given, receives the milliseconds each step took.
     """

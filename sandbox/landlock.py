@@ -13,11 +13,11 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from sandbox.errors import SyscallError
 from sandbox.syscalls import (
     SYS_LANDLOCK_ADD_RULE,
     SYS_LANDLOCK_CREATE_RULESET,
     SYS_LANDLOCK_RESTRICT_SELF,
-    SyscallError,
     syscall,
 )
 

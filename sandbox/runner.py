@@ -21,8 +21,8 @@ from sandbox.compiler import (
     compile_script,
     compile_unrestricted,
 )
-from sandbox.convert import NotSerializable, to_json_value
-from sandbox.errors import PolicyViolation
+from sandbox.convert import to_json_value
+from sandbox.errors import NotSerializable, OutputFlood, PolicyViolation
 from sandbox.isolation import Plan, guard_network, limit_cpu
 from sandbox.policy import Policy
 from sandbox.protocol import RunRequest, RunResult, frame
@@ -40,10 +40,6 @@ def execute(ctx):
 
 class ScriptTimeout(BaseException):
     """Raised into the script when the pool's soft stop (SIGTERM) arrives."""
-
-
-class OutputFlood(Exception):
-    """Raised into the script when it prints far more than the stdout limit keeps."""
 
 
 class Capture:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
-from sandbox.errors import SandboxError
+from sandbox.errors import SyscallError
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_KEEPCAPS = 8
@@ -32,14 +31,6 @@ _libc.prctl.argtypes = [
     ctypes.c_ulong,
     ctypes.c_ulong,
 ]
-
-
-class SyscallError(SandboxError):
-    """A system call an isolation layer needs failed; ``errno`` says why."""
-
-    def __init__(self, what: str, errno: int) -> None:
-        super().__init__(f"{what} failed: {os.strerror(errno)}")
-        self.errno = errno
 
 
 def machine() -> str:
