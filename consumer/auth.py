@@ -88,6 +88,7 @@ class Verifier:
         body: bytes,
         *,
         reference_time: float | None = None,
+        remember: bool = True,
     ) -> str:
         """Return the key id that signed the message, or raise :class:`Unauthorized`."""
         found = {name.lower(): value for name, value in (headers or {}).items()}
@@ -118,7 +119,8 @@ class Verifier:
                 "stale_timestamp",
                 f"the timestamp is more than {self._window} s from the executor's clock",
             )
-        self._remember(nonce)
+        if remember:
+            self._remember(nonce)
         return key_id
 
     def _remember(self, nonce: str) -> None:

@@ -21,6 +21,7 @@ from consumer.client import Client
 from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
 from consumer.errors import ClientError, ConfigError
+from consumer.protocol import CodeRequest, NamedRequest
 from consumer.service import Replica
 from sandbox import LayerStatus, Pool
 
@@ -132,8 +133,6 @@ def _dev_settings(settings: Settings, url: str) -> Settings:
 
 
 def _call(args: argparse.Namespace) -> int:
-    if args.run_async:
-        raise ConfigError("--async needs durable jobs, which this executor does not offer yet")
     try:
         ctx = json.loads(args.ctx)
     except json.JSONDecodeError as exc:
@@ -185,6 +184,25 @@ async def _send(
     async with await Client.connect(
         urls, key_id, secret, encoding=encoding, prefix=prefix
     ) as client:
+        if args.run_async:
+            # Submitted through the replica (mode async); then the completion is awaited.
+            if args.name:
+                request: Any = NamedRequest(
+                    name=args.name, ctx=ctx, timeout=args.timeout, mode="async",
+                    request_id=args.request_id,
+                )  # fmt: skip
+            else:
+                request = CodeRequest(
+                    code=args.file.read_text(encoding="utf-8"), ctx=ctx, timeout=args.timeout,
+                    mode="async", request_id=args.request_id,
+                )  # fmt: skip
+            kind = "named" if args.name else "code"
+            accepted = await client.send(f"{prefix}.{kind}", request, 5)
+            if accepted.status != "accepted" or accepted.job_id is None:
+                return accepted
+            print(f"pyexec: job {accepted.job_id} accepted; waiting for its completion",
+                  file=sys.stderr)  # fmt: skip
+            return await client.wait(accepted.job_id, (args.timeout or 30) + 60)
         if args.name:
             return await client.execute_named(
                 args.name, ctx, timeout=args.timeout, request_id=args.request_id

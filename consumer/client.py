@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -108,6 +110,72 @@ class Client:
         request = protocol.NamedRequest(name=name, ctx=ctx, timeout=timeout, request_id=request_id)
         return await self.send(f"{self.prefix}.named", request, timeout)
 
+    async def submit_code(
+        self,
+        code: str,
+        ctx: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        job_id: str | None = None,
+    ) -> str:
+        """Store a job in the jobs stream (JetStream); return its job id."""
+        request = protocol.CodeRequest(code=code, ctx=ctx, timeout=timeout, mode="async")
+        return await self.submit(f"{self.prefix}.jobs.code", request, job_id)
+
+    async def submit_named(
+        self,
+        name: str,
+        ctx: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        job_id: str | None = None,
+    ) -> str:
+        """Store a job that runs the installed script ``name``; return its job id."""
+        request = protocol.NamedRequest(name=name, ctx=ctx, timeout=timeout, mode="async")
+        return await self.submit(f"{self.prefix}.jobs.named", request, job_id)
+
+    async def submit(
+        self, subject: str, request: protocol.Request, job_id: str | None = None
+    ) -> str:
+        """Sign and publish a job; the PubAck is the receipt. A repeated job id is stored once."""
+        job_id = job_id or uuid.uuid4().hex
+        body = protocol.encode(request, self.encoding)
+        headers = self.sign(subject, body)
+        headers["Nats-Msg-Id"] = job_id
+        if self.encoding == protocol.MSGPACK:
+            headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        try:
+            await self.nc.jetstream().publish(subject, body, headers=headers, timeout=5)
+        except (NatsError, TimeoutError) as exc:
+            raise ClientError(f"the job could not be stored: {exc!r}") from None
+        return job_id
+
+    async def wait(self, job_id: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+        """The completion of ``job_id`` from the results stream, waiting up to ``timeout``."""
+        js = self.nc.jetstream()
+        subscription = await js.subscribe(f"{self.prefix}.results.{job_id}", ordered_consumer=True)
+        try:
+            msg = await subscription.next_msg(timeout=timeout)
+        except NatsTimeout:
+            raise ClientError(f"no completion for job {job_id} within {timeout:g} s") from None
+        finally:
+            await subscription.unsubscribe()
+        return _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+
+    async def completions(self, durable: str) -> AsyncIterator[Reply]:
+        """Every completion, once each, through a durable consumer named by the caller."""
+        js = self.nc.jetstream()
+        subscription = await js.pull_subscribe(f"{self.prefix}.results.>", durable=durable)
+        while True:
+            try:
+                messages = await subscription.fetch(10, timeout=5)
+            except NatsTimeout:
+                continue
+            for msg in messages:
+                reply = _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+                await msg.ack()
+                yield reply
+
     async def send(
         self, subject: str, request: protocol.Request, timeout: float | None = None
     ) -> Reply:
@@ -135,11 +203,14 @@ class Client:
             raise ClientError(f"no executor is listening on '{subject}'") from None
         except NatsTimeout:
             raise ClientError(f"no reply on '{subject}' within {wait:g} s") from None
-        content_type = (msg.headers or {}).get("Content-Type")
-        encoding: Encoding = (
-            protocol.MSGPACK if content_type == protocol.MSGPACK_CONTENT_TYPE else protocol.JSON
-        )
-        try:
-            return protocol.decode_reply(msg.data, encoding)
-        except msgspec.DecodeError as exc:
-            raise ClientError(f"the reply could not be decoded: {exc}") from None
+        return _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+
+
+def _decode(data: bytes, content_type: str | None) -> Reply:
+    encoding: Encoding = (
+        protocol.MSGPACK if content_type == protocol.MSGPACK_CONTENT_TYPE else protocol.JSON
+    )
+    try:
+        return protocol.decode_reply(data, encoding)
+    except msgspec.DecodeError as exc:
+        raise ClientError(f"the reply could not be decoded: {exc}") from None

@@ -106,6 +106,11 @@ class Settings:
     net_allow: tuple[str, ...] = ()
     read_paths: tuple[str, ...] = ()
     pool_mode: Literal["warm", "fresh"] = "warm"
+    job_max_deliver: int = 3
+    job_ack_wait: float = 30.0
+    job_share: float = 0.5
+    results_max_age: float = 86400.0
+    stream_replicas: int = 1
 
     @property
     def embedded(self) -> bool:
@@ -114,6 +119,12 @@ class Settings:
 
     def subject(self, kind: str) -> str:
         return f"{self.prefix}.{kind}"
+
+    def stream(self, base: str) -> str:
+        """``PYEXEC_JOBS`` for the default prefix; ``PYEXEC_JOBS_STAGING`` for ``staging``."""
+        if self.prefix == "pyexec":
+            return base
+        return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', self.prefix).upper()}"
 
     def pool_config(self, result_limit: int) -> PoolConfig:
         return PoolConfig(
@@ -199,8 +210,20 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         nonce_cache_size=_int(
             env, "EXECUTOR_NONCE_CACHE_SIZE", 200_000, low=1000, high=100_000_000
         ),
+        job_max_deliver=_int(env, "EXECUTOR_JOB_MAX_DELIVER", 3, low=1, high=100),
+        job_ack_wait=_float(env, "EXECUTOR_JOB_ACK_WAIT", 30.0),
+        job_share=_share(env),
+        results_max_age=_float(env, "EXECUTOR_RESULTS_MAX_AGE", 86400.0),
+        stream_replicas=_int(env, "EXECUTOR_STREAM_REPLICAS", 1, low=1, high=5),
         **_isolation(env),
     )
+
+
+def _share(env: Mapping[str, str]) -> float:
+    share = _float(env, "EXECUTOR_JOB_SHARE", 0.5)
+    if share > 1:
+        raise ConfigError(f"EXECUTOR_JOB_SHARE must be at most 1, not {share:g}")
+    return share
 
 
 def _isolation(env: Mapping[str, str]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -55,12 +55,26 @@ class Handler:
         self.catalog = catalog
         self.pool = pool
         self.max_payload = max_payload
-        self._kinds = {settings.subject("code"): "code", settings.subject("named"): "named"}
+        self._kinds = {
+            settings.subject("code"): ("code", False),
+            settings.subject("named"): ("named", False),
+            settings.subject("jobs.code"): ("code", True),
+            settings.subject("jobs.named"): ("named", True),
+        }
+        self.submit: Submit | None = None
 
     async def handle(
-        self, subject: str, headers: Mapping[str, str] | None, body: bytes
+        self,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        body: bytes,
+        *,
+        stored_at: float | None = None,
+        job_id: str | None = None,
     ) -> Response:
-        """Answer one request; never raises for anything a caller sends."""
+        """Answer one request, or run one job taken from the jobs stream (``job_id`` set,
+        ``stored_at`` the time the stream stored it); never raises for anything a caller sends.
+        """
         started = time.perf_counter()
         content_type = _header(headers, "Content-Type")
         # The reply's encoding; whether the request's Content-Type is acceptable is checked
@@ -68,11 +82,14 @@ class Handler:
         encoding = protocol.reply_encoding(content_type)
         request_id: str | None = None
         try:
-            self.verifier.verify(subject, headers, body)
+            # A job may be delivered again: its replay protection is the job id, not the nonce.
+            self.verifier.verify(
+                subject, headers, body, reference_time=stored_at, remember=job_id is None
+            )
             protocol.encoding_of(content_type)
-            kind = self._kinds.get(subject)
-            if kind is None:
+            if subject not in self._kinds:
                 raise InvalidRequest(f"subject '{subject}' is not served here")
+            kind, is_job = self._kinds[subject]
             request = protocol.decode_request(
                 kind,
                 body,
@@ -82,14 +99,24 @@ class Handler:
             )
             request_id = request.request_id or str(uuid.uuid4())
             structlog.contextvars.bind_contextvars(request_id=request_id)
-            job = self._job(request)
-            outcome = await self.pool.run(job)
+            if request.mode == "async" and not is_job:
+                if self.submit is None:
+                    raise InvalidRequest("mode 'async' is not enabled on this executor")
+                self._job(request, self.settings.max_job_timeout)  # refuse now what would fail
+                new_job = job_id_for(request.request_id)
+                structlog.contextvars.bind_contextvars(job_id=new_job)
+                await self.submit(kind, body, content_type, new_job)
+                accepted = Reply(request_id=request_id, job_id=new_job, status="accepted")
+                return self._respond(accepted, encoding, None, started)
+            cap = self.settings.max_job_timeout if is_job else self.settings.max_timeout
+            outcome = await self.pool.run(self._job(request, cap))
         except Rejected as exc:
             if request_id is None and len(body) <= self.settings.max_request_bytes:
                 # Echo the caller's id where the body carries a usable one.
                 request_id = protocol.request_id_of(body, encoding)
             reply = Reply(
                 request_id=request_id or str(uuid.uuid4()),
+                job_id=job_id,
                 status="rejected",
                 error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
             )
@@ -99,6 +126,7 @@ class Handler:
             overloaded = Overloaded(f"the executor cannot run scripts right now: {exc}")
             reply = Reply(
                 request_id=request_id or str(uuid.uuid4()),
+                job_id=job_id,
                 status="rejected",
                 error=ErrorBody(code=overloaded.code, type="Overloaded", message=str(overloaded)),
             )
@@ -108,6 +136,7 @@ class Handler:
             log.exception("request failed inside the executor")
             reply = Reply(
                 request_id=request_id or str(uuid.uuid4()),
+                job_id=job_id,
                 status="error",
                 error=ErrorBody(
                     code="worker_lost",
@@ -117,17 +146,17 @@ class Handler:
             )
             return self._respond(reply, encoding, None, started)
         return self._respond(
-            self._reply(request_id, outcome), encoding, None, started, wait_ms=outcome.wait_ms
+            self._reply(request_id, outcome, job_id),
+            encoding,
+            None,
+            started,
+            wait_ms=outcome.wait_ms,
         )
 
-    def _job(self, request: protocol.Request) -> Job:
-        if request.mode == "async":
-            raise InvalidRequest("mode 'async' is not enabled on this executor yet")
+    def _job(self, request: protocol.Request, cap: float) -> Job:
         timeout = self.settings.default_timeout if request.timeout is None else request.timeout
-        if timeout > self.settings.max_timeout:
-            raise InvalidRequest(
-                f"timeout {timeout:g} s is over the limit of {self.settings.max_timeout:g} s"
-            )
+        if timeout > cap:
+            raise InvalidRequest(f"timeout {timeout:g} s is over the limit of {cap:g} s")
         if isinstance(request, protocol.CodeRequest):
             source = request.code
         else:
@@ -135,7 +164,7 @@ class Handler:
         return Job(source=source, ctx=request.ctx or {}, timeout=timeout)
 
     @staticmethod
-    def _reply(request_id: str, outcome: Outcome) -> Reply:
+    def _reply(request_id: str, outcome: Outcome, job_id: str | None = None) -> Reply:
         error = None
         if outcome.error is not None:
             error = ErrorBody(
@@ -146,6 +175,7 @@ class Handler:
             )
         return Reply(
             request_id=request_id,
+            job_id=job_id,
             status=outcome.status,
             result=outcome.result,
             error=error,
@@ -200,6 +230,18 @@ class Handler:
             wait_ms=wait_ms,
             handling_ms=(time.perf_counter() - started) * 1000,
         )
+
+
+# kind ("code"/"named"), body, Content-Type, job id: store the job durably or raise.
+Submit = Callable[[str, bytes, str | None, str], Awaitable[None]]
+_JOB_NAMESPACE = uuid.UUID("6f1c3a52-9d8e-4b7a-a1c4-2f5e8d9b0c31")
+
+
+def job_id_for(request_id: str | None) -> str:
+    """A job id that is a plain subject token: the same for a retried request id."""
+    if request_id is None:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_JOB_NAMESPACE, request_id).hex
 
 
 def _header(headers: Mapping[str, str] | None, name: str) -> str | None:

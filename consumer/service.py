@@ -23,6 +23,7 @@ from consumer.config import Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError
 from consumer.handler import REPLY_OVERHEAD, Handler
+from consumer.jobs import JobWorker, Submitter
 from sandbox import LayerStatus, Pool
 
 log = structlog.get_logger("pyexec.service")
@@ -137,6 +138,9 @@ class Replica:
             )
             discovery = self._discovery(service_id, catalog)
             await discovery.start(nc)
+            jobs = JobWorker(nc, self.settings, handler)
+            await jobs.start()
+            handler.submit = Submitter(jobs.js, self.settings)
             await self._subscribe(nc, handler, discovery)
             log.info(
                 "replica ready",
@@ -148,7 +152,8 @@ class Replica:
             )
             self.started.set()
             await self._stop.wait()
-            log.info("stopping", in_flight=len(self._tasks))
+            log.info("stopping", in_flight=len(self._tasks), jobs_in_flight=jobs.in_flight)
+            await jobs.stop(self.settings.shutdown_grace, self._stop_now)
             await self._drain(nc, discovery)
         finally:
             if pool is not None:

@@ -321,14 +321,16 @@ def test_call_with_ctx_not_an_object_exits_2(embedded: EmbeddedServe) -> None:
     assert "object" in stderr
 
 
-def test_call_async_is_not_available_yet(embedded: EmbeddedServe) -> None:
-    """`pyexec call --async` exits non-zero saying async jobs are not available yet."""
-    code, reply, stderr = call(embedded, "--name", "text.normalize", "--async")
-    assert code != 0
-    assert reply == {}
-    assert "--async" in stderr
-    assert "not" in stderr
-    assert "yet" in stderr
+def test_call_async_submits_a_job_and_prints_its_completion(embedded: EmbeddedServe) -> None:
+    """`pyexec call --async` submits a job, waits for its completion and prints it."""
+    code, reply, stderr = call(
+        embedded, "--name", "text.normalize", "--ctx", '{"text": " a  b "}', "--async"
+    )
+    assert code == 0, stderr
+    assert reply["status"] == "ok"
+    assert reply["result"]["text"] == "a b"
+    assert reply["job_id"]
+    assert "accepted" in stderr
 
 
 def test_call_without_server_settings_explains(tmp_path: Path) -> None:

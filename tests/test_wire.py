@@ -142,13 +142,12 @@ def test_timeout_at_the_cap_is_accepted(caller: Caller) -> None:
     assert reply.status == "ok"
 
 
-def test_async_mode_is_rejected_as_not_enabled(caller: Caller) -> None:
-    """``mode: "async"`` is refused with invalid_request saying it is not enabled yet."""
+def test_async_mode_is_accepted_with_a_job_id(caller: Caller) -> None:
+    """``mode: "async"`` is answered at once with status accepted and a job id."""
     raw = caller.raw("code", as_json({"code": OK_SOURCE, "mode": "async"}))
-    assert_invalid(raw)
-    assert raw.reply.error is not None
-    assert "not enabled" in raw.reply.error.message
-    assert raw.reply.job_id is None
+    assert raw.reply.status == "accepted", raw.reply
+    assert raw.reply.job_id
+    assert raw.reply.error is None
     assert_still_serving(caller)
 
 
@@ -282,7 +281,7 @@ def test_request_id_is_a_fresh_uuid_when_absent(caller: Caller) -> None:
         pytest.param({"code": 123, "request_id": "bad-1"}, id="wrong-type"),
         pytest.param({"code": OK_SOURCE, "unknown": 1, "request_id": "bad-1"}, id="unknown-field"),
         pytest.param({"code": OK_SOURCE, "timeout": 99, "request_id": "bad-1"}, id="over-cap"),
-        pytest.param({"code": OK_SOURCE, "mode": "async", "request_id": "bad-1"}, id="async"),
+        pytest.param({"code": OK_SOURCE, "mode": "later", "request_id": "bad-1"}, id="bad-mode"),
         pytest.param({"request_id": "bad-1"}, id="missing-code"),
     ],
 )

@@ -1,0 +1,249 @@
+"""Durable async jobs over JetStream: the streams, submission, and the shared pull consumer.
+
+``PYEXEC_JOBS`` (work-queue retention) holds submitted jobs on ``<prefix>.jobs.code`` and
+``<prefix>.jobs.named``; ``PYEXEC_RESULTS`` holds one completion per job on
+``<prefix>.results.<job_id>``, deduplicated by job id. Replicas share one durable pull
+consumer, fetch a job only when they have a free job slot, keep long jobs alive with progress
+acks, and acknowledge a job only after its completion is stored. A job delivered more often
+than ``EXECUTOR_JOB_MAX_DELIVER`` completes as ``worker_lost`` without running again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from consumer import protocol
+from consumer.auth import sign
+from consumer.config import Settings
+from consumer.handler import Handler, job_id_for
+from consumer.protocol import ErrorBody, Reply
+
+log = structlog.get_logger("pyexec.jobs")
+
+JOBS_STREAM = "PYEXEC_JOBS"
+RESULTS_STREAM = "PYEXEC_RESULTS"
+DURABLE = "pyexec-workers"
+FETCH_TIMEOUT = 1.0
+MSG_ID = "Nats-Msg-Id"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create both streams if they are missing; leave existing ones as operators set them."""
+    wanted = (
+        StreamConfig(
+            name=settings.stream(JOBS_STREAM),
+            subjects=[settings.subject("jobs.>")],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            name=settings.stream(RESULTS_STREAM),
+            subjects=[settings.subject("results.>")],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
+            max_age=settings.results_max_age,
+            # A job's completion may be published again after a redelivery, at most the job
+            # timeout cap (times the deliveries) later: keep its id long enough to drop it.
+            # (JetStream wants the window no longer than the maximum age.)
+            duplicate_window=min(
+                settings.results_max_age,
+                max(120.0, settings.max_job_timeout * (settings.job_max_deliver + 1)),
+            ),
+        ),
+    )
+    for config in wanted:
+        try:
+            await js.stream_info(config.name or "")
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("stream created", stream=config.name)
+
+
+class Submitter:
+    """Stores a job from ``mode: "async"`` in the jobs stream, signed by this replica."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self.js = js
+        self.settings = settings
+        key_id = settings.keys.ids[0]
+        secret = settings.keys.secret(key_id)
+        assert secret is not None
+        self._key = (key_id, secret)
+
+    async def __call__(self, kind: str, body: bytes, content_type: str | None, job_id: str) -> None:
+        subject = self.settings.subject(f"jobs.{kind}")
+        headers = sign(self._key[0], self._key[1], subject, body)
+        headers[MSG_ID] = job_id
+        if content_type:
+            headers["Content-Type"] = content_type
+        await self.js.publish(subject, body, headers=headers, timeout=5)
+
+
+class JobWorker:
+    """Takes jobs from the shared pull consumer while this replica has free job slots."""
+
+    def __init__(self, nc: NatsClient, settings: Settings, handler: Handler) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings
+        self.handler = handler
+        self.slots = max(1, math.floor(settings.workers * settings.job_share))
+        self._free = asyncio.Semaphore(self.slots)
+        self._running: dict[asyncio.Task[None], Msg] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        await ensure_streams(self.js, self.settings)
+        self._sub = await self.js.pull_subscribe(
+            self.settings.subject("jobs.>"),
+            durable=DURABLE,
+            stream=self.settings.stream(JOBS_STREAM),
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.settings.job_ack_wait,
+                max_deliver=-1,
+                deliver_policy=DeliverPolicy.ALL,
+            ),
+        )
+        self._loop_task = asyncio.create_task(self._fetch_loop())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def _fetch_loop(self) -> None:
+        while not self._stopping:
+            await self._free.acquire()
+            try:
+                messages = await self._sub.fetch(1, timeout=FETCH_TIMEOUT)
+            except (TimeoutError, NatsTimeout):
+                self._free.release()
+                continue
+            except Exception as exc:  # noqa: BLE001 - disconnected or reconnecting: retry
+                self._free.release()
+                log.warning("fetching jobs failed", error=repr(exc))
+                await asyncio.sleep(1)
+                continue
+            if self._stopping:
+                for message in messages:
+                    with contextlib.suppress(Exception):
+                        await message.nak()
+                self._free.release()
+                return
+            for message in messages:
+                task = asyncio.create_task(self._process(message))
+                self._running[task] = message
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._free.release()
+
+    async def _process(self, msg: Msg) -> None:
+        structlog.contextvars.clear_contextvars()
+        meta = msg.metadata
+        job_id = _job_id(msg)
+        structlog.contextvars.bind_contextvars(job_id=job_id)
+        alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
+        try:
+            if meta.num_delivered > self.settings.job_max_deliver:
+                data, headers = self._worker_lost(job_id, meta.num_delivered)
+                status = "error"
+            else:
+                stored = meta.timestamp.timestamp() if meta.timestamp else None
+                response = await self.handler.handle(
+                    msg.subject, msg.headers, msg.data, stored_at=stored, job_id=job_id
+                )
+                data, headers = response.data, dict(response.headers or {})
+                status = response.reply.status
+            headers[MSG_ID] = job_id
+            await self.js.publish(
+                self.settings.subject(f"results.{job_id}"), data, headers=headers, timeout=5
+            )
+            await msg.ack()
+            log.info("job completed", status=status, deliveries=meta.num_delivered)
+        finally:
+            alive.cancel()
+
+    def _worker_lost(self, job_id: str, deliveries: int) -> tuple[bytes, dict[str, str]]:
+        reply = Reply(
+            request_id=job_id,
+            job_id=job_id,
+            status="error",
+            error=ErrorBody(
+                code="worker_lost",
+                type="WorkerLost",
+                message=f"the job was delivered {deliveries} times and never completed; "
+                "the replicas running it were lost",
+            ),
+        )
+        return protocol.encode(reply, protocol.JSON), {}
+
+    async def stop(self, grace: float, now: asyncio.Event | None = None) -> None:
+        """Stop fetching; give running jobs the grace period (cut short when ``now`` is set),
+        then hand back (nak) those still running."""
+        self._stopping = True
+        if self._loop_task is not None:
+            # A fetch returns within its one-second timeout and the loop then ends by itself;
+            # cancelling it inside a fetch would leave the client's futures unretrieved. A loop
+            # still running after that waits for a job slot, where cancelling is clean.
+            await asyncio.wait({self._loop_task}, timeout=FETCH_TIMEOUT * 3)
+            if not self._loop_task.done():
+                self._loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop_task
+        # Its inbox would otherwise hold up draining the connection.
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+        if self._running:
+            waiters: set[asyncio.Future[object]] = {
+                asyncio.ensure_future(asyncio.wait(set(self._running)))
+            }
+            if now is not None:
+                waiters.add(asyncio.ensure_future(now.wait()))
+            await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        for task, message in list(self._running.items()):
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await message.nak()
+            log.info("job handed back", job_id=_job_id(message))
+
+
+async def _keep_alive(msg: Msg, ack_wait: float) -> None:
+    """Tell JetStream the job is still being worked on, well inside its ack wait."""
+    while True:
+        await asyncio.sleep(ack_wait / 3)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+def _job_id(msg: Msg) -> str:
+    given = (msg.headers or {}).get(MSG_ID)
+    if given and _TOKEN.match(given):
+        return given
+    return job_id_for(given or str(msg.metadata.sequence.stream))

@@ -1,0 +1,271 @@
+"""Durable async jobs over JetStream, against a nats-server and replicas of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from consumer.client import Client
+from consumer.protocol import CodeRequest, Reply
+from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, free_port, start_replica
+
+PREFIX = "pyexec"  # the default prefix: streams PYEXEC_JOBS and PYEXEC_RESULTS
+SLOW = "import time\ndef execute(ctx):\n    time.sleep(ctx['seconds'])\n    return ctx['n'] * 10\n"
+JOB_ENV = {"EXECUTOR_JOB_ACK_WAIT": "3", "EXECUTOR_SHUTDOWN_GRACE": "5"}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own, with file storage, so streams start empty."""
+    nats_server = NatsServer(port=free_port(), store=tmp_path / "js")
+    nats_server.start()
+    yield nats_server
+    nats_server.stop()
+
+
+def replica(server: NatsServer, **env: str) -> ReplicaProcess:
+    return start_replica(server.url, PREFIX, **{**JOB_ENV, **env})
+
+
+async def connect(server: NatsServer) -> Client:
+    return await Client.connect(server.url, KEY_ID, SECRET, prefix=PREFIX)
+
+
+async def all_completions(server: NatsServer, job_id: str, settle: float = 1.0) -> list[bytes]:
+    """Every message stored on the job's results subject."""
+    nc = await nats.connect(server.url)
+    try:
+        sub = await nc.jetstream().subscribe(f"{PREFIX}.results.{job_id}", ordered_consumer=True)
+        found = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=settle)
+            except nats.errors.TimeoutError:
+                return found
+            found.append(msg.data)
+    finally:
+        await nc.close()
+
+
+def test_async_request_is_accepted_then_completes(server: NatsServer) -> None:
+    """mode async answers accepted with a job id; the completion arrives on results.<job_id>."""
+    worker = replica(server)
+
+    async def scenario() -> tuple[Reply, Reply]:
+        async with await connect(server) as client:
+            accepted = await client.send(
+                f"{PREFIX}.code",
+                CodeRequest(code=SLOW, ctx={"seconds": 0.1, "n": 4}, mode="async"),
+            )
+            assert accepted.job_id is not None
+            return accepted, await client.wait(accepted.job_id, timeout=30)
+
+    try:
+        accepted, done = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert accepted.status == "accepted"
+    assert done.status == "ok", done
+    assert done.result == 40
+    assert done.job_id == accepted.job_id
+
+
+def test_a_retried_submission_runs_once(server: NatsServer) -> None:
+    """The same request id submitted twice gives one job id and exactly one completion."""
+    worker = replica(server)
+
+    async def scenario() -> tuple[Reply, Reply, list[bytes]]:
+        async with await connect(server) as client:
+            request = CodeRequest(
+                code=SLOW, ctx={"seconds": 0.2, "n": 1}, mode="async", request_id="retry-me"
+            )
+            first = await client.send(f"{PREFIX}.code", request)
+            second = await client.send(f"{PREFIX}.code", request)
+            assert first.job_id is not None
+            await client.wait(first.job_id, timeout=30)
+            return first, second, await all_completions(server, first.job_id)
+
+    try:
+        first, second, completions = asyncio.run(scenario())
+        runs = [r for r in worker.records() if r.get("event") == "job completed"]
+    finally:
+        worker.stop()
+    assert first.job_id == second.job_id
+    assert len(completions) == 1
+    assert len(runs) == 1
+
+
+def test_direct_jetstream_submission_and_a_bad_signature(server: NatsServer) -> None:
+    """A job published straight to the jobs stream runs; one with a bad signature completes
+    rejected/unauthorized instead of being redelivered forever."""
+    worker = replica(server)
+
+    async def scenario() -> tuple[Reply, Reply]:
+        async with await connect(server) as client:
+            good = await client.submit_code(SLOW, {"seconds": 0, "n": 7}, job_id="direct-good")
+            forged = Client(client.nc, KEY_ID, "x" * 64, prefix=PREFIX)
+            bad = await forged.submit_code(SLOW, {"seconds": 0, "n": 7}, job_id="direct-bad")
+            return await client.wait(good, timeout=30), await client.wait(bad, timeout=30)
+
+    try:
+        good, bad = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert good.status == "ok"
+    assert good.result == 70
+    assert bad.status == "rejected"
+    assert bad.error is not None
+    assert bad.error.code == "unauthorized"
+    assert bad.job_id == "direct-bad"
+
+
+def _descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                children = [int(child) for child in task.read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+def _kill_group(process: ReplicaProcess) -> None:
+    """SIGKILL the replica and every process under it (warm parent, children) at once."""
+    for pid in [process.process.pid, *_descendants(process.process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.stop(signal.SIGKILL)
+
+
+def test_a_killed_replica_loses_no_job(server: NatsServer) -> None:
+    """Two replicas, four 2-second jobs, one replica SIGKILLed mid-run: each job completes
+    exactly once with the right result."""
+    first = replica(server, EXECUTOR_WORKERS="2", EXECUTOR_JOB_SHARE="1")
+    second = replica(server, EXECUTOR_WORKERS="2", EXECUTOR_JOB_SHARE="1")
+
+    async def submit() -> list[str]:
+        async with await connect(server) as client:
+            return [
+                await client.submit_code(SLOW, {"seconds": 2, "n": n}, job_id=f"kill-{n}")
+                for n in range(4)
+            ]
+
+    async def collect(ids: list[str]) -> dict[str, tuple[Reply, int]]:
+        async with await connect(server) as client:
+            out = {}
+            for job_id in ids:
+                reply = await client.wait(job_id, timeout=60)
+                out[job_id] = (reply, len(await all_completions(server, job_id)))
+            return out
+
+    try:
+        ids = asyncio.run(submit())
+        time.sleep(1.0)  # both replicas are now running jobs
+        _kill_group(first)
+        results = asyncio.run(collect(ids))
+    finally:
+        first.stop(signal.SIGKILL)
+        second.stop()
+    for n, job_id in enumerate(ids):
+        reply, count = results[job_id]
+        assert reply.status == "ok", reply
+        assert reply.result == n * 10
+        assert count == 1
+
+
+def test_too_many_deliveries_complete_as_worker_lost(server: NatsServer) -> None:
+    """With EXECUTOR_JOB_MAX_DELIVER=1, a job whose replica died completes as worker_lost."""
+    doomed = replica(server, EXECUTOR_JOB_MAX_DELIVER="1")
+
+    async def submit() -> str:
+        async with await connect(server) as client:
+            return await client.submit_code(SLOW, {"seconds": 30, "n": 1}, job_id="doomed")
+
+    async def wait(job_id: str) -> Reply:
+        async with await connect(server) as client:
+            return await client.wait(job_id, timeout=60)
+
+    try:
+        job_id = asyncio.run(submit())
+        time.sleep(1.5)  # the job is running on the doomed replica
+        _kill_group(doomed)
+        survivor = replica(server, EXECUTOR_JOB_MAX_DELIVER="1")
+        try:
+            reply = asyncio.run(wait(job_id))
+        finally:
+            survivor.stop()
+    finally:
+        doomed.stop(signal.SIGKILL)
+    assert reply.status == "error"
+    assert reply.error is not None
+    assert reply.error.code == "worker_lost"
+
+
+def test_streams_are_created_once_and_then_left_alone(server: NatsServer) -> None:
+    """The first replica creates both streams; a restart keeps an operator's changes."""
+    replica(server).stop()
+
+    async def tweak() -> float:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info("PYEXEC_RESULTS")
+            config = info.config
+            config.max_age = 172800.0
+            await js.update_stream(config)
+            assert (await js.stream_info("PYEXEC_JOBS")).config.retention is not None
+            return float((await js.stream_info("PYEXEC_RESULTS")).config.max_age or 0)
+        finally:
+            await nc.close()
+
+    async def read() -> float:
+        nc = await nats.connect(server.url)
+        try:
+            info = await nc.jetstream().stream_info("PYEXEC_RESULTS")
+            return float(info.config.max_age or 0)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(tweak()) == 172800.0
+    replica(server).stop()
+    assert asyncio.run(read()) == 172800.0
+
+
+def test_jobs_survive_a_nats_server_restart(server: NatsServer) -> None:
+    """Jobs stored before the server restarts run after it (file storage)."""
+
+    async def submit() -> list[str]:
+        async with await connect(server) as client:
+            return [
+                await client.submit_code(SLOW, {"seconds": 0, "n": n}, job_id=f"restart-{n}")
+                for n in range(3)
+            ]
+
+    worker = replica(server)
+    worker.stop()  # streams exist, nobody takes jobs now
+    ids = asyncio.run(submit())
+    server.stop()
+    server.start()
+    worker = replica(server)
+
+    async def collect() -> list[Reply]:
+        async with await connect(server) as client:
+            return [await client.wait(job_id, timeout=60) for job_id in ids]
+
+    try:
+        replies = asyncio.run(collect())
+    finally:
+        worker.stop()
+    assert [r.result for r in replies] == [0, 10, 20]
