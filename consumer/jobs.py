@@ -114,6 +114,7 @@ class JobWorker:
         self._running: dict[asyncio.Task[None], Msg] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._fetching = False
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings)
@@ -137,6 +138,7 @@ class JobWorker:
     async def _fetch_loop(self) -> None:
         while not self._stopping:
             await self._free.acquire()
+            self._fetching = True
             try:
                 messages = await self._sub.fetch(1, timeout=FETCH_TIMEOUT)
             except (TimeoutError, NatsTimeout):
@@ -147,6 +149,8 @@ class JobWorker:
                 log.warning("fetching jobs failed", error=repr(exc))
                 await asyncio.sleep(1)
                 continue
+            finally:
+                self._fetching = False
             if self._stopping:
                 for message in messages:
                     with contextlib.suppress(Exception):
@@ -209,8 +213,9 @@ class JobWorker:
         if self._loop_task is not None:
             # A fetch returns within its one-second timeout and the loop then ends by itself;
             # cancelling it inside a fetch would leave the client's futures unretrieved. A loop
-            # still running after that waits for a job slot, where cancelling is clean.
-            await asyncio.wait({self._loop_task}, timeout=FETCH_TIMEOUT * 3)
+            # waiting for a job slot instead is cancelled at once, which is clean.
+            if self._fetching:
+                await asyncio.wait({self._loop_task}, timeout=FETCH_TIMEOUT * 3)
             if not self._loop_task.done():
                 self._loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

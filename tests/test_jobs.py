@@ -269,3 +269,79 @@ def test_jobs_survive_a_nats_server_restart(server: NatsServer) -> None:
     finally:
         worker.stop()
     assert [r.result for r in replies] == [0, 10, 20]
+
+
+def test_a_busy_replica_takes_no_more_jobs_than_it_can_start(server: NatsServer) -> None:
+    """With one job slot, a replica holds one job; the others wait in the stream for anyone."""
+    worker = replica(server, EXECUTOR_WORKERS="2", EXECUTOR_JOB_SHARE="0.5")
+
+    async def scenario() -> tuple[int, int]:
+        async with await connect(server) as client:
+            for n in range(3):
+                await client.submit_code(SLOW, {"seconds": 3, "n": n}, job_id=f"busy-{n}")
+            await asyncio.sleep(1.5)
+            info = await client.nc.jetstream().consumer_info("PYEXEC_JOBS", "pyexec-workers")
+            return info.num_ack_pending, info.num_pending
+
+    try:
+        taken, waiting = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert taken == 1
+    assert waiting == 2
+
+
+def test_completions_reach_a_durable_reader_once_each(server: NatsServer) -> None:
+    """Client.completions(durable) yields every job's completion once."""
+    worker = replica(server)
+
+    async def scenario() -> dict[str, object]:
+        async with await connect(server) as client:
+            ids = [
+                await client.submit_code(SLOW, {"seconds": 0, "n": n}, job_id=f"reader-{n}")
+                for n in range(3)
+            ]
+            seen: dict[str, object] = {}
+            async with asyncio.timeout(60):
+                async for reply in client.completions("test-reader"):
+                    assert reply.job_id is not None
+                    assert reply.job_id not in seen
+                    seen[reply.job_id] = reply.result
+                    if set(ids) <= set(seen):
+                        break
+            return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert seen == {"reader-0": 0, "reader-1": 10, "reader-2": 20}
+
+
+def test_a_stopping_replica_hands_its_job_back(server: NatsServer) -> None:
+    """SIGTERM past the grace period: the replica exits 0 and another replica runs the job."""
+    leaving = replica(server, EXECUTOR_SHUTDOWN_GRACE="1")
+
+    async def submit() -> str:
+        async with await connect(server) as client:
+            return await client.submit_code(SLOW, {"seconds": 4, "n": 5}, job_id="handed-back")
+
+    async def wait(job_id: str) -> tuple[Reply, int]:
+        async with await connect(server) as client:
+            reply = await client.wait(job_id, timeout=60)
+            return reply, len(await all_completions(server, job_id))
+
+    job_id = asyncio.run(submit())
+    time.sleep(1.5)  # running on the leaving replica
+    code = leaving.stop(signal.SIGTERM, timeout=30)
+    handed = [r for r in leaving.records() if r.get("event") == "job handed back"]
+    taker = replica(server)
+    try:
+        reply, count = asyncio.run(wait(job_id))
+    finally:
+        taker.stop()
+    assert code == 0
+    assert len(handed) == 1
+    assert reply.status == "ok"
+    assert reply.result == 50
+    assert count == 1
