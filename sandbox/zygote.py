@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 import msgspec
@@ -61,12 +62,29 @@ def probe(plan: Plan, statuses: list[LayerStatus]) -> tuple[Plan, list[LayerStat
     return narrowed, [by_name[name] for name in LAYERS if name in by_name]
 
 
-def _time_child(plan: Plan) -> dict[str, float]:
-    """What one child spends on each step before and during a trivial run."""
+def _in_throwaway_child(plan: Plan, work: Callable[[], bytes]) -> bytes:
+    """Run ``work`` in a forked child that is discarded afterwards; return what it answered."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
+        answer = b""
+        with contextlib.suppress(BaseException):
+            answer = work()
+        os.write(write, answer)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer_pipe:
+        answer = answer_pipe.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(isolation.scratch_path(plan, pid), ignore_errors=True)
+    return answer
+
+
+def _time_child(plan: Plan) -> dict[str, float]:
+    """What one child spends on each step before and during a trivial run."""
+
+    def work() -> bytes:
         timings: dict[str, float] = {}
         with contextlib.suppress(Exception):
             scratch = isolation.enter(plan, timings)
@@ -76,15 +94,10 @@ def _time_child(plan: Plan) -> dict[str, float]:
             started = time.perf_counter()
             run.execute(protocol.RunRequest(source=_TRIVIAL, ctx={}, timeout=5))
             timings["a trivial run"] = _ms(started)
-        os.write(write, msgspec.json.encode(timings))
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as answer:
-        data = answer.read()
-    os.waitpid(pid, 0)
-    shutil.rmtree(isolation.scratch_path(plan, pid), ignore_errors=True)
+        return msgspec.json.encode(timings)
+
     try:
-        return msgspec.json.decode(data, type=dict[str, float])
+        return msgspec.json.decode(_in_throwaway_child(plan, work), type=dict[str, float])
     except msgspec.DecodeError:
         return {}
 
@@ -97,22 +110,16 @@ def _ms(started: float) -> float:
 
 
 def _try_isolation(plan: Plan) -> str | None:
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        message = b""
+    """None if the plan's layers apply in a child, otherwise what failed."""
+
+    def work() -> bytes:
         try:
             isolation.enter(plan)
         except Exception as exc:  # noqa: BLE001 - the probe reports whatever failed
-            message = repr(exc).encode()[:500]
-        os.write(write, message or b"ok")
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as answer:
-        result = answer.read()
-    os.waitpid(pid, 0)
-    shutil.rmtree(isolation.scratch_path(plan, pid), ignore_errors=True)
+            return repr(exc).encode()[:500]
+        return b"ok"
+
+    result = _in_throwaway_child(plan, work)
     return None if result == b"ok" else (result.decode(errors="replace") or "the probe died")
 
 
