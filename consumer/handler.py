@@ -109,7 +109,10 @@ class Handler:
                 accepted = Reply(request_id=request_id, job_id=new_job, status="accepted")
                 return self._respond(accepted, encoding, None, started)
             cap = self.settings.max_job_timeout if is_job else self.settings.max_timeout
-            outcome = await self.pool.run(self._job(request, cap))
+            try:
+                outcome = await self.pool.run(self._job(request, cap))
+            except PoolError as exc:
+                raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
         except Rejected as exc:
             if request_id is None and len(body) <= self.settings.max_request_bytes:
                 # Echo the caller's id where the body carries a usable one.
@@ -122,15 +125,6 @@ class Handler:
             )
             failure = exc.reason if isinstance(exc, Unauthorized) else None
             return self._respond(reply, encoding, exc.http, started, failure)
-        except PoolError as exc:
-            overloaded = Overloaded(f"the executor cannot run scripts right now: {exc}")
-            reply = Reply(
-                request_id=request_id or str(uuid.uuid4()),
-                job_id=job_id,
-                status="rejected",
-                error=ErrorBody(code=overloaded.code, type="Overloaded", message=str(overloaded)),
-            )
-            return self._respond(reply, encoding, overloaded.http, started)
         except Exception:
             # A defect of ours, not of the request: log it, and still answer the caller.
             log.exception("request failed inside the executor")
