@@ -130,7 +130,7 @@ class Pool:
             self._restarting.cancel()
         self._stop_parent()
         while not self._ready.empty():
-            self._ready.get_nowait().release()
+            self._drop(self._ready.get_nowait())
         for child in self._running:
             child.signal(signal.SIGKILL)
         for waiter in self._exits.values():
@@ -201,6 +201,11 @@ class Pool:
             shutil.rmtree(self._scratch_root, ignore_errors=True)
             self._scratch_root = ""
 
+    def _drop(self, child: _Child) -> None:
+        """Kill a child that will not run and forget its exit status."""
+        child.release()
+        self._exits.pop(child.pid, None)
+
     def _spawn(self, count: int) -> None:
         if self._control is None or count <= 0:
             return
@@ -250,7 +255,7 @@ class Pool:
         """The warm parent died: drop its waiting children and start a new one."""
         self._stop_parent()
         while not self._ready.empty():
-            self._ready.get_nowait().release()
+            self._drop(self._ready.get_nowait())
         if not self._closed and self._restarting is None:
             self._restarting = asyncio.get_running_loop().create_task(self._restart())
 
@@ -332,8 +337,7 @@ class Pool:
                     self._spawn(1)
                     if child.alive():
                         return child
-                    child.release()
-                    self._exits.pop(child.pid, None)
+                    self._drop(child)
         except TimeoutError:
             raise WarmParentFailed(
                 "no worker process became ready in time; the warm parent is restarting"
