@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -91,6 +92,8 @@ class Settings:
     max_ctx_depth: int = 32
     scripts_dir: Path = DEFAULT_SCRIPTS_DIR
     metrics_port: int = 9464
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - the scrape port is meant to be reached
+    metrics_key_ids: bool = False
     log_format: Literal["json", "console"] = "json"
     allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
     shutdown_grace: float = 30.0
@@ -203,6 +206,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         max_ctx_depth=_int(env, "EXECUTOR_MAX_CTX_DEPTH", 32, low=1, high=1000),
         scripts_dir=scripts_dir,
         metrics_port=_int(env, "EXECUTOR_METRICS_PORT", 9464, low=0, high=65535),
+        metrics_host=_host(env, "EXECUTOR_METRICS_HOST", "0.0.0.0"),  # noqa: S104
+        metrics_key_ids=_flag(env, "EXECUTOR_METRICS_KEY_IDS"),
         log_format="console" if log_format == "console" else "json",
         allowed_modules=allowed_modules,
         shutdown_grace=_float(env, "EXECUTOR_SHUTDOWN_GRACE", 30.0),
@@ -217,6 +222,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         stream_replicas=_int(env, "EXECUTOR_STREAM_REPLICAS", 1, low=1, high=5),
         **_isolation(env),
     )
+
+
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    text = env.get(name, "").strip() or default
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be an IP address such as 0.0.0.0 or 127.0.0.1") from None
+    return text
 
 
 def _share(env: Mapping[str, str]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -10,11 +11,12 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
-from consumer import protocol
-from consumer.auth import Verifier
+from consumer import protocol, tracing
+from consumer.auth import KEY_ID_HEADER, Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded, Rejected, Unauthorized
+from consumer.metrics import Metrics
 from consumer.protocol import Encoding, ErrorBody, Reply
 from sandbox import Job, Outcome, Pool, PoolError
 
@@ -36,6 +38,7 @@ class Response:
     auth_failure: str | None = None
     wait_ms: float = 0.0
     handling_ms: float = 0.0
+    ran: bool = False  # a script ran (its wait and run times are real)
 
 
 class Handler:
@@ -49,12 +52,14 @@ class Handler:
         pool: Pool,
         *,
         max_payload: int,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
         self.catalog = catalog
         self.pool = pool
         self.max_payload = max_payload
+        self.metrics = metrics
         self._kinds = {
             settings.subject("code"): ("code", False),
             settings.subject("named"): ("named", False),
@@ -74,8 +79,62 @@ class Handler:
     ) -> Response:
         """Answer one request, or run one job taken from the jobs stream (``job_id`` set,
         ``stored_at`` the time the stream stored it); never raises for anything a caller sends.
+
+        Every request is counted, logged in one canonical line, and answered with the
+        ``traceparent`` of the executor's span.
         """
         started = time.perf_counter()
+        trace = tracing.continue_from(headers)
+        structlog.contextvars.bind_contextvars(**trace.log_fields())
+        response = await self._handle(
+            subject, headers, body, stored_at=stored_at, job_id=job_id, trace=trace, started=started
+        )
+        response = dataclasses.replace(
+            response, headers={**(response.headers or {}), **trace.headers()}
+        )
+        reply = response.reply
+        code = reply.error.code if reply.error else None
+        structlog.contextvars.bind_contextvars(request_id=reply.request_id)
+        self.metrics.request(
+            subject=subject if subject in self._kinds else "other",
+            status=reply.status,
+            code=code,
+            key_id=_header(headers, KEY_ID_HEADER),
+            seconds=time.perf_counter() - started,
+            reply_bytes=len(response.data),
+        )
+        if response.auth_failure is not None:
+            self.metrics.auth_failures.labels(reason=response.auth_failure).inc()
+        if response.ran:
+            self.metrics.run(
+                subject=subject,
+                wait_seconds=response.wait_ms / 1000,
+                run_seconds=(reply.duration_ms or 0.0) / 1000,
+            )
+        log.info(
+            "request",
+            subject=subject,
+            status=reply.status,
+            error_code=code,
+            auth_failure=response.auth_failure,
+            duration_ms=reply.duration_ms,
+            wait_ms=round(response.wait_ms, 3),
+            total_ms=round((time.perf_counter() - started) * 1000, 3),
+            reply_bytes=len(response.data),
+        )
+        return response
+
+    async def _handle(
+        self,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        body: bytes,
+        *,
+        stored_at: float | None,
+        job_id: str | None,
+        trace: tracing.Trace,
+        started: float,
+    ) -> Response:
         content_type = _header(headers, "Content-Type")
         # The reply's encoding; whether the request's Content-Type is acceptable is checked
         # after the signature, so that an unsigned request is always 'unauthorized'.
@@ -105,14 +164,19 @@ class Handler:
                 self._job(request, self.settings.max_job_timeout)  # refuse now what would fail
                 new_job = job_id_for(request.request_id)
                 structlog.contextvars.bind_contextvars(job_id=new_job)
-                await self.submit(kind, body, content_type, new_job)
+                await self.submit(kind, body, content_type, new_job, trace.headers())
+                self.metrics.jobs_submitted.inc()
                 accepted = Reply(request_id=request_id, job_id=new_job, status="accepted")
                 return self._respond(accepted, encoding, None, started)
             cap = self.settings.max_job_timeout if is_job else self.settings.max_timeout
+            job = self._job(request, cap)
+            self.metrics.runs_in_flight.inc()
             try:
-                outcome = await self.pool.run(self._job(request, cap))
+                outcome = await self.pool.run(job)
             except PoolError as exc:
                 raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
+            finally:
+                self.metrics.runs_in_flight.dec()
         except Rejected as exc:
             if request_id is None and len(body) <= self.settings.max_request_bytes:
                 # Echo the caller's id where the body carries a usable one.
@@ -145,6 +209,7 @@ class Handler:
             None,
             started,
             wait_ms=outcome.wait_ms,
+            ran=True,
         )
 
     def _job(self, request: protocol.Request, cap: float) -> Job:
@@ -186,6 +251,7 @@ class Handler:
         auth_failure: str | None = None,
         *,
         wait_ms: float = 0.0,
+        ran: bool = False,
     ) -> Response:
         if reply.status == "rejected" and http is None:
             http = 400
@@ -223,11 +289,12 @@ class Handler:
             auth_failure=auth_failure,
             wait_ms=wait_ms,
             handling_ms=(time.perf_counter() - started) * 1000,
+            ran=ran,
         )
 
 
-# kind ("code"/"named"), body, Content-Type, job id: store the job durably or raise.
-Submit = Callable[[str, bytes, str | None, str], Awaitable[None]]
+# kind ("code"/"named"), body, Content-Type, job id, trace headers: store the job or raise.
+Submit = Callable[[str, bytes, str | None, str, dict[str, str]], Awaitable[None]]
 _JOB_NAMESPACE = uuid.UUID("6f1c3a52-9d8e-4b7a-a1c4-2f5e8d9b0c31")
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import re
+import time
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -30,10 +31,11 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from consumer import protocol
+from consumer import protocol, tracing
 from consumer.auth import sign
 from consumer.config import Settings
 from consumer.handler import Handler, job_id_for
+from consumer.metrics import Metrics
 from consumer.protocol import ErrorBody, Reply
 
 log = structlog.get_logger("pyexec.jobs")
@@ -42,6 +44,7 @@ JOBS_STREAM = "PYEXEC_JOBS"
 RESULTS_STREAM = "PYEXEC_RESULTS"
 DURABLE = "pyexec-workers"
 FETCH_TIMEOUT = 1.0
+BACKLOG_INTERVAL = 5.0
 MSG_ID = "Nats-Msg-Id"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -92,9 +95,16 @@ class Submitter:
         assert secret is not None
         self._key = (key_id, secret)
 
-    async def __call__(self, kind: str, body: bytes, content_type: str | None, job_id: str) -> None:
+    async def __call__(
+        self,
+        kind: str,
+        body: bytes,
+        content_type: str | None,
+        job_id: str,
+        trace: dict[str, str],
+    ) -> None:
         subject = self.settings.subject(f"jobs.{kind}")
-        headers = sign(self._key[0], self._key[1], subject, body)
+        headers = {**trace, **sign(self._key[0], self._key[1], subject, body)}
         headers[MSG_ID] = job_id
         if content_type:
             headers["Content-Type"] = content_type
@@ -104,15 +114,19 @@ class Submitter:
 class JobWorker:
     """Takes jobs from the shared pull consumer while this replica has free job slots."""
 
-    def __init__(self, nc: NatsClient, settings: Settings, handler: Handler) -> None:
+    def __init__(
+        self, nc: NatsClient, settings: Settings, handler: Handler, metrics: Metrics
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
         self.handler = handler
+        self.metrics = metrics
         self.slots = max(1, math.floor(settings.workers * settings.job_share))
         self._free = asyncio.Semaphore(self.slots)
         self._running: dict[asyncio.Task[None], Msg] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._backlog_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._fetching = False
 
@@ -130,6 +144,34 @@ class JobWorker:
             ),
         )
         self._loop_task = asyncio.create_task(self._fetch_loop())
+        self._backlog_task = asyncio.create_task(self._watch_backlog())
+        self.metrics.jobs_in_flight.set_function(lambda: float(len(self._running)))
+
+    async def _watch_backlog(self) -> None:
+        """Keep the backlog gauges current: jobs stored and not yet handed to any replica, and
+        how long the oldest of them has waited (jobs handed back for redelivery are counted but
+        not aged)."""
+        stream = self.settings.stream(JOBS_STREAM)
+        while True:
+            try:
+                info = await self.js.consumer_info(stream, DURABLE)
+                waiting = info.num_pending or 0
+                age = 0.0
+                if waiting and info.delivered is not None:
+                    oldest = await self.js.get_msg(
+                        stream,
+                        seq=info.delivered.stream_seq + 1,
+                        subject=self.settings.subject("jobs.>"),
+                        next=True,
+                    )
+                    if oldest.time is not None:
+                        age = max(time.time() - oldest.time.timestamp(), 0.0)
+            except Exception as exc:  # noqa: BLE001 - reconnecting or nothing to read: try later
+                log.debug("reading the jobs backlog failed", error=repr(exc))
+            else:
+                self.metrics.jobs_backlog.set(waiting)
+                self.metrics.jobs_oldest_age.set(age)
+            await asyncio.sleep(BACKLOG_INTERVAL)
 
     @property
     def in_flight(self) -> int:
@@ -172,10 +214,13 @@ class JobWorker:
         job_id = _job_id(msg)
         structlog.contextvars.bind_contextvars(job_id=job_id)
         alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
+        if meta.num_delivered > 1:
+            self.metrics.jobs_redelivered.inc()
         try:
             if meta.num_delivered > self.settings.job_max_deliver:
-                data, headers = self._worker_lost(job_id, meta.num_delivered)
+                data, headers = self._worker_lost(job_id, meta.num_delivered, msg.headers)
                 status = "error"
+                self.metrics.jobs_lost.inc()
             else:
                 stored = meta.timestamp.timestamp() if meta.timestamp else None
                 response = await self.handler.handle(
@@ -188,11 +233,14 @@ class JobWorker:
                 self.settings.subject(f"results.{job_id}"), data, headers=headers, timeout=5
             )
             await msg.ack()
+            self.metrics.jobs_completed.labels(status=status).inc()
             log.info("job completed", status=status, deliveries=meta.num_delivered)
         finally:
             alive.cancel()
 
-    def _worker_lost(self, job_id: str, deliveries: int) -> tuple[bytes, dict[str, str]]:
+    def _worker_lost(
+        self, job_id: str, deliveries: int, headers: dict[str, str] | None
+    ) -> tuple[bytes, dict[str, str]]:
         reply = Reply(
             request_id=job_id,
             job_id=job_id,
@@ -204,12 +252,16 @@ class JobWorker:
                 "the replicas running it were lost",
             ),
         )
-        return protocol.encode(reply, protocol.JSON), {}
+        trace = tracing.continue_from(headers)
+        log.warning("job lost", deliveries=deliveries, **trace.log_fields())
+        return protocol.encode(reply, protocol.JSON), trace.headers()
 
     async def stop(self, grace: float, now: asyncio.Event | None = None) -> None:
         """Stop fetching; give running jobs the grace period (cut short when ``now`` is set),
         then hand back (nak) those still running."""
         self._stopping = True
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
         if self._loop_task is not None:
             # A fetch returns within its one-second timeout and the loop then ends by itself;
             # cancelling it inside a fetch would leave the client's futures unretrieved. A loop

@@ -16,6 +16,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import SlowConsumerError
 
 from consumer.auth import Verifier
 from consumer.catalog import Catalog
@@ -24,6 +25,8 @@ from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError
 from consumer.handler import REPLY_OVERHEAD, Handler
 from consumer.jobs import JobWorker, Submitter
+from consumer.metrics import Metrics
+from consumer.monitor import Monitor
 from sandbox import LayerStatus, Pool
 
 log = structlog.get_logger("pyexec.service")
@@ -39,16 +42,27 @@ def package_version() -> str:
         return "0.0.0"
 
 
-async def connect(settings: Settings, urls: list[str], *, name: str) -> NatsClient:
+async def connect(
+    settings: Settings, urls: list[str], *, name: str, metrics: Metrics | None = None
+) -> NatsClient:
     """A connection that keeps reconnecting for as long as it takes."""
 
     async def on_error(exc: Exception) -> None:
+        if metrics is not None:
+            if isinstance(exc, SlowConsumerError):
+                metrics.nats_slow_consumers.inc()
+            else:
+                metrics.nats_errors.inc()
         log.warning("nats error", error=repr(exc))
 
     async def on_disconnected() -> None:
+        if metrics is not None:
+            metrics.nats_disconnects.inc()
         log.warning("nats disconnected")
 
     async def on_reconnected() -> None:
+        if metrics is not None:
+            metrics.nats_reconnects.inc()
         log.info("nats reconnected")
 
     return await nats.connect(
@@ -73,6 +87,30 @@ class Replica:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self.started = asyncio.Event()
+        self.metrics = Metrics(
+            version=package_version(),
+            longest_timeout=max(settings.max_timeout, settings.max_job_timeout),
+            key_ids=settings.keys.ids if settings.metrics_key_ids else None,
+        )
+        self._nc: NatsClient | None = None
+        self._pool: Pool | None = None
+        self.metrics.ready.set_function(lambda: float(self.not_ready() is None))
+        self.metrics.nats_connected.set_function(
+            lambda: float(self._nc is not None and self._nc.is_connected)
+        )
+        self.monitor_port: int | None = None
+
+    def not_ready(self) -> str | None:
+        """None while the replica takes requests; otherwise why it does not."""
+        if self._stop.is_set():
+            return "stopping"
+        if self._nc is None or not self._nc.is_connected:
+            return "not connected to NATS"
+        if self._pool is None or not self.started.is_set():
+            return "starting"
+        if not self._pool.live:
+            return "the worker pool is restarting its warm parent"
+        return None
 
     def request_stop(self) -> None:
         """Begin a graceful stop; a second call stops without waiting for in-flight work."""
@@ -85,9 +123,26 @@ class Replica:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        monitor = None
         try:
+            if self.settings.metrics_port:
+                monitor = Monitor(
+                    self.metrics,
+                    self.not_ready,
+                    host=self.settings.metrics_host,
+                    port=self.settings.metrics_port,
+                )
+                try:
+                    self.monitor_port = await monitor.start()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"EXECUTOR_METRICS_PORT: cannot listen on {self.settings.metrics_host}:"
+                        f"{self.settings.metrics_port}: {exc.strerror}"
+                    ) from None
             await self._run()
         finally:
+            if monitor is not None:
+                await monitor.stop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
         log.info("stopped")
@@ -109,9 +164,7 @@ class Replica:
     async def _run(self) -> None:
         startup = time.perf_counter()
         service_id = uuid.uuid4().hex
-        nc = await self._unless_stopped(
-            connect(self.settings, self.urls, name=f"pyexec-{service_id[:8]}")
-        )
+        nc = await self._unless_stopped(self._connect(name=f"pyexec-{service_id[:8]}"))
         if nc is None:
             return
         pool: Pool | None = None
@@ -125,6 +178,13 @@ class Replica:
             pool = Pool(self.settings.pool_config(result_limit))
             if await self._unless_stopped(pool.start()) is None:
                 return
+            self._pool = pool
+            self.metrics.watch_pool(
+                workers=self.settings.workers,
+                busy=lambda: pool.busy,
+                warm=lambda: pool.warm,
+                restarts=lambda: max(pool.parent_starts - 1, 0),
+            )
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
             check_isolation(self.settings, pool.layers)
@@ -135,10 +195,11 @@ class Replica:
                 catalog,
                 pool,
                 max_payload=nc.max_payload,
+                metrics=self.metrics,
             )
             discovery = self._discovery(service_id, catalog)
             await discovery.start(nc)
-            jobs = JobWorker(nc, self.settings, handler)
+            jobs = JobWorker(nc, self.settings, handler, self.metrics)
             await jobs.start()
             handler.submit = Submitter(jobs.js, self.settings)
             await self._subscribe(nc, handler, discovery)
@@ -160,6 +221,11 @@ class Replica:
                 await pool.close()
             if not nc.is_closed:
                 await _bounded(nc.close(), "connection close")
+
+    async def _connect(self, name: str) -> NatsClient:
+        """Connect, making the connection visible to readiness as soon as it exists."""
+        self._nc = await connect(self.settings, self.urls, name=name, metrics=self.metrics)
+        return self._nc
 
     def _discovery(self, service_id: str, catalog: Catalog) -> Discovery:
         endpoints = {
@@ -211,17 +277,6 @@ class Replica:
             kind,
             elapsed_ns(started),
             error.message if reply.status == "rejected" and error else None,
-        )
-        log.info(
-            "request",
-            subject=msg.subject,
-            status=reply.status,
-            error_code=error.code if error else None,
-            auth_failure=response.auth_failure,
-            duration_ms=reply.duration_ms,
-            wait_ms=round(response.wait_ms, 3),
-            total_ms=round((time.perf_counter() - started) * 1000, 3),
-            reply_bytes=len(response.data),
         )
 
     async def _drain(self, nc: NatsClient, discovery: Discovery) -> None:

@@ -110,6 +110,14 @@ class Pool:
         """Children forked and waiting for a job."""
         return self._ready.qsize()
 
+    @property
+    def live(self) -> bool:
+        """Whether a run started now would get a process: open, and (warm mode) with its warm
+        parent running rather than being restarted."""
+        if self._closed:
+            return False
+        return self.config.mode == "fresh" or self._control is not None
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> Pool:

@@ -154,9 +154,14 @@ def replica_env(nats_url: str, prefix: str, **overrides: str) -> dict[str, str]:
 
 
 def start_replica(
-    nats_url: str, prefix: str | None = None, *, cwd: Path | None = None, **overrides: str
+    nats_url: str,
+    prefix: str | None = None,
+    *,
+    cwd: Path | None = None,
+    wait: bool = True,
+    **overrides: str,
 ) -> ReplicaProcess:
-    """Start a replica and wait until it serves."""
+    """Start a replica and (unless ``wait`` is false) wait until it serves."""
     prefix = prefix or f"t{next(_prefixes)}"
     process = subprocess.Popen(
         [sys.executable, "-m", "consumer", "serve"],
@@ -176,6 +181,8 @@ def start_replica(
 
     replica.reader = threading.Thread(target=collect, daemon=True)
     replica.reader.start()
+    if not wait:
+        return replica
     try:
         replica.wait_for("replica ready")
     except BaseException:

@@ -1,0 +1,286 @@
+"""Prometheus metrics of one replica: every series the service exports, defined in one place.
+
+Names follow the Prometheus conventions: one ``pyexec_`` prefix, base units (seconds, bytes),
+``_total`` on counters. Labels take values from small fixed sets only (subject, status, error
+code, auth failure reason); no script text, request id or nonce is ever a label. Key ids are a
+label only when ``EXECUTOR_METRICS_KEY_IDS=1``, and then only ids the keyring knows.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+# ``*_created`` series double the series count and no dashboard or alert reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Seconds. The upper buckets reach past the largest timeout so that a timed-out run lands in
+# a finite bucket and the percentiles stay meaningful.
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+_SIZE_BUCKETS = tuple(float(256 * 4**i) for i in range(10))  # 256 B .. 64 MiB
+UNKNOWN_KEY = "unknown"
+
+
+class _ReadCounter(Collector):
+    """A counter whose value some other object keeps; read when scraped."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation)
+
+
+def latency_buckets(longest: float) -> tuple[float, ...]:
+    """The standard latency buckets, extended so that ``longest`` falls inside one."""
+    buckets = list(_LATENCY_BUCKETS)
+    while buckets[-1] <= longest:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
+class Metrics:
+    """Every metric of one replica, in a registry of its own."""
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        longest_timeout: float,
+        key_ids: Iterable[str] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        buckets = latency_buckets(longest_timeout)
+        # None: key ids are not a label. Otherwise the ids a label may take.
+        self._key_ids = None if key_ids is None else frozenset(key_ids)
+        request_labels = ["subject", "status", "code"]
+        if self._key_ids is not None:
+            request_labels.append("key_id")
+
+        # process_* series (CPU, memory, open files, start time) of the replica process itself.
+        ProcessCollector(registry=reg)
+        Info("pyexec_build", "Version of the running executor.", registry=reg).info(
+            {"version": version, "python_version": platform.python_version()}
+        )
+        self.requests = Counter(
+            "pyexec_requests",
+            "Requests and jobs answered, by subject, status and error code ('' when ok).",
+            request_labels,
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "pyexec_request_duration_seconds",
+            "Time from a request's arrival to its reply (jobs: to their completion).",
+            ["subject"],
+            buckets=buckets,
+            registry=reg,
+        )
+        self.execution_duration = Histogram(
+            "pyexec_execution_duration_seconds",
+            "Time a script ran in its child process, from hand-over to answer.",
+            ["subject"],
+            buckets=buckets,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "pyexec_queue_wait_seconds",
+            "Time a run waited for a free worker before it started.",
+            ["subject"],
+            buckets=buckets,
+            registry=reg,
+        )
+        self.runs_in_flight = Gauge(
+            "pyexec_runs_in_flight",
+            "Runs handed to the worker pool and not yet finished (waiting or running).",
+            registry=reg,
+        )
+        self.workers = Gauge(
+            "pyexec_workers", "Worker slots by state (busy or idle).", ["state"], registry=reg
+        )
+        self.warm_children = Gauge(
+            "pyexec_warm_children",
+            "Child processes forked from the warm parent and waiting for a run.",
+            registry=reg,
+        )
+        self._restarts = _ReadCounter(
+            "pyexec_warm_parent_restarts",
+            "Times the warm parent process was lost and started again.",
+        )
+        reg.register(self._restarts)
+        self.ready = Gauge(
+            "pyexec_ready",
+            "1 while the replica takes requests (connected and with a live worker pool).",
+            registry=reg,
+        )
+        self.timeouts = Counter("pyexec_timeouts", "Runs stopped at their timeout.", registry=reg)
+        self.policy_violations = Counter(
+            "pyexec_policy_violations",
+            "Scripts refused or stopped by the sandbox policy.",
+            registry=reg,
+        )
+        self.memory_limit_kills = Counter(
+            "pyexec_memory_limit_kills", "Runs killed at their memory limit.", registry=reg
+        )
+        self.auth_failures = Counter(
+            "pyexec_auth_failures",
+            "Requests refused as unauthorized, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self.reply_size = Histogram(
+            "pyexec_reply_size_bytes",
+            "Size of the encoded reply or completion.",
+            ["subject"],
+            buckets=_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.jobs_submitted = Counter(
+            "pyexec_jobs_submitted",
+            "Async jobs accepted and stored in the jobs stream by this replica.",
+            registry=reg,
+        )
+        self.jobs_completed = Counter(
+            "pyexec_jobs_completed",
+            "Jobs whose completion this replica stored, by status.",
+            ["status"],
+            registry=reg,
+        )
+        self.jobs_redelivered = Counter(
+            "pyexec_jobs_redelivered",
+            "Jobs this replica received again after another delivery was not acknowledged.",
+            registry=reg,
+        )
+        self.jobs_lost = Counter(
+            "pyexec_jobs_lost",
+            "Jobs completed as worker_lost after too many deliveries.",
+            registry=reg,
+        )
+        self.jobs_in_flight = Gauge(
+            "pyexec_jobs_in_flight", "Jobs this replica is running now.", registry=reg
+        )
+        self.jobs_backlog = Gauge(
+            "pyexec_jobs_backlog",
+            "Jobs stored and not yet acknowledged (shared by all replicas).",
+            registry=reg,
+        )
+        self.jobs_oldest_age = Gauge(
+            "pyexec_jobs_oldest_age_seconds",
+            "Age of the oldest job not yet acknowledged; 0 when there is none.",
+            registry=reg,
+        )
+        self.nats_connected = Gauge(
+            "pyexec_nats_connected", "1 while connected to a NATS server.", registry=reg
+        )
+        self.nats_disconnects = Counter(
+            "pyexec_nats_disconnects", "Connections to NATS lost.", registry=reg
+        )
+        self.nats_reconnects = Counter(
+            "pyexec_nats_reconnects", "Connections to NATS re-established.", registry=reg
+        )
+        self.nats_slow_consumers = Counter(
+            "pyexec_nats_slow_consumer_events",
+            "Messages dropped by the client because a subscription fell behind.",
+            registry=reg,
+        )
+        self.nats_errors = Counter(
+            "pyexec_nats_errors", "Asynchronous errors reported by the NATS client.", registry=reg
+        )
+
+    def watch_pool(
+        self,
+        *,
+        workers: int,
+        busy: Callable[[], int],
+        warm: Callable[[], int],
+        restarts: Callable[[], int],
+    ) -> None:
+        """Read the pool's state at scrape time instead of keeping copies."""
+        self._restarts.read = restarts
+        self.workers.labels(state="busy").set_function(lambda: float(busy()))
+        self.workers.labels(state="idle").set_function(lambda: float(max(workers - busy(), 0)))
+        self.warm_children.set_function(lambda: float(warm()))
+
+    def request(
+        self,
+        *,
+        subject: str,
+        status: str,
+        code: str | None,
+        key_id: str | None,
+        seconds: float,
+        reply_bytes: int,
+    ) -> None:
+        """Count one answered request or finished job."""
+        labels = {"subject": subject, "status": status, "code": code or ""}
+        if self._key_ids is not None:
+            labels["key_id"] = key_id if key_id in self._key_ids else UNKNOWN_KEY
+        self.requests.labels(**labels).inc()
+        self.request_duration.labels(subject=subject).observe(seconds)
+        self.reply_size.labels(subject=subject).observe(reply_bytes)
+        if code == "timeout":
+            self.timeouts.inc()
+        elif code == "policy_violation":
+            self.policy_violations.inc()
+        elif code == "memory_limit":
+            self.memory_limit_kills.inc()
+
+    def run(self, *, subject: str, wait_seconds: float, run_seconds: float) -> None:
+        """Record one run's time in the queue and in its child."""
+        self.queue_wait.labels(subject=subject).observe(wait_seconds)
+        self.execution_duration.labels(subject=subject).observe(run_seconds)
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)
+
+    def names(self) -> set[str]:
+        """Every series name this registry exports, whether or not it has samples yet."""
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "gauge": ("",),
+            "info": ("_info",),
+        }
+        return {
+            family.name + suffix
+            for family in self.registry.collect()
+            for suffix in suffixes[family.type]
+        }
