@@ -167,3 +167,36 @@ def test_micro_header_numbers_match_the_code() -> None:
         errors.Overloaded,
     )
     assert documented == {cls.code: cls.http for cls in rejections}
+
+
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+
+
+def test_every_metric_is_documented() -> None:
+    """Each metric the service exports has a row in the metrics table of operations.md."""
+    from consumer.metrics import Metrics
+
+    text = OPERATIONS_DOC.read_text(encoding="utf-8")
+    metrics = Metrics(version="test", longest_timeout=60)
+    documented = set(re.findall(r"^\| `(pyexec_[a-z_]+)` \|", text, re.MULTILINE))
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.registry.collect()
+        if family.name.startswith("pyexec_")
+    }
+    exported = {name.replace("pyexec_build", "pyexec_build_info") if name == "pyexec_build"
+                else name for name in exported}  # fmt: skip
+    assert exported == documented
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    """Each alert rule links a section of operations.md that exists."""
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text(encoding="utf-8")
+    alerts = re.findall(r"^\s*- alert: (\w+)", rules, re.MULTILINE)
+    assert alerts
+    headings = set(
+        re.findall(r"^### (\w+)$", OPERATIONS_DOC.read_text(encoding="utf-8"), re.MULTILINE)
+    )
+    for alert in alerts:
+        assert alert in headings, alert
+        assert f"docs/operations.md#{alert.lower()}" in rules, alert

@@ -252,6 +252,8 @@ SHORT_SECRET = secrets.token_hex(8)[:15]  # one character under the minimum of 1
         ("EXECUTOR_DEFAULT_TIMEOUT", "0"),
         ("EXECUTOR_MEMORY_MB", "lots"),
         ("EXECUTOR_METRICS_PORT", "70000"),
+        ("EXECUTOR_METRICS_HOST", "localhost"),
+        ("EXECUTOR_METRICS_KEY_IDS", "maybe"),
         ("EXECUTOR_API_KEYS", "nocolon"),
         ("EXECUTOR_API_KEYS", f"test:{SECRET},bad id:{SECRET}"),
         ("EXECUTOR_API_KEYS", f"test:{SECRET},short:{SHORT_SECRET}"),

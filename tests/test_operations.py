@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumer import protocol
 from consumer.auth import sign
 from consumer.client import Client
+from consumer.metrics import Metrics
 from consumer.protocol import CodeRequest
 from tests.conftest import (
     KEY_ID,
@@ -403,6 +405,43 @@ def test_readyz_waits_for_nats_and_follows_the_connection(tmp_path: Any) -> None
     finally:
         server.stop()
         replica.stop()
+
+
+def test_a_metrics_port_in_use_stops_start_up_with_a_clear_error(nats_server: NatsServer) -> None:
+    """A replica that cannot open its metrics port exits non-zero naming the variable."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        replica = start_replica(
+            nats_server.url,
+            wait=False,
+            EXECUTOR_METRICS_PORT=str(port),
+            EXECUTOR_METRICS_HOST="127.0.0.1",
+        )
+        code = replica.process.wait(timeout=60)
+    replica.stop()
+    output = "".join(replica.lines)
+    assert code != 0
+    assert f"EXECUTOR_METRICS_PORT: cannot listen on 127.0.0.1:{port}" in output
+    assert "Traceback" not in output
+
+
+def test_key_id_labels_only_take_known_ids() -> None:
+    """With key id labels on, ids outside the keyring are counted as 'unknown'."""
+    metrics = Metrics(version="test", longest_timeout=60, key_ids=["backend"])
+    for key_id in ("backend", "made-up-1", "made-up-2", None):
+        metrics.request(
+            subject="pyexec.code", status="ok", code=None, key_id=key_id, seconds=0.1,
+            reply_bytes=10,
+        )  # fmt: skip
+    samples = {
+        dict(s.labels)["key_id"]: s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+        if s.name == "pyexec_requests_total"
+    }
+    assert samples == {"backend": 1, "unknown": 3}
 
 
 def _probe(port: int, path: str) -> int | None:
