@@ -67,6 +67,11 @@ class NatsServer:
             except OSError:
                 time.sleep(0.05)
                 continue
+            # Another process may have taken the port between free_port() and the bind: then
+            # what answered is not this server, which has exited.
+            time.sleep(0.1)
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited at start (port {self.port} taken?)")
             return
         raise RuntimeError("nats-server did not start")
 

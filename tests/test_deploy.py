@@ -502,6 +502,11 @@ def deploy_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployNats
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError("nats-server with deploy/nats.conf did not start") from None
                 time.sleep(0.05)
+        # Another process may have taken the port between free_port() and the bind: then what
+        # answered is not this server, which has exited.
+        time.sleep(0.2)
+        if process.poll() is not None:
+            raise RuntimeError("nats-server with deploy/nats.conf exited (port taken?)")
         yield server
     finally:
         process.send_signal(signal.SIGTERM)
