@@ -91,6 +91,8 @@ class Settings:
     max_request_bytes: int = 1024 * 1024
     max_ctx_depth: int = 32
     scripts_dir: Path = DEFAULT_SCRIPTS_DIR
+    queue_limit: int = 64
+    queue_wait: float = 3.0
     metrics_port: int = 9464
     metrics_host: str = "0.0.0.0"  # noqa: S104 - the scrape port is meant to be reached
     metrics_key_ids: bool = False
@@ -205,6 +207,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         max_ctx_depth=_int(env, "EXECUTOR_MAX_CTX_DEPTH", 32, low=1, high=1000),
         scripts_dir=scripts_dir,
+        queue_limit=_int(env, "EXECUTOR_QUEUE_LIMIT", 64 * workers, low=0, high=1_000_000),
+        queue_wait=_float(env, "EXECUTOR_QUEUE_WAIT", 3.0),
         metrics_port=_int(env, "EXECUTOR_METRICS_PORT", 9464, low=0, high=65535),
         metrics_host=_host(env, "EXECUTOR_METRICS_HOST", "0.0.0.0"),  # noqa: S104
         metrics_key_ids=_flag(env, "EXECUTOR_METRICS_KEY_IDS"),

@@ -12,6 +12,7 @@ import msgspec
 import structlog
 
 from consumer import protocol, tracing
+from consumer.admission import Admission
 from consumer.auth import KEY_ID_HEADER, Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
@@ -53,6 +54,7 @@ class Handler:
         *,
         max_payload: int,
         metrics: Metrics,
+        admission: Admission,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -60,6 +62,7 @@ class Handler:
         self.pool = pool
         self.max_payload = max_payload
         self.metrics = metrics
+        self.admission = admission
         self._kinds = {
             settings.subject("code"): ("code", False),
             settings.subject("named"): ("named", False),
@@ -172,7 +175,8 @@ class Handler:
             job = self._job(request, cap)
             self.metrics.runs_in_flight.inc()
             try:
-                outcome = await self.pool.run(job)
+                async with self.admission.slot(job=is_job) as waited:
+                    outcome = await self.pool.run(job)
             except PoolError as exc:
                 raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
             finally:
@@ -208,7 +212,7 @@ class Handler:
             encoding,
             None,
             started,
-            wait_ms=outcome.wait_ms,
+            wait_ms=waited * 1000 + outcome.wait_ms,
             ran=True,
         )
 

@@ -45,6 +45,8 @@ RESULTS_STREAM = "PYEXEC_RESULTS"
 DURABLE = "pyexec-workers"
 FETCH_TIMEOUT = 1.0
 BACKLOG_INTERVAL = 5.0
+# Seconds between attempts to store a completion (about a minute in all).
+STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 MSG_ID = "Nats-Msg-Id"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -213,10 +215,17 @@ class JobWorker:
         meta = msg.metadata
         job_id = _job_id(msg)
         structlog.contextvars.bind_contextvars(job_id=job_id)
+        log.info("job started", deliveries=meta.num_delivered, subject=msg.subject)
         alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
-        if meta.num_delivered > 1:
-            self.metrics.jobs_redelivered.inc()
         try:
+            if meta.num_delivered > 1:
+                self.metrics.jobs_redelivered.inc()
+                if await self._completed_before(job_id):
+                    # Its completion was stored but the acknowledgement was lost: do not run
+                    # the script a second time.
+                    await self._settle(msg, nak=False)
+                    log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
+                    return
             if meta.num_delivered > self.settings.job_max_deliver:
                 data, headers = self._worker_lost(job_id, meta.num_delivered, msg.headers)
                 status = "error"
@@ -229,14 +238,57 @@ class JobWorker:
                 data, headers = response.data, dict(response.headers or {})
                 status = response.reply.status
             headers[MSG_ID] = job_id
-            await self.js.publish(
-                self.settings.subject(f"results.{job_id}"), data, headers=headers, timeout=5
-            )
-            await msg.ack()
+            if not await self._store_completion(job_id, data, headers):
+                await self._settle(msg, nak=True)
+                return
+            await self._settle(msg, nak=False)
             self.metrics.jobs_completed.labels(status=status).inc()
             log.info("job completed", status=status, deliveries=meta.num_delivered)
         finally:
             alive.cancel()
+
+    async def _completed_before(self, job_id: str) -> bool:
+        """Whether the results stream already holds this job's completion."""
+        try:
+            await self.js.get_msg(
+                self.settings.stream(RESULTS_STREAM),
+                subject=self.settings.subject(f"results.{job_id}"),
+            )
+        except Exception:  # noqa: BLE001 - not found, or cannot tell: run the job
+            return False
+        return True
+
+    async def _store_completion(self, job_id: str, data: bytes, headers: dict[str, str]) -> bool:
+        """Publish the completion, retrying through leader elections and reconnections (the
+        job's progress acks keep it ours meanwhile; ``Nats-Msg-Id`` makes retries store it
+        once). False if it could not be stored in time: the job is then handed back."""
+        subject = self.settings.subject(f"results.{job_id}")
+        for attempt, delay in enumerate((*STORE_RETRY_DELAYS, None), start=1):
+            try:
+                await self.js.publish(subject, data, headers=headers, timeout=5)
+            except Exception as exc:  # noqa: BLE001 - no stream leader, disconnected, timeout
+                if delay is None:
+                    log.error("storing the completion failed; job handed back", error=repr(exc))
+                    return False
+                log.warning(
+                    "storing the completion failed; retrying",
+                    attempt=attempt,
+                    retry_in_s=delay,
+                    error=repr(exc),
+                )
+                await asyncio.sleep(delay)
+            else:
+                return True
+        return False
+
+    @staticmethod
+    async def _settle(msg: Msg, *, nak: bool) -> None:
+        """Acknowledge (or hand back) a job; a lost acknowledgement only means the job comes
+        back, and its stored completion is then found instead of running it again."""
+        try:
+            await (msg.nak() if nak else msg.ack())
+        except Exception as exc:  # noqa: BLE001 - disconnected: JetStream redelivers it
+            log.warning("settling the job failed", nak=nak, error=repr(exc))
 
     def _worker_lost(
         self, job_id: str, deliveries: int, headers: dict[str, str] | None
@@ -256,9 +308,8 @@ class JobWorker:
         log.warning("job lost", deliveries=deliveries, **trace.log_fields())
         return protocol.encode(reply, protocol.JSON), trace.headers()
 
-    async def stop(self, grace: float, now: asyncio.Event | None = None) -> None:
-        """Stop fetching; give running jobs the grace period (cut short when ``now`` is set),
-        then hand back (nak) those still running."""
+    async def stop_fetching(self) -> None:
+        """Take no more jobs; those running go on."""
         self._stopping = True
         if self._backlog_task is not None:
             self._backlog_task.cancel()
@@ -275,20 +326,40 @@ class JobWorker:
         # Its inbox would otherwise hold up draining the connection.
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
-        if self._running:
-            waiters: set[asyncio.Future[object]] = {
-                asyncio.ensure_future(asyncio.wait(set(self._running)))
-            }
-            if now is not None:
-                waiters.add(asyncio.ensure_future(now.wait()))
-            await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+
+    @property
+    def running(self) -> set[asyncio.Task[None]]:
+        return set(self._running)
+
+    async def hand_back(self) -> None:
+        """Stop the jobs still running and give them back (nak) for another replica to run."""
         for task, message in list(self._running.items()):
             task.cancel()
             with contextlib.suppress(Exception):
                 await message.nak()
             log.info("job handed back", job_id=_job_id(message))
+
+    async def stop(self, grace: float, now: asyncio.Event | None = None) -> None:
+        """Stop fetching; give running jobs the grace period (cut short when ``now`` is set),
+        then hand back (nak) those still running."""
+        await self.stop_fetching()
+        if self._running:
+            await wait_within(set(self._running), grace, now)
+        await self.hand_back()
+
+
+async def wait_within(
+    tasks: set[asyncio.Task[None]], grace: float, now: asyncio.Event | None = None
+) -> None:
+    """Wait for ``tasks`` for at most ``grace`` seconds, or until ``now`` is set."""
+    if not tasks:
+        return
+    waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(asyncio.wait(tasks))}
+    if now is not None:
+        waiters.add(asyncio.ensure_future(now.wait()))
+    await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
 
 
 async def _keep_alive(msg: Msg, ack_wait: float) -> None:

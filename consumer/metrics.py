@@ -132,6 +132,11 @@ class Metrics:
             "Runs handed to the worker pool and not yet finished (waiting or running).",
             registry=reg,
         )
+        self.runs_waiting = Gauge(
+            "pyexec_runs_waiting",
+            "Synchronous requests waiting for a free worker (at most EXECUTOR_QUEUE_LIMIT).",
+            registry=reg,
+        )
         self.workers = Gauge(
             "pyexec_workers", "Worker slots by state (busy or idle).", ["state"], registry=reg
         )

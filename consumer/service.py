@@ -18,13 +18,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import SlowConsumerError
 
+from consumer.admission import Admission
 from consumer.auth import Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError
 from consumer.handler import REPLY_OVERHEAD, Handler
-from consumer.jobs import JobWorker, Submitter
+from consumer.jobs import JobWorker, Submitter, wait_within
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
 from sandbox import LayerStatus, Pool
@@ -189,6 +190,12 @@ class Replica:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
             check_isolation(self.settings, pool.layers)
             catalog = Catalog(self.settings.scripts_dir)
+            admission = Admission(
+                self.settings.workers,
+                queue_limit=self.settings.queue_limit,
+                max_wait=self.settings.queue_wait,
+            )
+            self.metrics.runs_waiting.set_function(lambda: float(admission.waiting))
             handler = Handler(
                 self.settings,
                 Verifier(self.settings.keys, capacity=self.settings.nonce_cache_size),
@@ -196,6 +203,7 @@ class Replica:
                 pool,
                 max_payload=nc.max_payload,
                 metrics=self.metrics,
+                admission=admission,
             )
             discovery = self._discovery(service_id, catalog)
             await discovery.start(nc)
@@ -214,8 +222,7 @@ class Replica:
             self.started.set()
             await self._stop.wait()
             log.info("stopping", in_flight=len(self._tasks), jobs_in_flight=jobs.in_flight)
-            await jobs.stop(self.settings.shutdown_grace, self._stop_now)
-            await self._drain(nc, discovery)
+            await self._drain(nc, discovery, jobs)
         finally:
             if pool is not None:
                 await pool.close()
@@ -279,31 +286,25 @@ class Replica:
             error.message if reply.status == "rejected" and error else None,
         )
 
-    async def _drain(self, nc: NatsClient, discovery: Discovery) -> None:
-        """Stop taking requests, give in-flight ones the grace period, then drain NATS.
+    async def _drain(self, nc: NatsClient, discovery: Discovery, jobs: JobWorker) -> None:
+        """Stop taking requests and jobs at once, give in-flight ones one grace period, hand
+        unfinished jobs back, then drain NATS.
 
         Every step that talks to the server is bounded: with the server gone, a drain would
         wait for a reconnection that may never come.
         """
+        await jobs.stop_fetching()
         for subscription in self._subscriptions:
             await _bounded(subscription.drain(), "unsubscribe")  # type: ignore[no-untyped-call]
         await _bounded(discovery.stop(), "discovery stop")
+        await wait_within(
+            set(self._tasks) | jobs.running, self.settings.shutdown_grace, self._stop_now
+        )
+        await jobs.hand_back()
         if self._tasks:
-            in_flight = asyncio.create_task(asyncio.wait(set(self._tasks)))
-            stop_now = asyncio.create_task(self._stop_now.wait())
-            await asyncio.wait(
-                {in_flight, stop_now},
-                timeout=self.settings.shutdown_grace,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            in_flight.cancel()
-            stop_now.cancel()
-            if self._tasks:
-                log.warning(
-                    "grace period over; abandoning in-flight requests", count=len(self._tasks)
-                )
-                for task in self._tasks:
-                    task.cancel()
+            log.warning("grace period over; abandoning in-flight requests", count=len(self._tasks))
+            for task in self._tasks:
+                task.cancel()
         await _bounded(nc.drain(), "connection drain")
 
 

@@ -28,6 +28,10 @@ START_TIMEOUT = 120.0
 EXIT_STATUS_WAIT = 2.0
 PARENT_EXIT_WAIT = 1.0
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+# A warm parent that dies sooner than this after starting counts as part of a crash loop: the
+# next restart waits the next, longer step of the backoff instead of starting over.
+STABLE_SECONDS = 30.0
+CHILD_WAIT_FLOOR = 2.0
 
 
 @dataclass(eq=False)
@@ -90,6 +94,8 @@ class Pool:
         self.timings: dict[str, float] = {}
         self._taught: OrderedDict[str, None] = OrderedDict()
         self.parent_starts = 0
+        self._started_at = 0.0
+        self._quick_losses = 0
 
     async def __aenter__(self) -> Pool:
         await self.start()
@@ -187,6 +193,7 @@ class Pool:
         self.layers = started.layers
         self._scratch_root = started.scratch_root
         self.timings = started.timings
+        self._started_at = time.monotonic()
         loop.add_reader(ours.fileno(), self._on_control)
         self._spawn(self.config.warm_children)
 
@@ -261,6 +268,10 @@ class Pool:
 
     def _parent_lost(self) -> None:
         """The warm parent died: drop its waiting children and start a new one."""
+        if time.monotonic() - self._started_at < STABLE_SECONDS:
+            self._quick_losses += 1
+        else:
+            self._quick_losses = 0
         self._stop_parent()
         while not self._ready.empty():
             self._drop(self._ready.get_nowait())
@@ -269,7 +280,10 @@ class Pool:
 
     async def _restart(self) -> None:
         try:
-            for attempt in range(sys.maxsize):
+            # Losses in quick succession start further along the backoff: a crash loop slows
+            # down to one attempt every few seconds instead of spinning.
+            first = max(self._quick_losses - 1, 0)
+            for attempt in range(first, sys.maxsize):
                 delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
                 await asyncio.sleep(delay)
                 try:
@@ -338,8 +352,11 @@ class Pool:
 
     async def _take_child(self, timeout: float) -> _Child:
         """A live waiting child (one that died while waiting is dropped), and order another."""
+        # The wait for a child is not part of the script's time, so a tiny timeout does not
+        # make it shorter than a fork takes.
+        wait = max(timeout, CHILD_WAIT_FLOOR)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait):
                 while True:
                     child = await self._ready.get()
                     self._spawn(1)
@@ -347,8 +364,9 @@ class Pool:
                         return child
                     self._drop(child)
         except TimeoutError:
+            why = "" if self.live else "; the warm parent is restarting"
             raise WarmParentFailed(
-                "no worker process became ready in time; the warm parent is restarting"
+                f"no worker process became ready within {wait:g} s{why}"
             ) from None
 
     async def _run_in(self, child: _Child, job: Job) -> protocol.RunResult:

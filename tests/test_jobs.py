@@ -345,3 +345,40 @@ def test_a_stopping_replica_hands_its_job_back(server: NatsServer) -> None:
     assert reply.status == "ok"
     assert reply.result == 50
     assert count == 1
+
+
+def test_a_redelivered_job_with_a_stored_completion_is_not_run_again(server: NatsServer) -> None:
+    """A job that comes back after its completion was stored (the acknowledgement was lost) is
+    acknowledged without running the script a second time; the one completion stays."""
+    first = replica(server)
+    first.stop()
+    stored = b'{"request_id":"before","job_id":"done-once","status":"ok","result":"first run"}'
+
+    async def prepare() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await js.publish(
+                f"{PREFIX}.results.done-once", stored, headers={"Nats-Msg-Id": "done-once"}
+            )
+            async with await connect(server) as client:
+                await client.submit_code(SLOW, {"seconds": 0, "n": 2}, job_id="done-once")
+            # Take the job as a replica would, then give it back: the next delivery is the 2nd.
+            puller = await js.pull_subscribe(
+                f"{PREFIX}.jobs.>", durable="pyexec-workers", stream="PYEXEC_JOBS"
+            )
+            (msg,) = await puller.fetch(1, timeout=5)
+            await msg.nak()
+        finally:
+            await nc.close()
+
+    asyncio.run(prepare())
+    second = replica(server)
+    try:
+        second.wait_for("job already completed; acknowledged", timeout=30)
+    finally:
+        second.stop()
+    assert asyncio.run(all_completions(server, "done-once")) == [stored]
+    assert not any(
+        r.get("event") == "request" and r.get("job_id") == "done-once" for r in second.records()
+    )
