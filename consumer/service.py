@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import time
 import uuid
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.client import Server
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import SlowConsumerError
@@ -33,6 +35,10 @@ from sandbox import LayerStatus, Pool
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
 DRAIN_STEP_TIMEOUT = 5.0
+# Reconnection delays in seconds: first try, base of the doubling, and its cap.
+RECONNECT_FIRST = 0.1
+RECONNECT_BASE = 0.25
+RECONNECT_CAP = 5.0
 T = TypeVar("T")
 
 
@@ -71,10 +77,24 @@ async def connect(
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
+        reconnect_to_server_handler=reconnect_backoff,
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
+
+
+def reconnect_backoff(servers: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:
+    """Where and when to try reconnecting: the server tried least, after a delay that doubles
+    with every round of failures up to RECONNECT_CAP, with jitter so that replicas that lost the
+    same server do not all come back at the same instant. The first try is almost immediate,
+    so a failover to another cluster node is quick."""
+    chosen = min(servers, key=lambda server: server.reconnects)
+    rounds = chosen.reconnects  # every server has failed at least this many times in a row
+    if rounds == 0:
+        return chosen, random.uniform(0, RECONNECT_FIRST)  # noqa: S311 - jitter, not secrets
+    ceiling = min(RECONNECT_CAP, RECONNECT_BASE * 2 ** min(rounds, 16))
+    return chosen, random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrets
 
 
 class Replica:

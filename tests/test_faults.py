@@ -403,3 +403,29 @@ def test_sigterm_under_load_answers_every_request_and_hands_jobs_back(
     assert all(r.status == "ok" for r in replies)
     assert any(r.get("event") == "job handed back" for r in first.records())
     assert completion.job_id is not None
+
+
+def test_reconnect_backoff_grows_to_a_cap_with_jitter() -> None:
+    """Reconnection tries the least-tried server, first almost at once, then waits about twice
+    as long per failed round up to 5 s, never exactly the same for two replicas."""
+    from urllib.parse import urlparse
+
+    from nats.aio.client import Server
+
+    from consumer.service import RECONNECT_CAP, reconnect_backoff
+
+    def delays(rounds: int) -> list[float]:
+        servers = [
+            Server(uri=urlparse("nats://a:4222"), reconnects=rounds + 1),
+            Server(uri=urlparse("nats://b:4222"), reconnects=rounds),
+        ]
+        picks = [reconnect_backoff(servers, {}) for _ in range(50)]
+        assert all(server.uri.netloc == "b:4222" for server, _ in picks)
+        return [delay for _, delay in picks]
+
+    assert max(delays(0)) <= 0.1
+    assert 0.25 <= min(delays(1)) <= max(delays(1)) <= 0.5
+    assert 1.0 <= min(delays(3)) <= max(delays(3)) <= 2.0
+    assert max(delays(40)) <= RECONNECT_CAP
+    assert min(delays(40)) >= RECONNECT_CAP / 2
+    assert len(set(delays(3))) > 1
