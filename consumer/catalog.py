@@ -7,13 +7,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumer.errors import UnknownScript
+from consumer.errors import InvalidRequest, UnknownScript
+from consumer.inputs import Declared, InputDeclarationError, declare
 
 # Dotted names of plain tokens; no token may start with '_' or '.', so '..', '/', '\\',
 # absolute paths and hidden or private files can never be named.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)*$")
 MAX_NAME_LENGTH = 200
 MAX_SCRIPT_BYTES = 1024 * 1024
+CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Catalog:
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # path -> ((mtime, size), what was read): files are re-read only when they change.
+        self._cache: dict[Path, tuple[tuple[int, int], Declared]] = {}
 
     def source(self, name: str) -> str:
         """The source of the script called ``name``, or :class:`UnknownScript`."""
@@ -36,6 +40,29 @@ class Catalog:
         if path is None:
             raise UnknownScript(f"no script named '{_shown(name)}' is installed")
         return path.read_text(encoding="utf-8")
+
+    def load(self, name: str) -> Declared:
+        """The script called ``name`` as it runs, with its input type if it declares one.
+
+        :class:`UnknownScript` if there is none; :class:`InvalidRequest` if its ``class Input``
+        cannot be read (an installation error, reported to the caller rather than run).
+        """
+        path = self._path(name)
+        if path is None:
+            raise UnknownScript(f"no script named '{_shown(name)}' is installed")
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            declared = declare(path.read_text(encoding="utf-8"), name)
+        except InputDeclarationError as exc:
+            raise InvalidRequest(f"script '{name}' has an unusable class Input: {exc}") from None
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[path] = (stamp, declared)
+        return declared
 
     def _path(self, name: str) -> Path | None:
         if len(name) > MAX_NAME_LENGTH or not NAME.fullmatch(name):

@@ -220,11 +220,13 @@ class Handler:
         timeout = self.settings.default_timeout if request.timeout is None else request.timeout
         if timeout > cap:
             raise InvalidRequest(f"timeout {timeout:g} s is over the limit of {cap:g} s")
+        ctx = request.ctx or {}
         if isinstance(request, protocol.CodeRequest):
             source = request.code
         else:
-            source = self.catalog.source(request.name)
-        return Job(source=source, ctx=request.ctx or {}, timeout=timeout)
+            script = self.catalog.load(request.name)
+            source, ctx = script.source, script.check(request.name, ctx)
+        return Job(source=source, ctx=ctx, timeout=timeout)
 
     @staticmethod
     def _reply(request_id: str, outcome: Outcome, job_id: str | None = None) -> Reply:

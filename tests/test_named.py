@@ -86,14 +86,25 @@ def test_text_normalize_honours_form_and_keeps_whitespace(caller: Caller) -> Non
     assert reply.result == {"text": " \u00c9 ", "changed": True}
 
 
-def test_text_normalize_without_text_is_a_script_error(caller: Caller) -> None:
-    """text.normalize without ctx.text fails as script_error with its ValueError message."""
+def test_text_normalize_without_text_is_rejected_naming_the_field(caller: Caller) -> None:
+    """text.normalize without ctx.text is refused before it runs, naming the missing field."""
     reply = caller.named("text.normalize", {})
-    assert reply.status == "error"
+    assert reply.status == "rejected"
     assert reply.error is not None
-    assert reply.error.code == "script_error"
-    assert reply.error.type == "ValueError"
-    assert "ctx.text" in reply.error.message
+    assert reply.error.code == "invalid_request"
+    assert "`text`" in reply.error.message
+
+
+def test_a_wrongly_typed_field_is_rejected_naming_it(caller: Caller) -> None:
+    """A field of the wrong type or value is named in the invalid_request message."""
+    reply = caller.named("text.normalize", {"text": "a", "case": "shout"})
+    assert reply.error is not None
+    assert reply.error.code == "invalid_request"
+    assert "ctx.case" in reply.error.message
+    reply = caller.named("text.normalize", {"text": "a", "extra": 1})
+    assert reply.error is not None
+    assert reply.error.code == "invalid_request"
+    assert "`extra`" in reply.error.message
 
 
 def test_sql_transpile_translates_between_dialects(caller: Caller) -> None:
@@ -113,12 +124,12 @@ def test_sql_transpile_pretty_prints_on_several_lines(caller: Caller) -> None:
     assert reply.result == {"statements": ["SELECT\n  a\nFROM t\nWHERE\n  b = 1"]}
 
 
-def test_sql_transpile_without_sql_is_a_script_error(caller: Caller) -> None:
-    """sql.transpile with an empty ctx.sql fails as script_error naming ctx.sql."""
+def test_sql_transpile_with_blank_sql_is_rejected_naming_the_field(caller: Caller) -> None:
+    """sql.transpile with a blank ctx.sql is refused as invalid_request naming ctx.sql."""
     reply = caller.named("sql.transpile", {"sql": "   "})
-    assert reply.status == "error"
+    assert reply.status == "rejected"
     assert reply.error is not None
-    assert reply.error.code == "script_error"
+    assert reply.error.code == "invalid_request"
     assert "ctx.sql" in reply.error.message
 
 

@@ -1,33 +1,25 @@
 """Normalize text: Unicode form, whitespace and case.
 
-ctx:
-    text (str, required): the text to normalize.
-    form (str): Unicode normalization form, one of NFC, NFKC, NFD, NFKD (default NFKC).
-    case (str): "keep" (default), "lower", "upper" or "casefold".
-    collapse_whitespace (bool): turn runs of whitespace into one space and trim (default true).
-
 Returns {"text": str, "changed": bool}.
 """
 
 import re
 import unicodedata
 
-FORMS = ("NFC", "NFKC", "NFD", "NFKD")
-CASES = ("keep", "lower", "upper", "casefold")
+
+class Input:
+    text: str  # the text to normalize
+    form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFKC"  # Unicode normalization form
+    case: Literal["keep", "lower", "upper", "casefold"] = "keep"
+    collapse_whitespace: bool = True  # runs of whitespace become one space; ends trimmed
 
 
 def execute(ctx):
-    text = ctx.get("text")
-    if not isinstance(text, str):
-        raise ValueError("ctx.text must be a string")
-    form = ctx.get("form", "NFKC")
-    if form not in FORMS:
-        raise ValueError(f"ctx.form must be one of {', '.join(FORMS)}")
-    case = ctx.get("case", "keep")
-    if case not in CASES:
-        raise ValueError(f"ctx.case must be one of {', '.join(CASES)}")
+    text = ctx["text"]
+    form = ctx["form"]
+    case = ctx["case"]
     result = unicodedata.normalize(form, text)
-    if ctx.get("collapse_whitespace", True):
+    if ctx["collapse_whitespace"]:
         result = re.sub(r"\s+", " ", result).strip()
     if case == "lower":
         result = result.lower()

@@ -1,0 +1,174 @@
+"""Typed input of named scripts: a ``class Input`` declared in the script, checked before it runs.
+
+A script may declare what its ``ctx`` holds::
+
+    class Input:
+        text: str
+        form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFKC"
+        limit: Annotated[int, Meta(ge=1, le=1000)] = 10
+
+The declaration is read from the source with :mod:`ast`, never executed in the service: each
+annotation is mapped to a type from a short list and each default must be a literal. The
+replica turns it into a msgspec Struct (unknown fields refused) and validates ``ctx`` against it
+before anything runs, so bad input is ``rejected`` / ``invalid_request`` with a message naming
+the field. The script then gets ``ctx`` as plain JSON values with the defaults filled in; the
+declaration itself is blanked out of the source it runs (line numbers stay the same).
+"""
+
+from __future__ import annotations
+
+import ast
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from consumer.errors import InvalidRequest
+
+INPUT_CLASS = "Input"
+_NAMES: dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "dict": dict,
+    "list": list,
+    "Any": Any,
+    "None": None,
+}
+_META_KEYWORDS = frozenset(
+    {"ge", "gt", "le", "lt", "min_length", "max_length", "pattern", "description", "examples"}
+)
+
+
+class InputDeclarationError(ValueError):
+    """A script's ``class Input`` uses something this module does not understand."""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A script as it runs: its source without the declaration, and its input type if any."""
+
+    source: str
+    input_type: type[msgspec.Struct] | None
+
+    def check(self, name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+        """``ctx`` validated and with defaults filled, or :class:`InvalidRequest`."""
+        if self.input_type is None:
+            return ctx
+        try:
+            value = msgspec.convert(ctx, self.input_type)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"invalid ctx for '{name}': {_located(str(exc))}") from None
+        converted: dict[str, Any] = msgspec.to_builtins(value)
+        return converted
+
+
+def declare(source: str, name: str) -> Declared:
+    """Read the ``class Input`` of a script, if it has one."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return Declared(source=source, input_type=None)  # the run reports the syntax error
+    node = next(
+        (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == INPUT_CLASS), None
+    )
+    if node is None:
+        return Declared(source=source, input_type=None)
+    fields = [_field(statement) for statement in node.body if not _is_docstring(statement)]
+    input_type = msgspec.defstruct(
+        f"{name}.Input",
+        fields,
+        forbid_unknown_fields=True,
+        kw_only=True,
+    )
+    return Declared(source=_blank(source, node), input_type=input_type)
+
+
+def _field(statement: ast.stmt) -> tuple[str, Any] | tuple[str, Any, Any]:
+    if not isinstance(statement, ast.AnnAssign) or not isinstance(statement.target, ast.Name):
+        raise InputDeclarationError(
+            f"line {statement.lineno}: class Input may only hold 'name: type [= default]' lines"
+        )
+    field_name = statement.target.id
+    if field_name.startswith("_"):
+        raise InputDeclarationError(f"line {statement.lineno}: field names may not start with _")
+    field_type = _type(statement.annotation)
+    if statement.value is None:
+        return field_name, field_type
+    try:
+        default = ast.literal_eval(statement.value)
+    except ValueError:
+        raise InputDeclarationError(
+            f"line {statement.lineno}: the default of '{field_name}' must be a literal"
+        ) from None
+    if isinstance(default, (list, dict, set)):
+        default = msgspec.field(default_factory=_copier(default))
+    return field_name, field_type, default
+
+
+def _copier(value: Any) -> Any:
+    return lambda: msgspec.json.decode(msgspec.json.encode(value))
+
+
+def _type(node: ast.expr) -> Any:
+    """The type an annotation names, from a fixed vocabulary."""
+    if isinstance(node, ast.Constant) and node.value is None:
+        return None
+    if isinstance(node, ast.Name) and node.id in _NAMES:
+        return _NAMES[node.id]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return typing.Union[_type(node.left), _type(node.right)]  # noqa: UP007
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+        head = node.value.id
+        args = list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if head == "list" and len(args) == 1:
+            return list[_type(args[0])]  # type: ignore[misc]
+        if head == "dict" and len(args) == 2:
+            return dict[_type(args[0]), _type(args[1])]  # type: ignore[misc]
+        if head == "Literal":
+            values = tuple(ast.literal_eval(arg) for arg in args)
+            return Literal[values]
+        if head == "Annotated" and len(args) == 2:
+            return Annotated[_type(args[0]), _meta(args[1])]
+    raise InputDeclarationError(
+        f"line {node.lineno}: unsupported type '{ast.unparse(node)}' (use str, int, float, "
+        "bool, dict, list, Any, None, list[...], dict[str, ...], Literal[...], X | Y or "
+        "Annotated[X, Meta(...)])"
+    )
+
+
+def _meta(node: ast.expr) -> msgspec.Meta:
+    if not (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Meta"
+        and not node.args
+    ):
+        raise InputDeclarationError(f"line {node.lineno}: expected Meta(name=value, ...)")
+    options = {}
+    for keyword in node.keywords:
+        if keyword.arg not in _META_KEYWORDS:
+            raise InputDeclarationError(f"line {node.lineno}: Meta({keyword.arg}=...) unknown")
+        options[keyword.arg] = ast.literal_eval(keyword.value)
+    return msgspec.Meta(**options)
+
+
+def _is_docstring(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+
+
+def _blank(source: str, node: ast.ClassDef) -> str:
+    """The source with the declaration's lines emptied, so line numbers do not move."""
+    lines = source.splitlines(keepends=True)
+    first = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+    last = node.end_lineno or node.lineno
+    for index in range(first, last):
+        lines[index] = "\n"
+    return "".join(lines)
+
+
+def _located(message: str) -> str:
+    """msgspec's ``... - at `$.a.b``` with the path written from ``ctx``."""
+    return message.replace("`$.", "`ctx.").replace("`$`", "`ctx`").replace("`$[", "`ctx[")
