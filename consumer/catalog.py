@@ -80,6 +80,24 @@ class Catalog:
             return None
         return resolved
 
+    def describe(self, name: str) -> str:
+        """The script's docstring and its ``class Input`` as written, for people to read."""
+        source = self.source(name)
+        try:
+            tree = ast.parse(source)
+        except SyntaxError as exc:
+            return f"{name}: does not parse ({exc.msg}, line {exc.lineno})"
+        parts = [name, "", (ast.get_docstring(tree) or "(no description)").strip()]
+        declaration = next(
+            (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Input"), None
+        )
+        if declaration is None:
+            parts += ["", "ctx: not declared (the script checks it itself)"]
+        else:
+            lines = source.splitlines()[declaration.lineno - 1 : declaration.end_lineno]
+            parts += ["", *lines]
+        return "\n".join(parts)
+
     def scripts(self) -> list[ScriptInfo]:
         """Every installed script, sorted by name."""
         found = []

@@ -20,7 +20,7 @@ from consumer.catalog import Catalog
 from consumer.client import Client
 from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
-from consumer.errors import ClientError, ConfigError
+from consumer.errors import ClientError, ConfigError, UnknownScript
 from consumer.protocol import CodeRequest, NamedRequest
 from consumer.service import Replica
 from sandbox import LayerStatus, Pool
@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--id", default=None, help="the key id (default: a random one)")
     keygen.set_defaults(handler=_keygen)
 
-    scripts = commands.add_parser("scripts", help="list the installed scripts")
+    scripts = commands.add_parser(
+        "scripts", help="list the installed scripts, or show one with its input"
+    )
+    scripts.add_argument("name", nargs="?", help="show this script's description and input")
     scripts.set_defaults(handler=_scripts)
 
     doctor = commands.add_parser("doctor", help="say which isolation layers work on this host")
@@ -251,8 +254,16 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scripts(_args: argparse.Namespace) -> int:
+def _scripts(args: argparse.Namespace) -> int:
     settings = config.load()
-    for info in Catalog(settings.scripts_dir).scripts():
-        print(f"{info.name:30} {info.summary}")
+    catalog = Catalog(settings.scripts_dir)
+    if args.name is None:
+        for info in catalog.scripts():
+            print(f"{info.name:30} {info.summary}")
+        return 0
+    try:
+        print(catalog.describe(args.name))
+    except UnknownScript as exc:
+        print(f"pyexec: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -126,6 +126,18 @@ def test_scripts_lists_the_shipped_scripts_with_summaries(tmp_path: Path) -> Non
     assert listed["sql.transpile"] == "Translate SQL from one dialect to another with sqlglot."
 
 
+def test_scripts_with_a_name_shows_its_description_and_input(tmp_path: Path) -> None:
+    """`pyexec scripts NAME` prints the docstring and the class Input; unknown names fail."""
+    done = run_pyexec("scripts", "sql.transpile", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Translate SQL from one dialect to another with sqlglot." in done.stdout
+    assert "class Input:" in done.stdout
+    assert "pretty: bool = False" in done.stdout
+    missing = run_pyexec("scripts", "no.such", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "no script named 'no.such'" in missing.stderr
+
+
 # -- the embedded default ----------------------------------------------------------------------
 
 

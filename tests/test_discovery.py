@@ -198,3 +198,15 @@ def test_stats_count_requests_and_errors_per_endpoint(nats_server: NatsServer) -
             )
     finally:
         replica.stop()
+
+
+def test_info_metadata_lists_the_installed_scripts(nats_server: NatsServer, target: Target) -> None:
+    """``$SRV.INFO`` names every installed script in the metadata field ``scripts``."""
+    from consumer.catalog import Catalog
+    from consumer.config import DEFAULT_SCRIPTS_DIR
+
+    answer = answer_from(nats_server.url, control_subject("INFO", "id", target.service_id),
+                         target.service_id)  # fmt: skip
+    listed = answer["metadata"]["scripts"].split(",")
+    assert listed == [info.name for info in Catalog(DEFAULT_SCRIPTS_DIR).scripts()]
+    assert {"text.normalize", "sql.transpile"} <= set(listed)
