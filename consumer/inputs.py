@@ -7,6 +7,7 @@ A script may declare what its ``ctx`` holds::
         form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFKC"
         limit: Annotated[int, Meta(ge=1, le=1000)] = 10
 
+A field may also be typed with another class declared the same way (``rows: list[Row]``).
 The declaration is read from the source with :mod:`ast`, never executed in the service: each
 annotation is mapped to a type from a short list and each default must be a literal. The
 replica turns it into a msgspec Struct (unknown fields refused) and validates ``ctx`` against it
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -66,27 +68,58 @@ class Declared:
 
 
 def declare(source: str, name: str) -> Declared:
-    """Read the ``class Input`` of a script, if it has one."""
+    """Read the ``class Input`` of a script, if it has one, with the classes it uses."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return Declared(source=source, input_type=None)  # the run reports the syntax error
-    node = next(
-        (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == INPUT_CLASS), None
-    )
-    if node is None:
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    if INPUT_CLASS not in classes:
         return Declared(source=source, input_type=None)
-    fields = [_field(statement) for statement in node.body if not _is_docstring(statement)]
-    input_type = msgspec.defstruct(
-        f"{name}.Input",
-        fields,
-        forbid_unknown_fields=True,
-        kw_only=True,
-    )
-    return Declared(source=_blank(source, node), input_type=input_type)
+    reader = _Reader(classes, prefix=name)
+    input_type = reader.struct(INPUT_CLASS)
+    for used in reader.built:
+        source = _blank(source, classes[used])
+    return Declared(source=source, input_type=input_type)
 
 
-def _field(statement: ast.stmt) -> tuple[str, Any] | tuple[str, Any, Any]:
+class _Reader:
+    """Builds Structs from declared classes; a class used as a field type (``list[Row]``)
+    becomes a nested Struct, refused unknown fields included."""
+
+    def __init__(self, classes: dict[str, ast.ClassDef], prefix: str) -> None:
+        self.classes = classes
+        self.prefix = prefix
+        self.built: dict[str, type[msgspec.Struct]] = {}
+        self._building: set[str] = set()
+
+    def struct(self, class_name: str) -> type[msgspec.Struct]:
+        if class_name in self.built:
+            return self.built[class_name]
+        if class_name in self._building:
+            raise InputDeclarationError(f"class {class_name} refers to itself")
+        self._building.add(class_name)
+        node = self.classes[class_name]
+        fields = [self._field(st) for st in node.body if not _is_docstring(st)]
+        built = msgspec.defstruct(
+            f"{self.prefix}.{class_name}", fields, forbid_unknown_fields=True, kw_only=True
+        )
+        self._building.discard(class_name)
+        self.built[class_name] = built
+        return built
+
+    def _field(self, statement: ast.stmt) -> tuple[str, Any] | tuple[str, Any, Any]:
+        return _field(statement, self._type)
+
+    def _type(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Name) and node.id not in _NAMES and node.id in self.classes:
+            return self.struct(node.id)
+        return _type(node, self._type)
+
+
+def _field(
+    statement: ast.stmt, read_type: Callable[[ast.expr], Any]
+) -> tuple[str, Any] | tuple[str, Any, Any]:
     if not isinstance(statement, ast.AnnAssign) or not isinstance(statement.target, ast.Name):
         raise InputDeclarationError(
             f"line {statement.lineno}: class Input may only hold 'name: type [= default]' lines"
@@ -94,7 +127,7 @@ def _field(statement: ast.stmt) -> tuple[str, Any] | tuple[str, Any, Any]:
     field_name = statement.target.id
     if field_name.startswith("_"):
         raise InputDeclarationError(f"line {statement.lineno}: field names may not start with _")
-    field_type = _type(statement.annotation)
+    field_type = read_type(statement.annotation)
     if statement.value is None:
         return field_name, field_type
     try:
@@ -112,30 +145,30 @@ def _copier(value: Any) -> Any:
     return lambda: msgspec.json.decode(msgspec.json.encode(value))
 
 
-def _type(node: ast.expr) -> Any:
-    """The type an annotation names, from a fixed vocabulary."""
+def _type(node: ast.expr, inner: Callable[[ast.expr], Any]) -> Any:
+    """The type an annotation names, from a fixed vocabulary; ``inner`` reads nested ones."""
     if isinstance(node, ast.Constant) and node.value is None:
         return None
     if isinstance(node, ast.Name) and node.id in _NAMES:
         return _NAMES[node.id]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        return typing.Union[_type(node.left), _type(node.right)]  # noqa: UP007
+        return typing.Union[inner(node.left), inner(node.right)]  # noqa: UP007
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
         head = node.value.id
         args = list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
         if head == "list" and len(args) == 1:
-            return list[_type(args[0])]  # type: ignore[misc]
+            return list[inner(args[0])]  # type: ignore[misc]
         if head == "dict" and len(args) == 2:
-            return dict[_type(args[0]), _type(args[1])]  # type: ignore[misc]
+            return dict[inner(args[0]), inner(args[1])]  # type: ignore[misc]
         if head == "Literal":
             values = tuple(ast.literal_eval(arg) for arg in args)
             return Literal[values]
         if head == "Annotated" and len(args) == 2:
-            return Annotated[_type(args[0]), _meta(args[1])]
+            return Annotated[inner(args[0]), _meta(args[1])]
     raise InputDeclarationError(
         f"line {node.lineno}: unsupported type '{ast.unparse(node)}' (use str, int, float, "
-        "bool, dict, list, Any, None, list[...], dict[str, ...], Literal[...], X | Y or "
-        "Annotated[X, Meta(...)])"
+        "bool, dict, list, Any, None, list[...], dict[str, ...], Literal[...], X | Y, "
+        "Annotated[X, Meta(...)] or a class declared in the script)"
     )
 
 

@@ -1,10 +1,18 @@
 """A real HTTP server on loopback that named scripts call in tests: an OpenAI-compatible chat
-endpoint and a few JSON endpoints. It records what it received so tests can check headers."""
+endpoint and a few JSON endpoints. It records what it received so tests can check headers.
+
+Besides ``/v1/chat/completions`` (needs ``Authorization: Bearer test-token``): chat endpoints
+under ``/status/<code>/v1`` that fail with that HTTP status, ``/leaky/v1`` that quotes the key
+it refused in its error, ``/empty/v1`` that answers without a choice, ``/slow/v1`` that
+answers after 2 s; ``GET /json/stream`` sends about
+2 MB without a Content-Length, ``GET /json/reflect`` answers 401 quoting the Authorization
+header it got."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +60,19 @@ def _handler(api: LoopbackAPI) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _stream(self, size: int) -> None:
+            """A JSON body of about ``size`` bytes with no Content-Length, sent in chunks."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                self.wfile.write(b'{"blob": "')
+                for _ in range(size // 65536):
+                    self.wfile.write(b"x" * 65536)
+                self.wfile.write(b'"}')
+            except OSError:
+                return  # the client stopped reading
+
         def _record(self, body: bytes) -> None:
             api.received.append(Received(self.command, self.path, dict(self.headers.items()), body))
 
@@ -67,6 +88,12 @@ def _handler(api: LoopbackAPI) -> type[BaseHTTPRequestHandler]:
                 self._send(200, b"<html>hello</html>", "text/html")
             elif url.path == "/json/fail":
                 self._send(500, {"error": "boom"})
+            elif url.path == "/json/stream":
+                self._stream(2_000_000)
+            elif url.path == "/json/reflect":
+                # Like a careless API: the credential it refused is in its error body.
+                got = self.headers.get("Authorization", "")
+                self._send(401, {"error": f"bad credentials: {got}"})
             else:
                 self._send(404, {"error": "not found"})
 
@@ -78,6 +105,21 @@ def _handler(api: LoopbackAPI) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {"received": json.loads(body or b"null")})
             elif url.path == "/v1/chat/completions":
                 self._chat(json.loads(body))
+            elif url.path.startswith("/status/") and url.path.endswith("/v1/chat/completions"):
+                status = int(url.path.split("/")[2])
+                self._send(status, {"error": {"message": f"failed with {status}", "type": "x"}})
+            elif url.path == "/leaky/v1/chat/completions":
+                # Like some APIs: the refused key is quoted back in the error message.
+                got = self.headers.get("Authorization", "")
+                self._send(401, {"error": {"message": f"Incorrect API key: {got}", "type": "x"}})
+            elif url.path == "/empty/v1/chat/completions":
+                self._send(200, {"id": "chatcmpl-2", "object": "chat.completion", "choices": []})
+            elif url.path == "/slow/v1/chat/completions":
+                time.sleep(2)
+                try:
+                    self._chat(json.loads(body))
+                except OSError:
+                    return  # the client gave up waiting
             else:
                 self._send(404, {"error": "not found"})
 

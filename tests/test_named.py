@@ -208,6 +208,9 @@ def scripts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "folder" / "sub").mkdir(parents=True)
     (root / "folder" / "sub" / "name.py").write_text(NESTED_SCRIPT)
     (root / "imports_os.py").write_text(IMPORTS_OS_SCRIPT)
+    (root / "broken_input.py").write_text(
+        "class Input:\n    when: datetime\n\n\ndef execute(ctx):\n    return 1\n"
+    )
     (root / "escape.py").symlink_to(outside / "secret.py")
     (root / "linked").symlink_to(outside, target_is_directory=True)
     return root
@@ -271,5 +274,16 @@ def test_scripts_listing_leaves_out_escaping_symlinks(scripts_dir: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     listed = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
-    assert set(listed) == {"folder.sub.name", "imports_os"}
+    assert set(listed) == {"broken_input", "folder.sub.name", "imports_os"}
     assert "A nested script." in listed["folder.sub.name"]
+
+
+def test_a_script_with_an_unreadable_input_declaration_is_refused(custom: Caller) -> None:
+    """An installed script whose class Input uses an unknown type is refused, naming the line;
+    nothing runs."""
+    reply = custom.named("broken_input", {"when": "now"})
+    assert reply.status == "rejected"
+    assert reply.error is not None
+    assert reply.error.code == "invalid_request"
+    assert "unusable class Input" in reply.error.message
+    assert "line 2" in reply.error.message
