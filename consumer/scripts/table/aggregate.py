@@ -1,0 +1,150 @@
+"""Filter, group and aggregate or pivot a table of records with pandas; sort and limit.
+
+Returns {"columns": [...], "rows": [[...], ...], "total_rows": int}: the result table as
+column names and rows of values (null for missing), total_rows counted before the limit.
+Operations are named, never evaluated: a filter is {"column", "op", "value"}, an aggregation
+{"column", "op", "name"}, a pivot {"index", "columns", "values", "op"}.
+"""
+
+import pandas as pd
+
+# The aggregation a caller names -> the pandas reduction it runs (first/last: non-null).
+AGGREGATIONS = {
+    "sum": "sum", "mean": "mean", "median": "median", "min": "min", "max": "max",
+    "count": "count", "nunique": "nunique", "first": "first", "last": "last",
+}  # fmt: skip
+NUMERIC_ONLY = {"sum", "mean", "median"}
+FILTERS = {
+    "==": lambda column, value: column.isna() if value is None else column == value,
+    "!=": lambda column, value: column.notna() if value is None else column != value,
+    "<": lambda column, value: column < value,
+    "<=": lambda column, value: column <= value,
+    ">": lambda column, value: column > value,
+    ">=": lambda column, value: column >= value,
+    "in": lambda column, value: column.isin(value),
+    "not_in": lambda column, value: ~column.isin(value),
+}
+
+
+class Filter:
+    column: str
+    op: Literal["==", "!=", "<", "<=", ">", ">=", "in", "not_in"]
+    value: Any = None  # a list for "in" / "not_in"; null matches missing values with == / !=
+
+
+class Aggregation:
+    column: str
+    op: Literal["sum", "mean", "median", "min", "max", "count", "nunique", "first", "last"]
+    name: str | None = None  # the result column; default "<column>_<op>"
+
+
+class Pivot:
+    index: str | list[str]  # the row keys
+    columns: str  # one result column per value of this column
+    values: str  # the column aggregated into the cells
+    op: Literal["sum", "mean", "median", "min", "max", "count", "nunique", "first", "last"] = (
+        "sum"
+    )
+
+
+class Input:
+    records: Annotated[list[dict], Meta(max_length=200000)]  # [{"column": value, ...}, ...]
+    filters: list[Filter] = []  # all must hold
+    group_by: list[str] = []  # group on these columns (null is a group of its own)
+    aggregations: list[Aggregation] = []
+    pivot: Pivot | None = None
+    sort_by: list[str] = []  # result columns to sort on
+    descending: bool | list[bool] = False  # for all sort columns, or one per column
+    limit: Annotated[int, Meta(ge=1, le=100000)] | None = None  # rows kept after sorting
+
+
+def execute(ctx):
+    # Nullable dtypes keep whole numbers whole when a column has nulls.
+    frame = pd.DataFrame.from_records(ctx["records"]).convert_dtypes()
+    for number, spec in enumerate(ctx["filters"]):
+        frame = apply_filter(frame, spec, f"filters[{number}]")
+    if ctx["pivot"] is not None:
+        if ctx["group_by"] or ctx["aggregations"]:
+            raise ValueError("pivot cannot be combined with group_by or aggregations")
+        frame = pivot(frame, ctx["pivot"])
+    elif ctx["group_by"] or ctx["aggregations"]:
+        frame = aggregate(frame, ctx["group_by"], ctx["aggregations"])
+    if ctx["sort_by"]:
+        check(frame, ctx["sort_by"])
+        descending = ctx["descending"]
+        if isinstance(descending, list) and len(descending) != len(ctx["sort_by"]):
+            raise ValueError("descending: give one flag per sort_by column, or one for all")
+        order = [not d for d in descending] if isinstance(descending, list) else not descending
+        frame = frame.sort_values(ctx["sort_by"], ascending=order, kind="stable")
+    total = len(frame)
+    if ctx["limit"] is not None:
+        frame = frame.head(ctx["limit"])
+    frame = frame.astype(object).where(frame.notna(), None)
+    return {"columns": list(frame.columns), "rows": frame.values.tolist(), "total_rows": total}
+
+
+def check(frame, columns):
+    known = [str(name) for name in frame.columns]
+    for column in columns:
+        if column not in known:
+            raise ValueError(f"unknown column {column!r} (columns: {', '.join(known)})")
+
+
+def apply_filter(frame, spec, where):
+    column, op, value = spec["column"], spec["op"], spec["value"]
+    check(frame, [column])
+    if op in ("in", "not_in") and not isinstance(value, list):
+        raise ValueError(f"{where}: {op!r} takes a list of values")
+    if op in ("<", "<=", ">", ">=") and value is None:
+        raise ValueError(f"{where}: {op!r} cannot compare with null")
+    try:
+        return frame[FILTERS[op](frame[column], value)]
+    except TypeError as exc:
+        raise ValueError(f"{where}: cannot compare {column!r} {op} {value!r} ({exc})") from None
+
+
+def numeric(frame, column, op, where):
+    if op in NUMERIC_ONLY and frame[column].dtype.kind not in "iufb":
+        raise ValueError(f"{where}: {op!r} needs numbers; column {column!r} is not numeric")
+
+
+def aggregate(frame, group_by, aggregations):
+    check(frame, group_by)
+    named = {}
+    for number, spec in enumerate(aggregations):
+        where = f"aggregations[{number}]"
+        column, op = spec["column"], spec["op"]
+        check(frame, [column])
+        numeric(frame, column, op, where)
+        name = spec["name"] or f"{column}_{op}"
+        if name in named or name in group_by:
+            raise ValueError(f"{where}: the result column {name!r} is named twice")
+        named[name] = (column, AGGREGATIONS[op])
+    if not group_by:  # the whole table: one row
+        return pd.DataFrame({name: [whole(frame[c], op)] for name, (c, op) in named.items()})
+    groups = frame.groupby(group_by, dropna=False, sort=True)
+    if not named:
+        return groups.size().reset_index(name="count")
+    return groups.agg(**named).reset_index()
+
+
+def whole(series, op):
+    if op in ("first", "last"):
+        present = series.dropna()
+        return None if present.empty else present.iloc[0 if op == "first" else -1]
+    return series.agg(op)
+
+
+def pivot(frame, spec):
+    op, values, columns = spec["op"], spec["values"], spec["columns"]
+    index = [spec["index"]] if isinstance(spec["index"], str) else spec["index"]
+    if not index:
+        raise ValueError("pivot.index: name at least one column")
+    check(frame, [*index, columns, values])
+    numeric(frame, values, op, "pivot")
+    table = frame.groupby([*index, columns], dropna=False, sort=True)[values].agg(AGGREGATIONS[op])
+    table = table.unstack(columns)  # one column per value of `columns`, null where none
+    if op in ("count", "nunique"):
+        table = table.astype("Int64")
+    table.columns = list(table.columns)
+    return table.reset_index()

@@ -1,0 +1,92 @@
+"""Summarize a table of records per column with pandas: types, nulls, statistics, top values.
+
+Returns {"rows": int, "columns": [{"name": str, "dtype": str, "kind": str, "count": int,
+"nulls": int, "unique": int, ...}, ...]}. Columns of numbers add min, max, mean, std, p25,
+median and p75; other columns add "top": [{"value": ..., "count": int}, ...], most frequent
+first. Values JSON has no form for (NaN, an infinite std) are null.
+"""
+
+import json
+import math
+
+import pandas as pd
+
+# The kind of a column, from the JSON values in it: one of these, "number" (integers and
+# floats), "mixed" or "empty" (nulls only).
+KINDS = {
+    type(None): "null", bool: "boolean", int: "integer", float: "float", str: "text",
+    list: "list", dict: "object",
+}  # fmt: skip
+
+
+class Input:
+    records: Annotated[list[dict], Meta(max_length=200000)]  # [{"column": value, ...}, ...]
+    columns: list[str] | None = None  # only these columns, in this order; None: all
+    top: Annotated[int, Meta(ge=0, le=100)] = 5  # most frequent values listed per column
+
+
+def execute(ctx):
+    frame = pd.DataFrame.from_records(ctx["records"])
+    names = [str(name) for name in frame.columns]
+    wanted = names if ctx["columns"] is None else ctx["columns"]
+    for name in wanted:
+        if name not in names:
+            raise ValueError(f"unknown column {name!r} (columns: {', '.join(names)})")
+    columns = []
+    for name in wanted:
+        kinds = {KINDS.get(type(r.get(name)), "object") for r in ctx["records"]} - {"null"}
+        if kinds == {"integer", "float"}:
+            kinds = {"number"}
+        kind = "empty" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+        columns.append(describe(name, frame[name], kind, ctx["top"]))
+    return {"rows": len(frame), "columns": columns}
+
+
+def describe(name, series, kind, top):
+    values = series.map(hashable)  # lists and objects are counted by their JSON text
+    summary = {
+        "name": name,
+        "dtype": str(series.dtype),
+        "kind": kind,
+        "count": int(series.notna().sum()),
+        "nulls": int(series.isna().sum()),
+        "unique": int(values.nunique(dropna=True)),
+    }
+    if kind in ("integer", "float", "number"):  # numbers and nulls only
+        whole = int if kind == "integer" else number  # nulls made the column float
+        quartiles = series.quantile([0.25, 0.5, 0.75])
+        summary.update({
+            "min": whole(number(series.min())),
+            "max": whole(number(series.max())),
+            "mean": number(series.mean()),
+            "std": number(series.std()),
+            "p25": number(quartiles[0.25]),
+            "median": number(quartiles[0.5]),
+            "p75": number(quartiles[0.75]),
+        })
+    else:
+        counts = values.value_counts(dropna=True).head(top)
+        summary["top"] = [
+            {"value": plain(value), "count": int(count)} for value, count in counts.items()
+        ]
+    return summary
+
+
+def hashable(value):
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return value
+
+
+def number(value):
+    """A statistic as int or float, or None for NaN and infinities."""
+    if value is None or pd.isna(value):
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def plain(value):
+    return value.item() if hasattr(value, "item") else value
