@@ -23,12 +23,16 @@ def to_json_value(value: Any, depth: int = 0) -> Any:
     """
     if depth > MAX_DEPTH:
         raise NotSerializable(f"result is nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool):
         return value
+    # Subclasses (pymorphy3's tags, IntEnum members...) become the plain value they hold.
+    if isinstance(value, str):
+        return value if type(value) is str else str.__str__(value)
     if isinstance(value, int):
-        return int(value)
+        return int.__index__(value)
     if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
+        number = float.__float__(value)
+        return number if math.isfinite(number) else None
     if isinstance(value, dict):
         return {_key(key): to_json_value(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

@@ -198,7 +198,9 @@ class Run:
             return self._flood_failure()
         try:
             encoded = _JSON.encode(to_json_value(value))
-        except (NotSerializable, RecursionError) as exc:
+        # TypeError/ValueError: a value of the script's own making that converts badly (a
+        # subclass whose conversion methods fail); it must not take the worker down.
+        except (NotSerializable, RecursionError, TypeError, ValueError) as exc:
             return RunResult(
                 status="error",
                 error=ErrorInfo(

@@ -251,6 +251,25 @@ def test_timestamp_result_round_trips_as_iso_8601(caller: Caller) -> None:
     assert dt.datetime.fromisoformat(reply.result[0]["at"]) == dt.datetime(2024, 1, 2, 3, 4, 5)
 
 
+def test_str_and_number_subclasses_come_back_as_plain_values(caller: Caller) -> None:
+    """Library values that subclass str or int (a pymorphy3 tag, an IntEnum) are returned as
+    the plain string or number; regression: a str subclass took the worker down (worker_lost)."""
+    reply = run(
+        caller,
+        """
+        import enum
+        import pymorphy3
+        class Level(enum.IntEnum):
+            HIGH = 3
+        def execute(ctx):
+            tag = pymorphy3.MorphAnalyzer().parse("мама")[0].tag
+            return {"pos": tag.POS, "level": Level.HIGH, "keyed": {tag.POS: 1}}
+        """,
+    )
+    assert_ok(reply)
+    assert reply.result == {"pos": "NOUN", "level": 3, "keyed": {"NOUN": 1}}
+
+
 @pytest.mark.parametrize(
     "expression",
     ["object()", "execute", "b'raw bytes'", "{'inside': [object()]}"],
