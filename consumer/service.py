@@ -12,7 +12,6 @@ from collections.abc import Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
-import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server
@@ -62,7 +61,12 @@ async def connect(
                 metrics.nats_errors.inc()
         log.warning("nats error", error=repr(exc))
 
+    client = NatsClient()
+
     async def on_disconnected() -> None:
+        if client.is_closed or client.is_draining:
+            log.info("nats connection closed")  # our own stop, not a fault
+            return
         if metrics is not None:
             metrics.nats_disconnects.inc()
         log.warning("nats disconnected")
@@ -72,7 +76,7 @@ async def connect(
             metrics.nats_reconnects.inc()
         log.info("nats reconnected")
 
-    return await nats.connect(
+    await client.connect(
         servers=urls,
         name=name,
         max_reconnect_attempts=-1,
@@ -82,6 +86,7 @@ async def connect(
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
+    return client
 
 
 def reconnect_backoff(servers: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:

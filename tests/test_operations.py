@@ -165,7 +165,11 @@ def test_timeouts_policy_violations_and_memory_kills_are_counted(monitored: Moni
 
 def test_pool_and_connection_gauges(monitored: Monitored) -> None:
     """An idle replica shows its workers idle, warm children waiting, NATS up, and its version."""
-    samples = scrape(monitored.port)
+    # Children used by earlier tests are replaced in the background: wait for one to be back.
+    deadline = time.monotonic() + 30
+    while value(samples := scrape(monitored.port), "pyexec_warm_children") < 1:
+        assert time.monotonic() < deadline, "no warm child came back"
+        time.sleep(0.05)
     assert value(samples, "pyexec_workers", state="idle") == 2
     assert value(samples, "pyexec_workers", state="busy") == 0
     assert value(samples, "pyexec_warm_children") >= 1
