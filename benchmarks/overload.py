@@ -16,7 +16,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,29 +25,11 @@ import time
 from pathlib import Path
 
 from consumer.client import Client
-from consumer.embedded import server_binary
+from consumer.embedded import EmbeddedNats
 
 QUICK = "def execute(ctx):\n    return 1\n"
 SPIN = "def execute(ctx):\n    while True:\n        pass\n"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        except OSError:
-            time.sleep(0.05)
-        else:
-            return
-    raise RuntimeError("nats-server did not start")
 
 
 def percentiles(samples: list[float]) -> str:
@@ -92,15 +73,9 @@ async def measure(url: str, key: str, secret: str, requests: int, concurrency: i
 
 def main(requests: int, concurrency: int) -> None:
     key, secret = "bench", secrets.token_hex(32)
-    port = free_port()
-    store = tempfile.mkdtemp(prefix="pyexec-overload-")
-    server = subprocess.Popen(  # noqa: S603 - our own binary
-        [server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port)
-    url = f"nats://127.0.0.1:{port}"
+    server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="pyexec-overload-")), port=0)
+    server.start()
+    url = server.url
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))},
         "NATS_URL": url,
@@ -130,8 +105,7 @@ def main(requests: int, concurrency: int) -> None:
         time.sleep(0.2)
         replica.send_signal(signal.SIGINT)  # the second one does not wait for the spinner
         replica.wait(timeout=30)
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from typing import Any
 from consumer import protocol
 from consumer.auth import SIGNATURE_HEADER, sign
 from consumer.client import Client
-from consumer.embedded import server_binary
+from consumer.embedded import EmbeddedNats, free_port
 from consumer.errors import ClientError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,51 +404,6 @@ async def drive(
 
 
 # -- processes ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class NatsServer:
-    """A nats-server of our own on a free loopback port, JetStream stored in a temp folder."""
-
-    def __init__(self, store: Path) -> None:
-        self.port = free_port()
-        self.store = store
-        self.process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
-            [server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("nats-server exited at start")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            except OSError:
-                time.sleep(0.05)
-                continue
-            return
-        self.stop()
-        raise RuntimeError("nats-server did not listen within 15 s")
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class Replica:
@@ -884,14 +838,15 @@ def main() -> int:
     args.scratch = work / "scratch"
     args.scratch.mkdir()
     secret = secrets.token_hex(32)
-    server: NatsServer | None = None
+    server: EmbeddedNats | None = None
     replica: Replica | None = None
     code = 1
     try:
         if args.nats_url:
             url = args.nats_url
         else:
-            server = NatsServer(work / "jetstream")
+            server = EmbeddedNats(work / "nats", port=0)
+            server.start()
             url = server.url
         print(
             f"pyexec soak: {args.requests} requests, concurrency {args.concurrency}, "
