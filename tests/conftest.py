@@ -91,6 +91,16 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.stop()
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of the test's own, with file storage: its streams start empty, and it can
+    be stopped and started again on the same port."""
+    nats_server = NatsServer(port=free_port(), store=tmp_path / "js")
+    nats_server.start()
+    yield nats_server
+    nats_server.stop()
+
+
 @dataclass
 class ReplicaProcess:
     """``pyexec serve`` as a real process, with its log lines collected as they come."""

@@ -7,28 +7,17 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
-import pytest
 
 from consumer.client import Client
 from consumer.protocol import CodeRequest, Reply
-from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, free_port, start_replica
+from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, start_replica
 
 PREFIX = "pyexec"  # the default prefix: streams PYEXEC_JOBS and PYEXEC_RESULTS
 SLOW = "import time\ndef execute(ctx):\n    time.sleep(ctx['seconds'])\n    return ctx['n'] * 10\n"
 JOB_ENV = {"EXECUTOR_JOB_ACK_WAIT": "3", "EXECUTOR_SHUTDOWN_GRACE": "5"}
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own, with file storage, so streams start empty."""
-    nats_server = NatsServer(port=free_port(), store=tmp_path / "js")
-    nats_server.start()
-    yield nats_server
-    nats_server.stop()
 
 
 def replica(server: NatsServer, **env: str) -> ReplicaProcess:

@@ -81,15 +81,6 @@ def monitored_replica(nats_url: str, metrics_port: int, **env: str) -> ReplicaPr
     )
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own, with file storage, restartable on the same port."""
-    nats_server = NatsServer(port=free_port(), store=tmp_path / "js")
-    nats_server.start()
-    yield nats_server
-    nats_server.stop()
-
-
 def outage(server: NatsServer, worker: ReplicaProcess, port: int, seconds: float) -> int:
     """Stop the server for ``seconds`` and start it again; return the failed reconnects logged."""
     server.stop()  # SIGTERM
