@@ -339,14 +339,6 @@ class JobWorker:
                 await message.nak()
             log.info("job handed back", job_id=_job_id(message))
 
-    async def stop(self, grace: float, now: asyncio.Event | None = None) -> None:
-        """Stop fetching; give running jobs the grace period (cut short when ``now`` is set),
-        then hand back (nak) those still running."""
-        await self.stop_fetching()
-        if self._running:
-            await wait_within(set(self._running), grace, now)
-        await self.hand_back()
-
 
 async def wait_within(
     tasks: set[asyncio.Task[None]], grace: float, now: asyncio.Event | None = None
