@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,15 @@ SECRET = secrets.token_hex(32)
 OLD_KEY_ID = "old"
 OLD_SECRET = secrets.token_hex(32)
 _prefixes = itertools.count(1)
+
+
+def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll ``check`` until it holds; fail the test if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -25,6 +25,7 @@ from tests.conftest import (
     ReplicaProcess,
     free_port,
     start_replica,
+    until,
 )
 from tests.test_operations import scrape, value
 
@@ -38,14 +39,6 @@ BUSY = (
     "        pass\n"
     "    return ctx['n']\n"
 )
-
-
-def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def children(pid: int) -> list[int]:

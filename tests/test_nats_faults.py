@@ -31,8 +31,9 @@ from tests.conftest import (
     ReplicaProcess,
     free_port,
     start_replica,
+    until,
 )
-from tests.test_operations import get, scrape, value
+from tests.test_operations import get, scrape, status, value
 
 PREFIX = "pyexec"  # the default prefix: streams PYEXEC_JOBS and PYEXEC_RESULTS
 JOBS = "PYEXEC_JOBS"
@@ -43,28 +44,12 @@ SLOW = "import time\ndef execute(ctx):\n    time.sleep(ctx['seconds'])\n    retu
 JOB_ENV = {"EXECUTOR_JOB_ACK_WAIT": "3", "EXECUTOR_SHUTDOWN_GRACE": "5"}
 
 
-def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
-
-
 async def until_async(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         await asyncio.sleep(0.05)
-
-
-def status(port: int, path: str) -> int:
-    """The HTTP status of a GET on loopback, or 0 if nothing answers."""
-    try:
-        return get(port, path)[0]
-    except OSError:
-        return 0
 
 
 def events(replica: ReplicaProcess, event: str) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from tests.conftest import (
     ReplicaProcess,
     free_port,
     start_replica,
+    until,
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -45,8 +46,8 @@ def get(port: int, path: str, method: str = "GET") -> tuple[int, str, dict[str, 
 
 
 def scrape(port: int) -> Samples:
-    status, text, _ = get(port, "/metrics")
-    assert status == 200
+    code, text, _ = get(port, "/metrics")
+    assert code == 200
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -184,8 +185,8 @@ def test_pool_and_connection_gauges(monitored: Monitored) -> None:
 def test_probes_and_unknown_paths(monitored: Monitored) -> None:
     """/healthz and /readyz answer 200 when serving; other paths and methods are refused."""
     assert get(monitored.port, "/healthz")[0] == 200
-    status, text, _ = get(monitored.port, "/readyz")
-    assert (status, text) == (200, "ready\n")
+    code, text, _ = get(monitored.port, "/readyz")
+    assert (code, text) == (200, "ready\n")
     assert get(monitored.port, "/metrics")[2]["Content-Type"].startswith("text/plain; version=")
     assert get(monitored.port, "/nope")[0] == 404
     assert get(monitored.port, "/metrics", method="POST")[0] == 405
@@ -394,16 +395,16 @@ def test_readyz_waits_for_nats_and_follows_the_connection(tmp_path: Any) -> None
         EXECUTOR_METRICS_HOST="127.0.0.1",
     )
     try:
-        _until(lambda: _probe(port, "/healthz") == 200)
-        status, text, _ = get(port, "/readyz")
-        assert status == 503
+        until(lambda: status(port, "/healthz") == 200, timeout=60)
+        code, text, _ = get(port, "/readyz")
+        assert code == 503
         assert "not connected to NATS" in text
         assert value(scrape(port), "pyexec_ready") == 0
         server.start()
         replica.wait_for("replica ready")
-        _until(lambda: _probe(port, "/readyz") == 200)
+        until(lambda: status(port, "/readyz") == 200, timeout=60)
         server.stop()
-        _until(lambda: _probe(port, "/readyz") == 503)
+        until(lambda: status(port, "/readyz") == 503, timeout=60)
         assert value(scrape(port), "pyexec_nats_connected") == 0
         assert value(scrape(port), "pyexec_nats_disconnects_total") >= 1
     finally:
@@ -448,16 +449,9 @@ def test_key_id_labels_only_take_known_ids() -> None:
     assert samples == {"backend": 1, "unknown": 3}
 
 
-def _probe(port: int, path: str) -> int | None:
+def status(port: int, path: str) -> int:
+    """The HTTP status of a GET on loopback, or 0 if nothing answers."""
     try:
         return get(port, path)[0]
     except OSError:
-        return None
-
-
-def _until(check: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
+        return 0
