@@ -102,7 +102,7 @@ class Handler:
             subject=subject if subject in self._kinds else "other",
             status=reply.status,
             code=code,
-            key_id=_header(headers, KEY_ID_HEADER),
+            key_id=protocol.header(headers, KEY_ID_HEADER),
             seconds=time.perf_counter() - started,
             reply_bytes=len(response.data),
         )
@@ -138,7 +138,7 @@ class Handler:
         trace: tracing.Trace,
         started: float,
     ) -> Response:
-        content_type = _header(headers, "Content-Type")
+        content_type = protocol.header(headers, "Content-Type")
         # The reply's encoding; whether the request's Content-Type is acceptable is checked
         # after the signature, so that an unsigned request is always 'unauthorized'.
         encoding = protocol.reply_encoding(content_type)
@@ -309,16 +309,6 @@ def job_id_for(request_id: str | None) -> str:
     if request_id is None:
         return uuid.uuid4().hex
     return uuid.uuid5(_JOB_NAMESPACE, request_id).hex
-
-
-def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
-    """A header's value, its name matched without regard to case."""
-    if not headers:
-        return None
-    if name in headers:
-        return headers[name]
-    lowered = name.lower()
-    return next((v for k, v in headers.items() if k.lower() == lowered), None)
 
 
 def _header_value(text: str, limit: int = 512) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -179,3 +179,13 @@ def encode(message: Reply | Request, encoding: Encoding) -> bytes:
 def decode_reply(body: bytes, encoding: Encoding = JSON) -> Reply:
     reply: Reply = _reply_decoders[encoding].decode(body)
     return reply
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header's value, its name matched without regard to case."""
+    if not headers:
+        return None
+    if name in headers:
+        return headers[name]
+    lowered = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == lowered), None)

@@ -13,6 +13,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from consumer.protocol import header
+
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 _TRACEPARENT = re.compile(
@@ -52,12 +54,12 @@ class Trace:
 
 def continue_from(headers: Mapping[str, str] | None) -> Trace:
     """A span continuing the request's trace, or the first span of a new one."""
-    parent = parse(_get(headers, TRACEPARENT))
+    parent = parse(header(headers, TRACEPARENT))
     span_id = secrets.token_hex(8)
     if parent is None:
         return Trace(trace_id=secrets.token_hex(16), span_id=span_id, parent_id=None)
     trace_id, parent_id, flags = parent
-    state = _get(headers, TRACESTATE)
+    state = header(headers, TRACESTATE)
     if state is not None and (len(state) > _TRACESTATE_MAX or not state.isprintable()):
         state = None
     return Trace(trace_id=trace_id, span_id=span_id, parent_id=parent_id, flags=flags, state=state)
@@ -80,12 +82,3 @@ def parse(value: str | None) -> tuple[str, str, str] | None:
     if trace_id == "0" * 32 or parent_id == "0" * 16:
         return None
     return trace_id, parent_id, flags
-
-
-def _get(headers: Mapping[str, str] | None, name: str) -> str | None:
-    if not headers:
-        return None
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
