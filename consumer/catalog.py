@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consumer.errors import InvalidRequest, UnknownScript
-from consumer.inputs import Declared, InputDeclarationError, declare
+from consumer.inputs import INPUT_CLASS, Declared, InputDeclarationError, declare
 
 # Dotted names of plain tokens; no token may start with '_' or '.', so '..', '/', '\\',
 # absolute paths and hidden or private files can never be named.
@@ -35,11 +35,8 @@ class Catalog:
         self._cache: dict[Path, tuple[tuple[int, int], Declared]] = {}
 
     def source(self, name: str) -> str:
-        """The source of the script called ``name``, or :class:`UnknownScript`."""
-        path = self._path(name)
-        if path is None:
-            raise UnknownScript(f"no script named '{_shown(name)}' is installed")
-        return path.read_text(encoding="utf-8")
+        """The source of the script called ``name``, as written, or :class:`UnknownScript`."""
+        return self._installed(name).read_text(encoding="utf-8")
 
     def load(self, name: str) -> Declared:
         """The script called ``name`` as it runs, with its input type if it declares one.
@@ -47,9 +44,7 @@ class Catalog:
         :class:`UnknownScript` if there is none; :class:`InvalidRequest` if its ``class Input``
         cannot be read (an installation error, reported to the caller rather than run).
         """
-        path = self._path(name)
-        if path is None:
-            raise UnknownScript(f"no script named '{_shown(name)}' is installed")
+        path = self._installed(name)
         stat = path.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get(path)
@@ -63,6 +58,12 @@ class Catalog:
             self._cache.clear()
         self._cache[path] = (stamp, declared)
         return declared
+
+    def _installed(self, name: str) -> Path:
+        path = self._path(name)
+        if path is None:
+            raise UnknownScript(f"no script named '{_shown(name)}' is installed")
+        return path
 
     def _path(self, name: str) -> Path | None:
         if len(name) > MAX_NAME_LENGTH or not NAME.fullmatch(name):
@@ -89,7 +90,7 @@ class Catalog:
             return f"{name}: does not parse ({exc.msg}, line {exc.lineno})"
         parts = [name, "", (ast.get_docstring(tree) or "(no description)").strip()]
         declaration = next(
-            (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Input"), None
+            (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == INPUT_CLASS), None
         )
         if declaration is None:
             parts += ["", "ctx: not declared (the script checks it itself)"]
