@@ -45,7 +45,7 @@ from consumer.config import Keyring, Settings
 from consumer.errors import InvalidRequest, Unauthorized
 from consumer.handler import REPLY_OVERHEAD, Handler, Response
 from consumer.metrics import Metrics
-from consumer.protocol import Encoding, Reply
+from consumer.protocol import Encoding, Reply, header
 from sandbox import Pool
 from tests.conftest import (
     KEY_ID,
@@ -137,12 +137,6 @@ HUGE_INTS = [10**400, -(2**70), 2**63, 2**64, -(2**63) - 1, int("9" * 4000)]
 
 
 # -- checking a reply ----------------------------------------------------------------------------
-
-
-def header(headers: Mapping[str, str] | None, name: str) -> str | None:
-    """A header's value, its name matched without regard to case."""
-    lowered = name.lower()
-    return next((v for k, v in (headers or {}).items() if k.lower() == lowered), None)
 
 
 def flat(text: str) -> str:
