@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import signal
 import statistics
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from consumer.client import Client
+from consumer.config import environment_with
 from consumer.embedded import EmbeddedNats
 
 QUICK = "def execute(ctx):\n    return 1\n"
@@ -76,15 +76,14 @@ def main(requests: int, concurrency: int) -> None:
     server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="pyexec-overload-")), port=0)
     server.start()
     url = server.url
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))},
-        "NATS_URL": url,
-        "EXECUTOR_API_KEYS": f"{key}:{secret}",
-        "EXECUTOR_WORKERS": "1",
-        "EXECUTOR_QUEUE_LIMIT": "0",
-        "EXECUTOR_METRICS_PORT": "0",
-        "EXECUTOR_LOG_FORMAT": "json",
-    }
+    env = environment_with(
+        NATS_URL=url,
+        EXECUTOR_API_KEYS=f"{key}:{secret}",
+        EXECUTOR_WORKERS="1",
+        EXECUTOR_QUEUE_LIMIT="0",
+        EXECUTOR_METRICS_PORT="0",
+        EXECUTOR_LOG_FORMAT="json",
+    )
     replica = subprocess.Popen(
         [sys.executable, "-m", "consumer", "serve"],
         env=env,

@@ -46,6 +46,7 @@ from typing import Any
 from consumer import protocol
 from consumer.auth import SIGNATURE_HEADER, sign
 from consumer.client import Client
+from consumer.config import environment_with
 from consumer.embedded import EmbeddedNats, free_port
 from consumer.errors import ClientError
 
@@ -411,8 +412,7 @@ class Replica:
 
     def __init__(self, url: str, prefix: str, secret: str, scratch: Path) -> None:
         self.metrics_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
-        env.update(
+        env = environment_with(
             NATS_URL=url,
             EXECUTOR_API_KEYS=f"{KEY_ID}:{secret}",
             EXECUTOR_SUBJECT_PREFIX=prefix,

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consumer import config
 from consumer.client import Client
 from consumer.embedded import EmbeddedNats
 
@@ -147,8 +148,7 @@ class BenchReplica:
         self.prefix = prefix
         log = tempfile.NamedTemporaryFile(prefix="pyexec-bench-", suffix=".log", delete=False)  # noqa: SIM115
         self.log_path = Path(log.name)
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
-        full_env.update(
+        full_env = config.environment_with(
             NATS_URL=url,
             EXECUTOR_API_KEYS=f"{key[0]}:{key[1]}",
             EXECUTOR_SUBJECT_PREFIX=prefix,

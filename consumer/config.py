@@ -151,6 +151,19 @@ class Settings:
         )
 
 
+# Every setting of a replica is an environment variable with one of these prefixes.
+SETTING_PREFIXES = ("EXECUTOR_", "NATS_")
+
+
+def environment_with(**settings: str) -> dict[str, str]:
+    """This process's environment with no pyexec setting in it but ``settings``: what a replica
+    started as a child process (tests, benchmarks) should see, so that only the settings given
+    apply."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    env.update(settings)
+    return env
+
+
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from the environment, naming the variable in every error."""
     env = os.environ if environ is None else environ

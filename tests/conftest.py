@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import secrets
 import signal
 import socket
@@ -24,6 +23,7 @@ import pytest
 from consumer import protocol
 from consumer.auth import sign
 from consumer.client import Client
+from consumer.config import environment_with
 from consumer.embedded import server_binary
 from consumer.protocol import Reply
 
@@ -156,12 +156,7 @@ class ReplicaProcess:
 
 
 def replica_env(nats_url: str, prefix: str, **overrides: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("EXECUTOR_", "NATS_"))
-    }
-    env.update(
+    env = environment_with(
         NATS_URL=nats_url,
         EXECUTOR_API_KEYS=f"{KEY_ID}:{SECRET},{OLD_KEY_ID}:{OLD_SECRET}",
         EXECUTOR_SUBJECT_PREFIX=prefix,

@@ -19,18 +19,13 @@ from typing import Any
 
 import pytest
 
+from consumer.config import environment_with
+
 PYEXEC = [sys.executable, "-m", "consumer"]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "pyexec"
 URL_LINE = re.compile(r"embedded NATS server at (nats://127\.0\.0\.1:(\d+))")
 KEY_LINE = re.compile(r"development key made: EXECUTOR_API_KEYS=(dev:[0-9a-f]{64})\s*$")
 ENV_LINE = re.compile(r"settings for 'pyexec call' written to (\S+)\s*$")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any NATS_* or EXECUTOR_* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
-    env.update(extra)
-    return env
 
 
 def run_pyexec(
@@ -39,7 +34,7 @@ def run_pyexec(
     return subprocess.run(
         [*PYEXEC, *args],
         cwd=cwd,
-        env=env if env is not None else clean_env(),
+        env=env if env is not None else environment_with(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -85,7 +80,7 @@ def test_keygen_prints_an_id_and_a_64_hex_secret(tmp_path: Path) -> None:
         done = subprocess.run(
             [str(CONSOLE_SCRIPT), "keygen"],
             cwd=tmp_path,
-            env=clean_env(),
+            env=environment_with(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -200,7 +195,9 @@ def start_embedded(cwd: Path) -> EmbeddedServe:
     process = subprocess.Popen(
         [*PYEXEC, "serve"],
         cwd=cwd,
-        env=clean_env(EXECUTOR_METRICS_PORT="0", EXECUTOR_WORKERS="2", EXECUTOR_LOG_FORMAT="json"),
+        env=environment_with(
+            EXECUTOR_METRICS_PORT="0", EXECUTOR_WORKERS="2", EXECUTOR_LOG_FORMAT="json"
+        ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

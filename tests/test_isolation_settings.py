@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from consumer.config import environment_with
 from tests.conftest import NatsServer, ReplicaProcess, replica_env, start_replica
 
 PYEXEC = [sys.executable, "-m", "consumer"]
@@ -20,15 +20,9 @@ def run_pyexec(
     )
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
-    env.update(extra)
-    return env
-
-
 def test_doctor_reports_every_layer_active_on_this_host() -> None:
     """pyexec doctor names each layer, says it is active here, and exits 0."""
-    done = run_pyexec("doctor", "--timings", env=clean_env())
+    done = run_pyexec("doctor", "--timings", env=environment_with())
     assert done.returncode == 0, done.stdout + done.stderr
     for layer in ("policy", "limits", "user", "seccomp", "landlock", "network"):
         line = next(line for line in done.stdout.splitlines() if line.startswith(layer))
@@ -40,7 +34,7 @@ def test_doctor_reports_every_layer_active_on_this_host() -> None:
 
 def test_doctor_exits_1_and_says_why_when_a_layer_is_missing() -> None:
     """A layer that cannot work (no such user to run as) is INACTIVE with its reason; exit 1."""
-    done = run_pyexec("doctor", env=clean_env(EXECUTOR_RUN_AS_USER="no-such-user-here"))
+    done = run_pyexec("doctor", env=environment_with(EXECUTOR_RUN_AS_USER="no-such-user-here"))
     assert done.returncode == 1, done.stdout + done.stderr
     user = next(line for line in done.stdout.splitlines() if line.startswith("user"))
     assert "INACTIVE" in user
@@ -85,7 +79,9 @@ def test_unsafe_disable_cannot_be_combined_with_require_isolation(tmp_path: Path
     """Switching layers off while requiring isolation is a configuration error."""
     done = run_pyexec(
         "doctor",
-        env=clean_env(EXECUTOR_REQUIRE_ISOLATION="1", EXECUTOR_UNSAFE_DISABLE_LAYERS="seccomp"),
+        env=environment_with(
+            EXECUTOR_REQUIRE_ISOLATION="1", EXECUTOR_UNSAFE_DISABLE_LAYERS="seccomp"
+        ),
     )
     assert done.returncode == 2
     assert "EXECUTOR_UNSAFE_DISABLE_LAYERS" in done.stderr
@@ -102,6 +98,6 @@ def test_isolation_settings_are_checked_with_the_variable_named() -> None:
         "EXECUTOR_POOL_MODE": "lukewarm",
     }
     for variable, value in cases.items():
-        done = run_pyexec("doctor", env=clean_env(**{variable: value}))
+        done = run_pyexec("doctor", env=environment_with(**{variable: value}))
         assert done.returncode == 2, (variable, done.stderr)
         assert variable in done.stderr, (variable, done.stderr)

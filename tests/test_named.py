@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from consumer.config import environment_with
 from tests.conftest import Caller, NatsServer, RawReply, ReplicaProcess, start_replica
 
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -262,8 +262,7 @@ def test_named_script_runs_in_the_sandbox(custom: Caller) -> None:
 
 def test_scripts_listing_leaves_out_escaping_symlinks(scripts_dir: Path) -> None:
     """`pyexec scripts` over the custom folder lists runnable scripts, not symlinks leading out."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "NATS_"))}
-    env["EXECUTOR_SCRIPTS_DIR"] = str(scripts_dir)
+    env = environment_with(EXECUTOR_SCRIPTS_DIR=str(scripts_dir))
     done = subprocess.run(
         [sys.executable, "-m", "consumer", "scripts"],
         env=env,
