@@ -44,6 +44,19 @@ def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "the con
         time.sleep(0.05)
 
 
+def stop_process(process: subprocess.Popen[Any], signum: int, timeout: float) -> int:
+    """Send ``signum``, wait up to ``timeout`` for the exit code; kill the process if it is
+    still there then (the wait's TimeoutExpired goes on to the test)."""
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -142,14 +155,9 @@ class ReplicaProcess:
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the replica, wait for it to exit, and return its exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
         try:
-            return self.process.wait(timeout=timeout)
+            return stop_process(self.process, signum, timeout)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
             self.reader.join(timeout=5)
             if self.process.stderr is not None:
                 self.process.stderr.close()

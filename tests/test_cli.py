@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from consumer.config import environment_with
+from tests.conftest import stop_process
 
 PYEXEC = [sys.executable, "-m", "consumer"]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "pyexec"
@@ -173,14 +174,9 @@ class EmbeddedServe:
         return int(self.printed(URL_LINE).group(2))
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
         try:
-            return self.process.wait(timeout=timeout)
+            return stop_process(self.process, signum, timeout)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
             for reader in self.readers:
                 reader.join(timeout=5)
             for pipe in (self.process.stdout, self.process.stderr):
