@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,8 @@ class Catalog:
 
     def source(self, name: str) -> str:
         """The source of the script called ``name``, as written, or :class:`UnknownScript`."""
-        return self._installed(name).read_text(encoding="utf-8")
+        path, _ = self._installed(name)
+        return path.read_text(encoding="utf-8")
 
     def load(self, name: str) -> Declared:
         """The script called ``name`` as it runs, with its input type if it declares one.
@@ -44,9 +47,8 @@ class Catalog:
         :class:`UnknownScript` if there is none; :class:`InvalidRequest` if its ``class Input``
         cannot be read (an installation error, reported to the caller rather than run).
         """
-        path = self._installed(name)
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        path, info = self._installed(name)
+        stamp = (info.st_mtime_ns, info.st_size)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -59,13 +61,14 @@ class Catalog:
         self._cache[path] = (stamp, declared)
         return declared
 
-    def _installed(self, name: str) -> Path:
-        path = self._path(name)
-        if path is None:
+    def _installed(self, name: str) -> tuple[Path, os.stat_result]:
+        found = self._path(name)
+        if found is None:
             raise UnknownScript(f"no script named '{_shown(name)}' is installed")
-        return path
+        return found
 
-    def _path(self, name: str) -> Path | None:
+    def _path(self, name: str) -> tuple[Path, os.stat_result] | None:
+        """The script file called ``name`` and its status, read once; None if not served."""
         if len(name) > MAX_NAME_LENGTH or not NAME.fullmatch(name):
             return None
         *folders, stem = name.split(".")
@@ -75,11 +78,15 @@ class Catalog:
         except (OSError, RuntimeError):
             return None
         # A symlink inside the folder must not lead out of it.
-        if not resolved.is_relative_to(self.root) or not resolved.is_file():
+        if not resolved.is_relative_to(self.root):
             return None
-        if resolved.stat().st_size > MAX_SCRIPT_BYTES:
+        try:
+            info = resolved.stat()
+        except OSError:
             return None
-        return resolved
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SCRIPT_BYTES:
+            return None
+        return resolved, info
 
     def describe(self, name: str) -> str:
         """The script's docstring and its ``class Input`` as written, for people to read."""
