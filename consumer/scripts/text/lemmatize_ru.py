@@ -52,11 +52,8 @@ def analyse(morph, word, alternatives):
 
 
 def part_of_speech(parse):
-    """The part of speech, or for a number, Latin word and the like the kind of token.
-
-    A plain str: pymorphy3's grammemes are a str subclass that has no JSON form.
-    """
-    return str(parse.tag.POS or str(parse.tag).split(",")[0])
+    """The part of speech, or for a number, Latin word and the like the kind of token."""
+    return parse.tag.POS or str(parse.tag).split(",")[0]
 
 
 def other_readings(parses):
