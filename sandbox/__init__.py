@@ -8,7 +8,7 @@ from sandbox.api import ErrorInfo, Job, Outcome
 from sandbox.config import DEFAULT_ALLOWED_MODULES, PoolConfig
 from sandbox.errors import PoolClosed, PoolError, SandboxError, WarmParentFailed
 from sandbox.isolation import LAYERS, LayerStatus
-from sandbox.netguard import parse_allow
+from sandbox.netrules import parse_allow
 from sandbox.pool import Pool
 
 __all__ = [

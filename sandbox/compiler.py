@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import marshal
+import sys
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
+from importlib.metadata import version
 from types import CodeType
 from typing import Any
 
@@ -20,6 +23,7 @@ from RestrictedPython.transformer import (
 from sandbox.api import ErrorInfo
 
 FILENAME = "<script>"
+_RP_VERSION = version("RestrictedPython")
 ENTRY_POINT = "execute"
 
 
@@ -133,36 +137,60 @@ def compile_script(source: str) -> Compiled:
     return Compiled(code=result.code)
 
 
-# Compiled scripts by the SHA-256 of their source. The warm parent fills it (see ``learn``) and
-# every child forked afterwards inherits it, so a script that runs again skips compilation.
+# Compiled scripts by the SHA-256 of their source, kept by the pool in the service process: a
+# process that runs scripts never holds another run's code. A run whose source is cached gets its
+# own compiled code (marshal) in its run request and skips compilation.
 CACHE_CAPACITY = 256
-LEARNABLE_BYTES = 24 * 1024  # fits a control packet even when JSON escaping doubles it
-_cache: OrderedDict[str, Compiled] = OrderedDict()
+LEARNABLE_BYTES = 64 * 1024
 
 
 def source_key(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def cached(source: str) -> Compiled | None:
-    """The compiled script for this exact source, if the warm parent learned it."""
-    if not _cache:
-        return None
-    return _cache.get(source_key(source))
+class CodeCache:
+    """Scripts compiled under the policy, by source hash, least recently used dropped first."""
+
+    def __init__(self, capacity: int = CACHE_CAPACITY) -> None:
+        self.capacity = capacity
+        self._code: OrderedDict[str, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._code)
+
+    def get(self, source: str) -> bytes | None:
+        key = source_key(source)
+        code = self._code.get(key)
+        if code is not None:
+            self._code.move_to_end(key)
+        return code
+
+    def wants(self, source: str) -> bool:
+        """Whether ``source`` is small enough to keep and not kept yet."""
+        return len(source) <= LEARNABLE_BYTES and source_key(source) not in self._code
+
+    def put(self, source: str, code: bytes) -> None:
+        """Keep ``code``, made by :func:`compile_to_marshal` from ``source`` in this process."""
+        self._code[source_key(source)] = code
+        self._code.move_to_end(source_key(source))
+        while len(self._code) > self.capacity:
+            self._code.popitem(last=False)
 
 
-def learn(source: str) -> None:
-    """Compile and keep ``source`` (in the warm parent), dropping the least recently learned."""
-    key = source_key(source)
-    if key in _cache:
-        _cache.move_to_end(key)
-        return
+def compile_to_marshal(source: str) -> bytes | None:
+    """``source`` compiled under the policy, as marshal data, or None if it does not compile."""
     compiled = compile_script(source)
-    if compiled.code is None:
-        return
-    _cache[key] = compiled
-    while len(_cache) > CACHE_CAPACITY:
-        _cache.popitem(last=False)
+    return None if compiled.code is None else marshal.dumps(compiled.code)
+
+
+def code_format() -> str:
+    """What compiled code depends on: a pool sends code only to a warm parent that matches."""
+    return f"{sys.implementation.cache_tag} {sys.version} RestrictedPython {_RP_VERSION}"
+
+
+def load_code(data: bytes) -> Compiled:
+    """The code a run request carries (made by :meth:`CodeCache.learn` in the pool)."""
+    return Compiled(code=marshal.loads(data))  # noqa: S302 - made by the pool, never by a run
 
 
 def _error(code: Any, kind: str, message: str, trace: str | None = None) -> Compiled:

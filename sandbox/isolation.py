@@ -2,8 +2,10 @@
 
 Layers: ``policy`` (the whitelist guards and library doors), ``limits`` (resource limits,
 session, environment, scratch folder), ``user`` (an unprivileged uid when the service runs
-as root), ``seccomp`` (system calls), ``landlock`` (file system, TCP ports, signal scope) and
-``network`` (address rules below the script; a network namespace when the network is off).
+as root), ``seccomp`` (system calls: no processes, no network of its own, no other process),
+``landlock`` (file system, TCP, signal and abstract-socket scopes) and ``network`` (connections
+only through the broker, under the address rules; a network namespace when the network is off
+and the service is root).
 """
 
 from __future__ import annotations
@@ -20,22 +22,22 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import NoReturn
+from dataclasses import dataclass
 
 import msgspec
 
 from sandbox import landlock, seccomp, syscalls
 from sandbox.config import PoolConfig
-from sandbox.netguard import IPAddress, NetworkPolicy, install, local_addresses, parse_allow
+from sandbox.netrules import NetworkRules, local_addresses, parse_allow
 
-Refuse = Callable[[str], NoReturn]
 LAYERS: tuple[str, ...] = ("policy", "limits", "user", "seccomp", "landlock", "network")
 CLONE_NEWNET = 0x40000000
 SYS_UNSHARE = {"x86_64": 272, "aarch64": 97}
 MAX_OPEN_FILES = 256
 ISOLATION_FAILED_EXIT = 71
+# What a run may read of its own /proc/<pid>: nothing that shows the host's network, mounts
+# or other tasks.
+OWN_PROC_ENTRIES = ("status", "stat", "statm", "limits", "cmdline", "comm", "maps", "fd", "fdinfo")
 
 # Files and folders a run may read, besides the Python installation, when they exist.
 SYSTEM_READ_PATHS: tuple[str, ...] = (
@@ -68,7 +70,6 @@ class Plan:
     scratch_root: str = ""
     read_paths: tuple[str, ...] = ()
     read_rules: tuple[landlock.PathRule, ...] = ()
-    own_addresses: frozenset[IPAddress] = field(default_factory=frozenset)
 
 
 def python_read_paths() -> set[str]:
@@ -159,16 +160,18 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
             record("user", True, detail)
 
     reason = seccomp.supported()
-    record("seccomp", reason is None, reason or "no new processes, no kernel doors")
-
-    abi = landlock.abi_version()
     record(
-        "landlock",
-        abi > 0,
-        f"Landlock ABI {abi}" + (" with TCP port rules" if abi >= 4 else "")
-        if abi
-        else "Landlock is not available in this kernel",
+        "seccomp",
+        reason is None,
+        reason
+        or "no new processes, no network system calls of its own, no other process, "
+        "no kernel doors",
     )
+
+    applied, status = _landlock_status(disabled)
+    statuses.append(status)
+    if applied:
+        active.add("landlock")
     if keep_capability and "landlock" not in active and "user" not in disabled:
         # Without Landlock the capability would let a run read any file: run as root instead.
         statuses = [s for s in statuses if s.name != "user"]
@@ -180,9 +183,11 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
         uid = gid = None
         keep_capability = False
     network_detail = (
-        f"outbound TCP to ports {','.join(map(str, config.net_ports))} of public addresses"
+        "outbound TCP through the broker, to ports "
+        f"{','.join(map(str, config.net_ports))} of public addresses"
         if config.network == "on"
-        else "no network (a namespace of its own where the service runs as root)"
+        else "no network: the broker refuses everything (and a namespace of its own where "
+        "the service runs as root)"
     )
     record("network", True, network_detail)
 
@@ -198,10 +203,28 @@ def plan(config: PoolConfig) -> tuple[Plan, list[LayerStatus]]:
         scratch_root=scratch_root,
         read_paths=tuple(read_paths),
         read_rules=landlock.open_paths(tuple(read_paths)) if "landlock" in active else (),
-        own_addresses=local_addresses(),
     )
     order = {name: index for index, name in enumerate(LAYERS)}
     return result, sorted(statuses, key=lambda s: order[s.name])
+
+
+def _landlock_status(disabled: set[str]) -> tuple[bool, LayerStatus]:
+    """Whether Landlock is applied to runs, and whether that is enough for its guarantees.
+
+    Below ``landlock.REQUIRED_ABI`` it is still applied for what it can do, but reported
+    inactive, so that ``EXECUTOR_REQUIRE_ISOLATION=1`` refuses to start on such a kernel.
+    """
+    if "landlock" in disabled:
+        return False, LayerStatus("landlock", False, "switched off by configuration")
+    abi = landlock.abi_version()
+    have, missing = landlock.features(abi)
+    if not abi:
+        return False, LayerStatus("landlock", False, "Landlock is not available in this kernel")
+    if abi < landlock.REQUIRED_ABI:
+        detail = f"Landlock ABI {abi} lacks {'; '.join(missing)} (applied for what it has)"
+        return True, LayerStatus("landlock", False, detail)
+    extra = f"; without {'; '.join(missing)}" if missing else ""
+    return True, LayerStatus("landlock", True, f"Landlock ABI {abi}: {', '.join(have)}{extra}")
 
 
 def scratch_path(plan: Plan, pid: int) -> str:
@@ -251,45 +274,36 @@ def enter(plan: Plan, timings: dict[str, float] | None = None) -> str:
     if layers & {"seccomp", "landlock", "user"}:
         syscalls.no_new_privs()
     if "landlock" in layers:
-        # The port rule holds in the kernel whether or not the Python-level guard is on.
-        ports: tuple[int, ...] = ()
-        if config.network == "on":
-            ports = tuple(sorted(set(config.net_ports) | _allowed_ports(config)))
-        own_proc = landlock.open_paths((f"/proc/{os.getpid()}",))
+        # No TCP connect or bind at all (where the kernel has TCP rules): a run's connections
+        # are made by the broker and arrive connected. Of /proc, only the run's own entries
+        # that say nothing of the host (no net/, mounts or task/).
+        own_proc = landlock.open_paths(
+            tuple(f"/proc/{os.getpid()}/{name}" for name in OWN_PROC_ENTRIES)
+        )
         landlock.restrict(
             landlock.Rules(
                 read_only=(*plan.read_rules, *own_proc),
                 read_write=(scratch, "/dev/null"),
-                connect_ports=ports,
+                connect_ports=(),
             )
         )
-        for rule in (*plan.read_rules, *own_proc):
+        for rule in own_proc:
             os.close(rule.fd)
         lap("landlock")
     if "seccomp" in layers:
-        seccomp.install()
+        seccomp.install(os.getpid())
         lap("seccomp")
     return scratch
 
 
-def _allowed_ports(config: PoolConfig) -> set[int]:
-    return {rule.port for rule in map(parse_allow, config.net_allow) if rule.port is not None}
-
-
-def network_policy(plan: Plan, refuse: Refuse) -> NetworkPolicy:
-    config = plan.config
-    return NetworkPolicy(
+def network_rules(config: PoolConfig) -> NetworkRules:
+    """The rules the broker applies to every connection of this pool's runs."""
+    return NetworkRules(
         enabled=config.network == "on",
         ports=frozenset(config.net_ports),
         allowed=tuple(parse_allow(entry) for entry in config.net_allow),
-        own=plan.own_addresses,
-        refuse=refuse,
+        own=local_addresses(),
     )
-
-
-def guard_network(plan: Plan, refuse: Refuse) -> None:
-    """Install the address rules for the sockets of this process."""
-    install(network_policy(plan, refuse))
 
 
 def _clean_environment(config: PoolConfig, scratch: str) -> None:

@@ -69,6 +69,26 @@ class _NetPortAttr(ctypes.Structure):
     _fields_ = (("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64))
 
 
+# What each ABI adds, and what its absence costs; the file guarantee needs truncation rules.
+REQUIRED_ABI = 3
+_FEATURES = (
+    (1, "file rules", "file rules"),
+    (2, "renaming and linking across folders", "control of renaming and linking (ABI 2)"),
+    (3, "truncation", "control of truncation (ABI 3): a run could truncate files its uid owns"),
+    (4, "TCP connect and bind", "TCP rules (ABI 4; seccomp still refuses connect and bind)"),
+    (5, "device ioctls", "device ioctl rules (ABI 5)"),
+    (6, "signal and abstract-socket scopes",
+     "signal and abstract-socket scopes (ABI 6; seccomp still refuses both)"),
+)  # fmt: skip
+
+
+def features(abi: int) -> tuple[list[str], list[str]]:
+    """What Landlock of this ABI enforces for runs, and what it lacks."""
+    have = [name for version, name, _ in _FEATURES if version <= abi]
+    missing = [lack for version, _, lack in _FEATURES if version > abi]
+    return have, missing
+
+
 def abi_version() -> int:
     """The Landlock ABI the kernel offers; 0 when Landlock is absent or disabled."""
     try:

@@ -12,17 +12,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgspec
 
 from sandbox import protocol
 from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
-from sandbox.compiler import CACHE_CAPACITY, LEARNABLE_BYTES, source_key
+from sandbox.broker import Broker, RunNetwork
+from sandbox.compiler import CodeCache, code_format, compile_to_marshal
 from sandbox.config import PoolConfig
 from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
-from sandbox.isolation import LayerStatus
+from sandbox.isolation import LayerStatus, network_rules
 
 START_TIMEOUT = 120.0
 EXIT_STATUS_WAIT = 2.0
@@ -32,6 +32,7 @@ RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 # next restart waits the next, longer step of the backoff instead of starting over.
 STABLE_SECONDS = 30.0
 CHILD_WAIT_FLOOR = 2.0
+LEARNING_AT_ONCE = 4
 
 
 @dataclass(eq=False)
@@ -92,7 +93,10 @@ class Pool:
         self.layers: list[LayerStatus] = []
         self._scratch_root = ""
         self.timings: dict[str, float] = {}
-        self._taught: OrderedDict[str, None] = OrderedDict()
+        self._code = CodeCache()
+        self._code_matches = False
+        self._learning: dict[str, asyncio.Task[None]] = {}
+        self._broker = Broker(network_rules(config))
         self.parent_starts = 0
         self._started_at = 0.0
         self._quick_losses = 0
@@ -142,6 +146,8 @@ class Pool:
         self._closed = True
         if self._restarting is not None:
             self._restarting.cancel()
+        for task in self._learning.values():
+            task.cancel()
         self._stop_parent()
         while not self._ready.empty():
             self._drop(self._ready.get_nowait())
@@ -192,6 +198,7 @@ class Pool:
         self.failed_imports = started.failed_imports
         self.layers = started.layers
         self._scratch_root = started.scratch_root
+        self._code_matches = started.code_format == code_format()
         self.timings = started.timings
         self._started_at = time.monotonic()
         loop.add_reader(ours.fileno(), self._on_control)
@@ -308,10 +315,11 @@ class Pool:
             wait_ms = (time.perf_counter() - queued) * 1000
             self._running.add(child)
             started = time.perf_counter()
+            code = self._code.get(job.source) if self._code_matches else None
             try:
-                outcome = await self._run_in(child, job)
-                if outcome.compiled:
-                    self._teach(job.source)
+                outcome = await self._run_in(child, job, code)
+                if outcome.compiled and code is None:
+                    self._learn(job.source)
             finally:
                 self._running.discard(child)
                 child.release()
@@ -336,19 +344,23 @@ class Pool:
             async with Pool(single) as pool:
                 return await pool.run(job)
 
-    def _teach(self, source: str) -> None:
-        """Have the warm parent compile a script that ran, so later children start with it."""
-        if len(source) > LEARNABLE_BYTES or self._control is None:
+    def _learn(self, source: str) -> None:
+        """Compile a script that ran, here, off the request's path: later runs of the same
+        source get their own copy of the code instead of compiling it again."""
+        if not self._code_matches or not self._code.wants(source) or self._closed:
             return
-        key = source_key(source)
-        if key in self._taught:
-            self._taught.move_to_end(key)
+        if source in self._learning or len(self._learning) >= LEARNING_AT_ONCE:
             return
-        self._taught[key] = None
-        while len(self._taught) > CACHE_CAPACITY:
-            self._taught.popitem(last=False)
-        with contextlib.suppress(OSError):
-            self._control.send(protocol.encode_control(protocol.Learn(source=source)))
+
+        async def learn() -> None:
+            try:
+                code = await asyncio.to_thread(compile_to_marshal, source)
+                if code is not None:
+                    self._code.put(source, code)
+            finally:
+                self._learning.pop(source, None)
+
+        self._learning[source] = asyncio.get_running_loop().create_task(learn())
 
     async def _take_child(self, timeout: float) -> _Child:
         """A live waiting child (one that died while waiting is dropped), and order another."""
@@ -369,16 +381,25 @@ class Pool:
                 f"no worker process became ready within {wait:g} s{why}"
             ) from None
 
-    async def _run_in(self, child: _Child, job: Job) -> protocol.RunResult:
+    async def _run_in(self, child: _Child, job: Job, code: bytes | None) -> protocol.RunResult:
         child.sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=child.sock)
         limit = self.config.result_limit + 4 * self.config.stdout_limit + 65536
-        request = protocol.RunRequest(source=job.source, ctx=job.ctx, timeout=job.timeout)
+        request = protocol.RunRequest(
+            source=job.source, ctx=job.ctx, timeout=job.timeout, code=code
+        )
+        deadline = time.monotonic() + job.timeout
+        network = RunNetwork()
         try:
             writer.write(protocol.frame(request))
             async with asyncio.timeout(job.timeout):
                 await writer.drain()
-                return await _read_result(reader, limit)
+                while True:
+                    message = await _read_message(reader, limit)
+                    if isinstance(message, protocol.RunResult):
+                        return message
+                    answer, connected = await self._broker.answer(network, message, deadline)
+                    await _send_answer(child.sock, writer, answer, connected)
         except TimeoutError:
             return await self._stop_late(child, reader, limit, job.timeout)
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
@@ -424,10 +445,51 @@ class Pool:
         )
 
 
-async def _read_result(reader: asyncio.StreamReader, limit: int) -> protocol.RunResult:
+async def _read_message(reader: asyncio.StreamReader, limit: int) -> protocol.FromChild:
     header = await reader.readexactly(protocol.HEADER_SIZE)
     length = protocol.frame_length(header, limit)
-    return protocol.decode_result(await reader.readexactly(length))
+    return protocol.decode_from_child(await reader.readexactly(length))
+
+
+async def _read_result(reader: asyncio.StreamReader, limit: int) -> protocol.RunResult:
+    """The run's result, passing over broker requests (a stopping run gets no answers)."""
+    while True:
+        message = await _read_message(reader, limit)
+        if isinstance(message, protocol.RunResult):
+            return message
+
+
+async def _send_answer(
+    sock: socket.socket,
+    writer: asyncio.StreamWriter,
+    answer: protocol.BrokerAnswer,
+    connected: socket.socket | None,
+) -> None:
+    """Send the broker's answer; a connected socket goes with it (SCM_RIGHTS) and is closed."""
+    data = protocol.frame(answer)
+    if connected is None:
+        writer.write(data)
+        await writer.drain()
+        return
+    try:
+        await writer.drain()  # nothing of ours may be queued ahead of the descriptor
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sent = socket.send_fds(sock, [data], [connected.fileno()])
+                break
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_writer(sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(sock.fileno())
+        if sent < len(data):
+            writer.write(data[sent:])
+            await writer.drain()
+    finally:
+        connected.close()
 
 
 def _explain_exit(returncode: int | None, memory_mb: int) -> tuple[ErrorCode, str]:

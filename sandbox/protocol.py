@@ -8,9 +8,10 @@ decoded by typed msgspec decoders with a size cap; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -46,6 +47,8 @@ class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="star
     failed_imports: list[str]
     layers: list[LayerStatus]
     scratch_root: str
+    code_format: str
+    """What compiled code must match to run here (see ``compiler.code_format``)."""
     timings: dict[str, float]
     """Milliseconds of one-time work (import, warm-up) and of each step a child takes."""
 
@@ -63,13 +66,7 @@ class Exited(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="exite
     returncode: int
 
 
-class Learn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="learn"):
-    """Pool to warm parent: a script that compiled in a child; compile and keep it."""
-
-    source: str
-
-
-ToParent = Start | Spawn | Learn
+ToParent = Start | Spawn
 FromParent = Started | Ready | Exited
 
 _control_encoder = msgspec.json.Encoder()
@@ -98,17 +95,85 @@ def decode_from_parent(data: bytes) -> FromParent:
 
 
 # -- pool <-> child --------------------------------------------------------------------------------
+#
+# The child's stream socket carries, from the pool: the run request, then the broker's answers;
+# from the child: broker requests (resolve a name, connect), then the result. A connected socket
+# travels with its ``Connected`` answer as SCM_RIGHTS.
 
 
-class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
+    """A message on a child's socket, tagged by its ``kind``."""
+
+
+class RunRequest(_Message, frozen=True, tag="run"):
     """Pool to child: the one script this child runs."""
 
     source: str
     ctx: dict[str, Any]
     timeout: float
+    code: bytes | None = None
+    """The script compiled under the policy by the pool (marshal), when the pool has it."""
 
 
-class RunResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Resolve(_Message, frozen=True, tag="resolve"):
+    """Child to pool: resolve a host name (``socket.getaddrinfo``) through the broker."""
+
+    host: Annotated[str, msgspec.Meta(max_length=1024)]
+    port: int | None
+    family: int = 0
+    type: int = 0
+    proto: int = 0
+    flags: int = 0
+
+
+class Connect(_Message, frozen=True, tag="connect"):
+    """Child to pool: connect a TCP socket to ``host:port`` through the broker."""
+
+    host: Annotated[str, msgspec.Meta(max_length=1024)]
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    family: int
+    timeout: float | None = None
+
+
+class Address(msgspec.Struct, frozen=True, array_like=True):
+    """One ``getaddrinfo`` entry; ``flowinfo`` and ``scope_id`` are IPv6's."""
+
+    family: int
+    type: int
+    proto: int
+    canonname: str
+    host: str
+    port: int
+    flowinfo: int = 0
+    scope_id: int = 0
+
+
+class Resolved(_Message, frozen=True, tag="resolved"):
+    """Pool to child: the addresses a name resolved to that the run may connect to."""
+
+    addresses: list[Address]
+
+
+class Connected(_Message, frozen=True, tag="connected"):
+    """Pool to child: the connected socket is attached to this message."""
+
+
+class NetRefused(_Message, frozen=True, tag="refused"):
+    """Pool to child: the network rules refuse the request (a policy violation)."""
+
+    message: str
+
+
+class NetFailed(_Message, frozen=True, tag="failed"):
+    """Pool to child: the request was allowed but failed (``errno``, or a resolver error)."""
+
+    errno: int
+    message: str
+    resolver: bool = False
+    """A ``socket.gaierror`` (``errno`` is then an EAI_* code), not an OSError."""
+
+
+class RunResult(_Message, frozen=True, tag="result"):
     """Child to pool: how the run ended. ``result`` is plain JSON already."""
 
     status: Status
@@ -117,15 +182,19 @@ class RunResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stdout: str = ""
     run_ms: float = 0.0
     compiled: bool = False
-    """The source compiled under the policy (so the warm parent may learn it)."""
+    """The source compiled under the policy (so the pool may compile and keep it)."""
 
+
+ToChild = RunRequest | Resolved | Connected | NetRefused | NetFailed
+FromChild = Resolve | Connect | RunResult
+BrokerAnswer = Resolved | Connected | NetRefused | NetFailed
 
 _run_encoder = msgspec.json.Encoder()
-_request_decoder = msgspec.json.Decoder(RunRequest)
-_result_decoder = msgspec.json.Decoder(RunResult)
+_to_child = msgspec.json.Decoder(ToChild)
+_from_child = msgspec.json.Decoder(FromChild)
 
 
-def frame(message: RunRequest | RunResult) -> bytes:
+def frame(message: ToChild | FromChild) -> bytes:
     """A length-prefixed frame holding one message."""
     body = _run_encoder.encode(message)
     return _HEADER.pack(len(body)) + body
@@ -142,32 +211,48 @@ def frame_length(header: bytes, limit: int) -> int:
 HEADER_SIZE = _HEADER.size
 
 
-def decode_request(body: bytes) -> RunRequest:
+def decode_to_child(body: bytes) -> ToChild:
     try:
-        return _request_decoder.decode(body)
+        message: ToChild = _to_child.decode(body)
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"bad run request: {exc}") from None
+        raise ProtocolError(f"bad message to the child: {exc}") from None
+    return message
 
 
-def decode_result(body: bytes) -> RunResult:
+def decode_from_child(body: bytes) -> FromChild:
     try:
-        return _result_decoder.decode(body)
+        message: FromChild = _from_child.decode(body)
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"bad run result: {exc}") from None
+        raise ProtocolError(f"bad message from the child: {exc}") from None
+    return message
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    """Blocking read of exactly ``size`` bytes (the child's side)."""
+def recv_exactly(sock: socket.socket, size: int, fds: list[int] | None = None) -> bytes:
+    """Blocking read of exactly ``size`` bytes (the child's side); file descriptors that come
+    with them are appended to ``fds`` (or closed when it is None)."""
     chunks = bytearray()
     while len(chunks) < size:
-        chunk = sock.recv(size - len(chunks))
+        chunk, received, _flags, _addr = socket.recv_fds(sock, size - len(chunks), 4)
+        for fd in received:
+            if fds is None:
+                os.close(fd)
+            else:
+                fds.append(fd)
         if not chunk:
             raise ProtocolError("connection closed mid-frame")
         chunks += chunk
     return bytes(chunks)
 
 
+def recv_message(sock: socket.socket, limit: int, fds: list[int] | None = None) -> ToChild:
+    """Blocking read of one message from the pool (the child's side)."""
+    length = frame_length(recv_exactly(sock, HEADER_SIZE, fds), limit)
+    return decode_to_child(recv_exactly(sock, length, fds))
+
+
 def recv_request(sock: socket.socket, limit: int) -> RunRequest:
-    """Blocking read of one run request (the child's side)."""
-    length = frame_length(recv_exactly(sock, HEADER_SIZE), limit)
-    return decode_request(recv_exactly(sock, length))
+    """Blocking read of the run request (the child's side)."""
+    message = recv_message(sock, limit)
+    if not isinstance(message, RunRequest):
+        raise ProtocolError(f"expected a run request, got {type(message).__name__}")
+    return message

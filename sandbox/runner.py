@@ -12,18 +12,18 @@ from typing import Any
 
 import msgspec
 
-from sandbox import hooks
+from sandbox import hooks, netstub
 from sandbox.api import ErrorCode, ErrorInfo, Status
 from sandbox.compiler import (
     ENTRY_POINT,
     FILENAME,
-    cached,
     compile_script,
     compile_unrestricted,
+    load_code,
 )
 from sandbox.convert import to_json_value
 from sandbox.errors import NotSerializable, OutputFlood, PolicyViolation
-from sandbox.isolation import Plan, guard_network, limit_cpu
+from sandbox.isolation import Plan, limit_cpu
 from sandbox.policy import Policy
 from sandbox.protocol import RunRequest, RunResult, frame
 
@@ -112,14 +112,15 @@ def _no_print(_getattr_: Any = None) -> _PrintCollector:
 class Run:
     """One script's run in this process. Only one ever happens per child."""
 
-    def __init__(self, plan: Plan, scratch: str) -> None:
+    def __init__(self, plan: Plan, scratch: str, channel: netstub.Channel | None = None) -> None:
         config = plan.config
         self.config = config
         self.policy_on = "policy" in plan.layers
         self.limits_on = "limits" in plan.layers
         self.policy = Policy(config.allowed_modules, scratch)
-        if "network" in plan.layers:
-            guard_network(plan, self.policy.refuse)
+        if "network" in plan.layers and channel is not None:
+            netstub.install(channel, self.policy.refuse)
+        fresh_randomness()
         if self.policy_on:
             hooks.install(self.policy.refuse, lambda: self.policy.namespace(_no_print))
         self.capture = Capture(config.stdout_limit)
@@ -169,8 +170,8 @@ class Run:
     def _execute(self, request: RunRequest) -> RunResult:
         source = request.source
         if self.policy_on:
-            compiled = cached(source) or compile_script(source)
-            self.compiled = compiled.code is not None
+            compiled = load_code(request.code) if request.code else compile_script(source)
+            self.compiled = compiled.code is not None and request.code is None
         else:
             compiled = compile_unrestricted(source)
         if compiled.code is None:
@@ -311,6 +312,14 @@ def _exception_line(exc: BaseException) -> str:
         text = str(exc)
         return f"{type(exc).__name__}: {text}\n" if text else f"{type(exc).__name__}\n"
     return "".join(traceback.format_exception_only(type(exc), exc))
+
+
+def fresh_randomness() -> None:
+    """Random generators start from new entropy in every child (``random`` reseeds itself after
+    fork; numpy's legacy global state does not)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
 
 
 def install_soft_stop(run: Run) -> None:

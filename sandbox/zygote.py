@@ -24,10 +24,11 @@ from typing import NoReturn
 import msgspec
 
 from sandbox import isolation, protocol, seccomp
-from sandbox.compiler import learn
+from sandbox.compiler import code_format
 from sandbox.doors import door_table
 from sandbox.errors import ProtocolError
 from sandbox.isolation import LAYERS, LayerStatus, Plan
+from sandbox.netstub import Channel
 from sandbox.runner import Run, install_soft_stop
 from sandbox.warmup import warm_up
 
@@ -167,8 +168,6 @@ class WarmParent:
         if isinstance(message, protocol.Spawn):
             for _ in range(message.count):
                 self._spawn()
-        elif isinstance(message, protocol.Learn):
-            learn(message.source)
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -243,7 +242,7 @@ class WarmParent:
 
 def serve_one(sock: socket.socket, plan: Plan, scratch: str) -> int:
     """Wait for one run request on ``sock``, run it, send the result; return an exit code."""
-    run = Run(plan, scratch)
+    run = Run(plan, scratch, Channel(sock))
     install_soft_stop(run)
     try:
         request = protocol.recv_request(sock, REQUEST_LIMIT)
@@ -272,7 +271,7 @@ def main(argv: list[str]) -> NoReturn:
     # Work every run would repeat is done once here and shared with the children.
     door_table()
     if "seccomp" in plan.layers:
-        seccomp.build_filter()
+        seccomp.prepare()
     timings.update({f"child: {step}": ms for step, ms in _time_child(plan).items()})
     # Objects made so far are shared with every child; keep the collector off them.
     gc.collect()
@@ -283,6 +282,7 @@ def main(argv: list[str]) -> NoReturn:
         failed_imports=failed,
         layers=statuses,
         scratch_root=plan.scratch_root,
+        code_format=code_format(),
         timings=timings,
     )
     control.send(protocol.encode_control(ready))

@@ -6,10 +6,12 @@ import asyncio
 import itertools
 import json
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,8 @@ from consumer.client import Client
 from consumer.config import environment_with
 from consumer.embedded import server_binary
 from consumer.protocol import Reply
+from sandbox.config import PoolConfig
+from tests.pools import Listener
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ID = "test"
@@ -121,6 +125,44 @@ def server(tmp_path: Path) -> Iterator[NatsServer]:
     nats_server.start()
     yield nats_server
     nats_server.stop()
+
+
+# -- fixtures for pools of the test's own (tests/pools.py) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scratch_base() -> Iterator[Path]:
+    """Where the pools make their scratch roots: a folder every user can pass through."""
+    base = Path(tempfile.mkdtemp(prefix="pyexec-layers-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tcp_listener() -> Iterator[Listener]:
+    """One listener for the module: the pool that allows it needs its port when it starts."""
+    listener = Listener()
+    assert listener.port not in PoolConfig().net_ports
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def listener(tcp_listener: Listener) -> Iterator[Listener]:
+    """The module's listener, with nothing left over from an earlier test."""
+    tcp_listener.take(0)
+    yield tcp_listener
+    tcp_listener.take(0)
+
+
+@pytest.fixture
+def root_only_dir() -> Iterator[Path]:
+    """A root-owned 0755 folder that every user can reach and list (under /tmp, not tmp_path)."""
+    folder = Path(tempfile.mkdtemp(prefix="pyexec-root-only-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass

@@ -5,315 +5,50 @@ With the policy off a script is plain Python with real builtins (``import os``, 
 else. The file, process and network refusals have controls in a pool with every layer off,
 where the same attempts work.
 
-Pools run on an event loop of their own thread (:class:`LivePool`) so that the tests of one
-layer share one pool. Network tests only ever reach a listener on 127.0.0.1; the addresses
-outside loopback are ones the guard refuses, tried from a socket bound to 127.0.0.1 so that
-even a guard that let them through could not send a packet off the host (the kernel answers
-EINVAL for a loopback source and a non-loopback destination).
+Pools run on an event loop of their own thread (:class:`tests.pools.LivePool`) so that the
+tests of one layer share one pool. The network's layers have a module of their own,
+``test_network_isolation``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import errno
 import math
 import os
 import re
-import select
-import shutil
 import socket
 import struct
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from textwrap import dedent, indent
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from sandbox import isolation, landlock, seccomp, syscalls
-from sandbox.api import Job, Outcome
 from sandbox.config import PoolConfig
 from sandbox.isolation import LAYERS
-from sandbox.pool import Pool
+from tests.pools import (
+    NOBODY,
+    PYTHON_HIDDEN,
+    ROOT_ONLY,
+    SETTLE,
+    USER_ALONE_XFAIL,
+    LivePool,
+    alive,
+    attempt,
+    eventually,
+    live,
+    ok_result,
+    only,
+    parent_of,
+    processes_running,
+    refusal,
+)
 
-T = TypeVar("T")
-
-SETTLE = 20.0  # seconds to wait for a state to be reached (not a measured bound)
-QUIET = 0.3  # seconds a listener is watched for a connection that should not come
-IS_ROOT = os.geteuid() == 0
 UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
-NOBODY = 65534
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-# The user layer alone needs a Python installation the unprivileged user can read: otherwise
-# the run would keep CAP_DAC_READ_SEARCH, which only Landlock confines, so the layer stays off.
-PYTHON_HIDDEN = not all(isolation.readable_by_others(p) for p in isolation.python_read_paths())
-USER_ALONE_XFAIL = pytest.mark.xfail(
-    IS_ROOT and PYTHON_HIDDEN,
-    strict=True,
-    reason=(
-        "the Python installation is not readable by 'nobody' on this host (it lives under a "
-        "0700 folder such as /root/.pyenv), so isolation.plan() would have to keep "
-        "CAP_DAC_READ_SEARCH, refuses to without Landlock, and reports the user layer inactive: "
-        "with Landlock off, runs stay uid 0"
-    ),
-)
-ROOT_ONLY = pytest.mark.skipif(
-    not IS_ROOT,
-    reason="needs the tests to run as root: only then do runs switch users or get a namespace",
-)
-
-ATTEMPT = """\
-import errno
-def execute(ctx):
-    try:
-{body}
-    except OSError as exc:
-        return {{"error": type(exc).__name__, "errno": errno.errorcode.get(exc.errno)}}
-    return {{"value": value}}
-"""
-
-
-def attempt(body: str) -> str:
-    """A script that runs ``body`` (which sets ``value``) and reports an OSError it raises."""
-    return ATTEMPT.format(body=indent(dedent(body).strip("\n"), " " * 8))
-
-
-def refusal(kind: str, code: str) -> dict[str, str]:
-    """What :func:`attempt` reports when ``body`` raised ``kind`` with errno ``code``."""
-    return {"error": kind, "errno": code}
-
-
-def only(layer: str | None, scratch: Path, **settings: Any) -> PoolConfig:
-    """A config with the policy and every OS layer but ``layer`` switched off."""
-    disabled = tuple(name for name in LAYERS if name != layer)
-    return PoolConfig(
-        workers=2, warm_children=2, disabled_layers=disabled, scratch_dir=str(scratch), **settings
-    )
-
-
-def ok_result(outcome: Outcome) -> Any:
-    """The result of a run that must have ended ok."""
-    assert outcome.status == "ok", outcome.error
-    assert outcome.error is None
-    return outcome.result
-
-
-def assert_policy_violation(outcome: Outcome, *mentions: str) -> None:
-    """The run ended policy_violation and the message names every one of ``mentions``."""
-    assert outcome.status == "error", outcome
-    assert outcome.error is not None
-    assert outcome.error.code == "policy_violation", outcome.error
-    for mention in mentions:
-        assert mention in outcome.error.message, outcome.error.message
-
-
-def eventually(condition: Callable[[], bool], timeout: float = SETTLE) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; return its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def parent_of(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if fields is not None else None
-
-
-def children_of(pid: int) -> set[int]:
-    """The pids whose parent is ``pid`` (every thread's list), empty if it is gone."""
-    found: set[int] = set()
-    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            found.update(int(word) for word in listing.read_text().split())
-    return found
-
-
-def processes_running(argv: list[str]) -> set[int]:
-    """The live processes whose command line is exactly ``argv``."""
-    wanted = b"".join(arg.encode() + b"\0" for arg in argv)
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "cmdline").read_bytes() != wanted:
-                continue
-        except OSError:
-            continue
-        if alive(int(entry.name)):
-            found.add(int(entry.name))
-    return found
-
-
-class LivePool:
-    """A :class:`Pool` on an event loop in a thread of its own, so sync tests can share it."""
-
-    def __init__(self, config: PoolConfig) -> None:
-        self.config = config
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="live-pool")
-        self._thread.start()
-        try:
-            self.pool = self._wait(self._start(config), SETTLE * 6)
-        except BaseException:
-            self._stop_loop()
-            raise
-        assert self.pool._parent is not None
-        self.parent_pid = self.pool._parent.pid
-
-    @staticmethod
-    async def _start(config: PoolConfig) -> Pool:
-        pool = Pool(config)
-        await pool.start()
-        return pool
-
-    def _wait(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
-    def submit(
-        self, source: str, timeout: float = 10.0, **ctx: Any
-    ) -> concurrent.futures.Future[Outcome]:
-        """Start one job (its source indented freely); the future holds its outcome."""
-        job = Job(source=dedent(source), ctx=ctx, timeout=timeout)
-        return asyncio.run_coroutine_threadsafe(self.pool.run(job), self._loop)
-
-    def run(self, source: str, timeout: float = 10.0, **ctx: Any) -> Outcome:
-        """Run one job and return its outcome."""
-        return self.submit(source, timeout, **ctx).result(timeout + SETTLE)
-
-    def layer(self, name: str) -> isolation.LayerStatus:
-        (status,) = (status for status in self.pool.layers if status.name == name)
-        return status
-
-    def close(self) -> None:
-        """Close the pool, stop the loop, and check that none of the pool's processes lives."""
-        processes = {self.parent_pid, *children_of(self.parent_pid)}
-        try:
-            self._wait(self.pool.close(), SETTLE)
-        finally:
-            self._stop_loop()
-        assert eventually(lambda: not any(alive(pid) for pid in processes))
-
-    def _stop_loop(self) -> None:
-        """Stop the loop's thread, then finish the loop here as asyncio.run would."""
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(SETTLE)
-        assert not self._thread.is_alive()
-        self._loop.run_until_complete(_cancel_the_rest())
-        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-        self._loop.close()
-
-
-async def _cancel_the_rest() -> None:
-    """Cancel every other task of the running loop and wait for them to end."""
-    pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-
-
-@contextlib.contextmanager
-def live(config: PoolConfig) -> Iterator[LivePool]:
-    pool = LivePool(config)
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-class Listener:
-    """A TCP listener on 127.0.0.1 that reports the connections it was offered."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port: int = self.sock.getsockname()[1]
-
-    def take(self, wait: float = QUIET) -> list[bytes]:
-        """Accept every connection waiting or arriving within ``wait`` s; what each one sent."""
-        received = []
-        deadline = time.monotonic() + wait
-        while True:
-            readable, _, _ = select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))
-            if not readable:
-                return received
-            conn, _ = self.sock.accept()
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                with contextlib.suppress(OSError):
-                    while chunk := conn.recv(4096):
-                        data += chunk
-                received.append(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
 
 # -- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def scratch_base() -> Iterator[Path]:
-    """Where the pools make their scratch roots: a folder every user can pass through."""
-    base = Path(tempfile.mkdtemp(prefix="pyexec-layers-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def tcp_listener() -> Iterator[Listener]:
-    """One listener for the module: the pool that allows it needs its port when it starts."""
-    listener = Listener()
-    assert listener.port not in PoolConfig().net_ports
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
-def listener(tcp_listener: Listener) -> Iterator[Listener]:
-    """The module's listener, with nothing left over from an earlier test."""
-    tcp_listener.take(0)
-    yield tcp_listener
-    tcp_listener.take(0)
-
-
-@pytest.fixture
-def root_only_dir() -> Iterator[Path]:
-    """A root-owned 0755 folder that every user can reach and list (under /tmp, not tmp_path)."""
-    folder = Path(tempfile.mkdtemp(prefix="pyexec-root-only-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -398,22 +133,6 @@ def network_pool(scratch_base: Path) -> Iterator[LivePool]:
         yield pool
 
 
-@pytest.fixture(scope="module")
-def allowing_pool(scratch_base: Path, tcp_listener: Listener) -> Iterator[LivePool]:
-    """The network layer alone, allowing the module's listener."""
-    allow = (f"127.0.0.1:{tcp_listener.port}",)
-    with live(only("network", scratch_base, net_allow=allow)) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def offline_pool(scratch_base: Path, tcp_listener: Listener) -> Iterator[LivePool]:
-    """The network layer alone with the network off, the listener allowed all the same."""
-    allow = (f"127.0.0.1:{tcp_listener.port}",)
-    with live(only("network", scratch_base, network="off", net_allow=allow)) as pool:
-        yield pool
-
-
 # Probes shared by the layers' tests and their controls.
 READ_FILE = attempt(
     """
@@ -451,48 +170,6 @@ EXECV = attempt(
     value = "still here after exec"
     """
 )
-PACKET_SOCKET = attempt(
-    """
-    import socket
-    # Protocol 0: the socket receives nothing and nothing is sent on it.
-    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    raw.close()
-    value = "opened"
-    """
-)
-PLAIN_CONNECT = attempt(
-    """
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(("127.0.0.1", ctx["port"]))
-        sock.sendall(b"plain")
-    value = "connected"
-    """
-)
-RAW_CONNECT = attempt(
-    """
-    import _socket
-    # The C socket class under socket.socket: none of the Python-level wrappers apply.
-    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    try:
-        sock.settimeout(5)
-        sock.connect(("127.0.0.1", ctx["port"]))
-        sock.send(b"raw")
-    finally:
-        sock.close()
-    value = "connected"
-    """
-)
-CREATE_CONNECTION = attempt(
-    """
-    import socket
-    with socket.create_connection(("127.0.0.1", ctx["port"]), timeout=5) as sock:
-        sock.sendall(b"guarded")
-    value = "connected"
-    """
-)
-
 ALLOCATE = "def execute(ctx):\n    return len(bytearray(ctx['mb'] * 1024 * 1024))\n"
 BIG_FILE = """
     import errno, os
@@ -556,26 +233,10 @@ def test_control_runs_are_root_with_every_layer_off(
     assert target.exists()
 
 
-def test_control_processes_and_packet_sockets_work_with_every_layer_off(
-    bare_pool: LivePool,
-) -> None:
-    """With every layer off, fork, subprocess and (as root) an AF_PACKET socket work."""
+def test_control_processes_work_with_every_layer_off(bare_pool: LivePool) -> None:
+    """With every layer off, fork and subprocess work."""
     assert ok_result(bare_pool.run(FORK)) == {"value": "forked"}
     assert ok_result(bare_pool.run(SUBPROCESS)) == {"value": 0}
-    if IS_ROOT:
-        assert ok_result(bare_pool.run(PACKET_SOCKET)) == {"value": "opened"}
-
-
-def test_control_loopback_connections_work_with_every_layer_off(
-    bare_pool: LivePool, listener: Listener
-) -> None:
-    """With every layer off, plain, raw and guarded-API connections reach the listener."""
-    assert ok_result(bare_pool.run(PLAIN_CONNECT, port=listener.port)) == {"value": "connected"}
-    assert listener.take() == [b"plain"]
-    assert ok_result(bare_pool.run(RAW_CONNECT, port=listener.port)) == {"value": "connected"}
-    assert listener.take() == [b"raw"]
-    assert ok_result(bare_pool.run(CREATE_CONNECTION, port=listener.port)) == {"value": "connected"}
-    assert listener.take() == [b"guarded"]
 
 
 def test_control_limit_probes_pass_with_every_layer_off(bare_pool: LivePool) -> None:
@@ -663,16 +324,6 @@ def test_landlock_alone_lets_standard_library_modules_load_lazily(landlock_pool:
     }
 
 
-def test_landlock_alone_refuses_tcp_to_an_unlisted_port(
-    landlock_pool: LivePool, listener: Listener
-) -> None:
-    """Landlock alone refuses a plain TCP connect to a loopback port not in net_ports."""
-    assert listener.port not in landlock_pool.config.net_ports
-    outcome = landlock_pool.run(PLAIN_CONNECT, port=listener.port)
-    assert ok_result(outcome) == refusal("PermissionError", "EACCES")
-    assert listener.take() == []
-
-
 # -- seccomp alone --------------------------------------------------------------------------------
 
 
@@ -696,11 +347,6 @@ def test_seccomp_alone_lets_threads_run(seccomp_pool: LivePool) -> None:
             return [worker.is_alive(), len(seen), seen[0] != threading.get_native_id()]
         """
     assert ok_result(seccomp_pool.run(source)) == [False, 1, True]
-
-
-def test_seccomp_alone_refuses_packet_sockets(seccomp_pool: LivePool) -> None:
-    """Seccomp alone refuses an AF_PACKET raw socket (EAFNOSUPPORT), even to a root run."""
-    assert ok_result(seccomp_pool.run(PACKET_SOCKET)) == refusal("OSError", "EAFNOSUPPORT")
 
 
 # -- user alone -----------------------------------------------------------------------------------
@@ -878,90 +524,6 @@ def test_limits_timeout_kills_the_run_and_its_grandchild(limits_pool: LivePool) 
     assert eventually(lambda: sleeper not in processes_running(["sleep", "60"]))
 
 
-# -- network alone (the Python-level address guard) -----------------------------------------------
-
-
-def test_network_alone_refuses_an_unlisted_loopback_port(
-    network_pool: LivePool, listener: Listener
-) -> None:
-    """The guard alone refuses create_connection to 127.0.0.1:PORT; the listener sees nothing."""
-    outcome = network_pool.run(CREATE_CONNECTION, port=listener.port)
-    assert_policy_violation(outcome, f"127.0.0.1:{listener.port}", "is not allowed")
-    assert listener.take() == []
-
-
-def test_network_alone_allows_a_listed_destination(
-    allowing_pool: LivePool, listener: Listener
-) -> None:
-    """With net_allow naming the listener, the same connection is made and data arrives."""
-    outcome = allowing_pool.run(CREATE_CONNECTION, port=listener.port)
-    assert ok_result(outcome) == {"value": "connected"}
-    assert listener.take() == [b"guarded"]
-
-
-@pytest.mark.parametrize(
-    ("host", "reason"),
-    [("169.254.169.254", "link-local address"), ("10.0.0.1", "private address")],
-    ids=["metadata", "private"],
-)
-def test_network_alone_refuses_special_ranges_before_connecting(
-    network_pool: LivePool, host: str, reason: str
-) -> None:
-    """The guard alone refuses metadata and private addresses on port 80, naming the range."""
-    # From a socket bound to 127.0.0.1: a real attempt would fail EINVAL and send nothing.
-    source = """
-        import socket
-        def execute(ctx):
-            try:
-                socket.create_connection(
-                    (ctx["host"], 80), timeout=2, source_address=("127.0.0.1", 0)
-                )
-            except Exception as exc:
-                print(type(exc).__name__)
-                raise
-            return "connected"
-        """
-    outcome = network_pool.run(source, host=host)
-    assert_policy_violation(outcome, f"network access to {host}:80 ({reason})")
-    assert outcome.stdout == "PolicyViolation\n"  # refused by the guard, not by the kernel
-
-
-def test_network_off_refuses_even_an_allowed_destination(
-    offline_pool: LivePool, listener: Listener
-) -> None:
-    """With network="off" the guard refuses the listener net_allow names; nothing arrives."""
-    outcome = offline_pool.run(CREATE_CONNECTION, port=listener.port)
-    assert_policy_violation(outcome, "the network is off")
-    assert listener.take() == []
-
-
-@ROOT_ONLY
-def test_network_off_puts_the_run_in_an_empty_namespace(
-    offline_pool: LivePool, listener: Listener
-) -> None:
-    """With network="off" even a connect below the guard fails: the run has no network at all."""
-    outcome = offline_pool.run(RAW_CONNECT, port=listener.port)
-    assert ok_result(outcome) == refusal("OSError", "ENETUNREACH")
-    assert listener.take() == []
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the network layer with the network on is only a Python-level guard: netguard.install() "
-        "wraps methods of socket.socket, and the C base class _socket.socket connects without "
-        "them; only Landlock's TCP port rules (when Landlock is on too) act in the kernel"
-    ),
-)
-def test_network_alone_refuses_a_connect_below_the_socket_module(
-    network_pool: LivePool, listener: Listener
-) -> None:
-    """The network layer alone refuses a connect made with _socket.socket directly."""
-    outcome = network_pool.run(RAW_CONNECT, port=listener.port)
-    assert outcome.result != {"value": "connected"}
-    assert listener.take() == []
-
-
 # -- the scratch folder ---------------------------------------------------------------------------
 
 
@@ -1088,14 +650,23 @@ def _header_numbers() -> dict[str, int]:
     return {name: int(number) for name, number in pattern.findall(UNISTD_64.read_text())}
 
 
+RUN_PID = 4242
+
+
 def _x86_64_program(monkeypatch: pytest.MonkeyPatch) -> bytes:
     monkeypatch.setattr(seccomp, "machine", lambda: "x86_64")
-    return seccomp.build_filter()
+    seccomp._program.cache_clear()
+    try:
+        return seccomp.build_filter(RUN_PID)
+    finally:
+        seccomp._program.cache_clear()
 
 
-def _evaluate(program: bytes, nr: int, arg0: int = 0, arch: int = AUDIT_ARCH_X86_64) -> int:
-    """Run the classic BPF ``program`` on one seccomp_data and return its verdict."""
-    data = struct.pack("<iIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)
+def _evaluate(program: bytes, nr: int, *args: int, arch: int = AUDIT_ARCH_X86_64) -> int:
+    """Run the classic BPF ``program`` on one seccomp_data and return its verdict; ``args``
+    are the syscall's first arguments (64-bit values, the rest 0)."""
+    values = [value & 0xFFFFFFFFFFFFFFFF for value in (*args, 0, 0, 0, 0, 0, 0)[:6]]
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *values)
     instructions = list(struct.iter_unpack("<HBBI", program))
     accumulator = 0
     pc = 0
@@ -1103,6 +674,9 @@ def _evaluate(program: bytes, nr: int, arg0: int = 0, arch: int = AUDIT_ARCH_X86
         code, jt, jf, k = instructions[pc]
         if code == 0x20:  # BPF_LD | BPF_W | BPF_ABS
             (accumulator,) = struct.unpack_from("<I", data, k)
+            pc += 1
+        elif code == 0x54:  # BPF_ALU | BPF_AND | BPF_K
+            accumulator &= k
             pc += 1
         elif code == 0x15:  # BPF_JMP | BPF_JEQ | BPF_K
             pc += 1 + (jt if accumulator == k else jf)
@@ -1123,7 +697,13 @@ def test_seccomp_table_matches_the_kernel_headers() -> None:
     """Every syscall number in the x86_64 table equals the one in <asm/unistd_64.h>."""
     header = _header_numbers()
     table: dict[str, Any] = seccomp._X86_64
-    numbers = {**table["refused"], **{name: table[name] for name in ("clone", "clone3", "socket")}}
+    single = ("clone", "clone3", "socket", "sendto", "ioctl")
+    numbers = {
+        **table["refused"],
+        **table["own_pid"],
+        **table["own_which_who"],
+        **{name: table[name] for name in single},
+    }
     assert table["arch"] == AUDIT_ARCH_X86_64
     missing = sorted(name for name in numbers if name not in header)
     assert not missing, f"not in {UNISTD_64}: {missing}"
@@ -1143,24 +723,71 @@ def test_other_hardcoded_syscall_numbers_match_the_kernel_headers() -> None:
 
 
 def test_seccomp_filter_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The built x86_64 filter refuses its table, threads-only clone, and odd socket families."""
+    """The built x86_64 filter refuses its table, fork-like clones, every socket but TCP,
+    addressed sends, network ioctls, and calls aimed at another process than the run."""
     program = _x86_64_program(monkeypatch)
     assert len(program) % 8 == 0
     assert len(program) // 8 <= 4096  # BPF_MAXINSNS
     eperm, enosys = RET_ERRNO | errno.EPERM, RET_ERRNO | errno.ENOSYS
-    refused: dict[str, int] = seccomp._X86_64["refused"]
-    for name, number in refused.items():
+    table: dict[str, Any] = seccomp._X86_64
+    for name, number in table["refused"].items():
         assert _evaluate(program, number) == eperm, name
-    for name, number in {"read": 0, "write": 1, "openat": 257, "connect": 42, "mmap": 9}.items():
+    for name in ("connect", "bind", "listen", "accept", "accept4", "sendmsg", "sendmmsg"):
+        assert _evaluate(program, table["refused"][name]) == eperm, name
+    for name, number in {"read": 0, "write": 1, "openat": 257, "mmap": 9, "socketpair": 53,
+                         "recvfrom": 45, "recvmsg": 47, "setsockopt": 54}.items():  # fmt: skip
         assert _evaluate(program, number) == RET_ALLOW, name
     clone_thread = 0x00010000 | 0x00000100 | 0x00000800  # CLONE_THREAD | CLONE_VM | CLONE_SIGHAND
-    assert _evaluate(program, 56, arg0=clone_thread) == RET_ALLOW
-    assert _evaluate(program, 56, arg0=17) == eperm  # SIGCHLD only: fork
-    assert _evaluate(program, 56, arg0=0x4000 | 0x100 | 17) == eperm  # vfork's flags
+    assert _evaluate(program, 56, clone_thread) == RET_ALLOW
+    assert _evaluate(program, 56, 17) == eperm  # SIGCHLD only: fork
+    assert _evaluate(program, 56, 0x4000 | 0x100 | 17) == eperm  # vfork's flags
     assert _evaluate(program, 435) == enosys
-    for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK):
-        assert _evaluate(program, 41, arg0=family) == RET_ALLOW, family
-    for family in (socket.AF_PACKET, 3, 4, 5, 9):  # packet, AX.25, IPX, AppleTalk, X.25
-        assert _evaluate(program, 41, arg0=family) == RET_ERRNO | errno.EAFNOSUPPORT, family
+    # socket(): TCP over IPv4/IPv6, with or without NONBLOCK/CLOEXEC, protocol 0 or TCP.
+    nonblock_cloexec = 0o4000 | 0o2000000
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_STREAM | nonblock_cloexec):
+            for proto in (0, socket.IPPROTO_TCP):
+                assert _evaluate(program, 41, family, kind, proto) == RET_ALLOW
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET, 0x1000 | 1):
+            assert _evaluate(program, 41, family, kind, 0) == eperm, (family, kind)
+        assert _evaluate(program, 41, family, socket.SOCK_STREAM, 132) == eperm  # SCTP
+        assert _evaluate(program, 41, family, socket.SOCK_STREAM, 262) == eperm  # MPTCP
+    for family in (socket.AF_UNIX, socket.AF_NETLINK, socket.AF_PACKET, 3, 4, 5, 9, 38, 40):
+        assert _evaluate(program, 41, family, socket.SOCK_STREAM, 0) == eperm, family
+    # sendto: only without a destination address (both halves of the pointer checked).
+    assert _evaluate(program, 44, 3, 0, 10, 0, 0) == RET_ALLOW
+    assert _evaluate(program, 44, 3, 0, 10, 0, 0x7FFD_0000_1000) == eperm
+    assert _evaluate(program, 44, 3, 0, 10, 0, 0x7FFD_0000_0000) == eperm
+    # ioctl: interface and routing requests refused, file ones allowed.
+    for request in (0x8912, 0x8915, 0x890B, 0x89F0):  # SIOCGIFCONF, SIOCGIFADDR, SIOCADDRT, ...
+        assert _evaluate(program, 16, 3, request) == eperm, hex(request)
+    for request in (0x5401, 0x541B, 0x8906, 0x4004_6611):  # TCGETS, FIONREAD, SIOCGSTAMP, ...
+        assert _evaluate(program, 16, 3, request) == RET_ALLOW, hex(request)
+    # Calls aimed at a process: the run itself (or 0 where that means itself) only.
+    for name, number in table["own_pid"].items():
+        assert _evaluate(program, number, RUN_PID) == RET_ALLOW, name
+        assert _evaluate(program, number, 1) == eperm, name
+        assert _evaluate(program, number, RUN_PID + 1) == eperm, name
+        assert _evaluate(program, number, -1) == eperm, name
+        zero = RET_ALLOW if name not in ("tgkill", "rt_tgsigqueueinfo") else eperm
+        assert _evaluate(program, number, 0) == zero, name
+    for name, number in table["own_which_who"].items():
+        which = 0 if name == "setpriority" else 1
+        assert _evaluate(program, number, which, RUN_PID) == RET_ALLOW, name
+        assert _evaluate(program, number, which, 0) == RET_ALLOW, name
+        assert _evaluate(program, number, which, 1) == eperm, name
+        assert _evaluate(program, number, which + 1, 0) == eperm, name  # a group or a user
     assert _evaluate(program, 0, arch=0xC00000B7) == RET_KILL_PROCESS  # an aarch64 call
     assert _evaluate(program, 0x40000000 | 0) == RET_KILL_PROCESS  # an x32 call
+
+
+def test_each_child_gets_its_own_pid_in_the_filter() -> None:
+    """The program built once is patched per child: another pid gives other verdicts."""
+    if seccomp.supported() is not None:
+        pytest.skip(seccomp.supported() or "")
+    kill = seccomp._X86_64["own_pid"]["kill"]
+    first, second = seccomp.build_filter(1000), seccomp.build_filter(2000)
+    assert _evaluate(first, kill, 1000) == RET_ALLOW
+    assert _evaluate(first, kill, 2000) == RET_ERRNO | errno.EPERM
+    assert _evaluate(second, kill, 2000) == RET_ALLOW
+    assert _evaluate(second, kill, 1000) == RET_ERRNO | errno.EPERM
