@@ -106,6 +106,7 @@ class Settings:
     run_as_user: str = "nobody"
     scratch_dir: str = ""
     scratch_mb: int = 64
+    scratch_files: int = 1000
     network: Literal["on", "off"] = "on"
     net_ports: tuple[int, ...] = (80, 443)
     net_allow: tuple[str, ...] = ()
@@ -143,6 +144,7 @@ class Settings:
             run_as_user=self.run_as_user,
             scratch_dir=self.scratch_dir,
             scratch_limit_mb=self.scratch_mb,
+            scratch_files=self.scratch_files,
             network=self.network,
             net_ports=self.net_ports,
             net_allow=self.net_allow,
@@ -295,6 +297,7 @@ def _isolation(env: Mapping[str, str]) -> dict[str, Any]:
         "run_as_user": user,
         "scratch_dir": env.get("EXECUTOR_SCRATCH_DIR", "").strip(),
         "scratch_mb": _int(env, "EXECUTOR_SCRATCH_MB", 64, low=1, high=1024 * 1024),
+        "scratch_files": _int(env, "EXECUTOR_SCRATCH_FILES", 1000, low=1, high=1_000_000),
         "network": "off" if network == "off" else "on",
         "net_ports": tuple(ports),
         "net_allow": tuple(allow),

@@ -13,6 +13,7 @@ ErrorCode = Literal[
     "script_error",
     "memory_limit",
     "output_limit",
+    "disk_limit",
     "result_not_serializable",
     "worker_lost",
     "timeout",

@@ -10,8 +10,8 @@ DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
     # Standard library, for computing.
     "math", "json", "re", "datetime", "decimal", "statistics", "collections", "itertools",
     "functools", "string", "textwrap", "unicodedata", "difflib", "csv", "io", "base64",
-    "hashlib", "uuid", "random", "time", "typing", "dataclasses", "enum", "copy", "operator",
-    "heapq", "bisect", "zoneinfo",
+    "hashlib", "uuid", "random", "secrets", "time", "typing", "dataclasses", "enum", "copy",
+    "operator", "heapq", "bisect", "zoneinfo",
     # Pre-installed libraries.
     "pandas", "numpy", "openpyxl", "sqlglot", "pymorphy3", "nltk", "rapidfuzz", "openai",
     "requests",
@@ -81,7 +81,9 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     scratch_dir: str = ""
     """Where the runs' scratch folders are made; empty means the system temporary folder."""
     scratch_limit_mb: Annotated[int, msgspec.Meta(ge=1)] = 64
-    """The largest file a run may write, in MB."""
+    """What a run's scratch folder may hold in all, in MB (and so the largest file)."""
+    scratch_files: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """How many files and folders a run's scratch folder may hold."""
     network: Literal["on", "off"] = "on"
     """Whether runs may use the network at all."""
     net_ports: tuple[int, ...] = (80, 443)

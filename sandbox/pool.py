@@ -23,6 +23,7 @@ from sandbox.compiler import CodeCache, code_format, compile_to_marshal
 from sandbox.config import PoolConfig
 from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
 from sandbox.isolation import LayerStatus, network_rules
+from sandbox.quota import Limits, ScratchQuota, Usage
 
 START_TIMEOUT = 120.0
 EXIT_STATUS_WAIT = 2.0
@@ -97,6 +98,10 @@ class Pool:
         self._code_matches = False
         self._learning: dict[str, asyncio.Task[None]] = {}
         self._broker = Broker(network_rules(config))
+        self._quota: ScratchQuota | None = None
+        self._limits = Limits(
+            max_bytes=config.scratch_limit_mb * 1024 * 1024, max_files=config.scratch_files
+        )
         self.parent_starts = 0
         self._started_at = 0.0
         self._quick_losses = 0
@@ -139,6 +144,9 @@ class Pool:
                 self.timings = probe.timings
             return self
         await self._start_parent()
+        if any(layer.name == "limits" and layer.active for layer in self.layers):
+            self._quota = ScratchQuota()
+            asyncio.get_running_loop().add_reader(self._quota.fd, self._quota.read)
         return self
 
     async def close(self) -> None:
@@ -156,6 +164,11 @@ class Pool:
         for waiter in self._exits.values():
             if not waiter.done():
                 waiter.cancel()
+        if self._quota is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._quota.fd)
+            self._quota.close()
+            self._quota = None
 
     async def _start_parent(self) -> None:
         loop = asyncio.get_running_loop()
@@ -316,11 +329,14 @@ class Pool:
             self._running.add(child)
             started = time.perf_counter()
             code = self._code.get(job.source) if self._code_matches else None
+            usage = self._watch_scratch(child)
             try:
-                outcome = await self._run_in(child, job, code)
+                outcome = await self._run_in(child, job, code, usage)
                 if outcome.compiled and code is None:
                     self._learn(job.source)
             finally:
+                if usage is not None and self._quota is not None:
+                    self._quota.release(usage)
                 self._running.discard(child)
                 child.release()
                 self._exits.pop(child.pid, None)
@@ -343,6 +359,15 @@ class Pool:
             )
             async with Pool(single) as pool:
                 return await pool.run(job)
+
+    def _watch_scratch(self, child: _Child) -> Usage | None:
+        """Account for the child's scratch folder; past a limit the child is killed."""
+        if self._quota is None:
+            return None
+        folder = os.path.join(self._scratch_root, str(child.pid))
+        return self._quota.watch(
+            folder, child.pid, self._limits, lambda _reason: child.signal(signal.SIGKILL)
+        )
 
     def _learn(self, source: str) -> None:
         """Compile a script that ran, here, off the request's path: later runs of the same
@@ -381,9 +406,32 @@ class Pool:
                 f"no worker process became ready within {wait:g} s{why}"
             ) from None
 
-    async def _run_in(self, child: _Child, job: Job, code: bytes | None) -> protocol.RunResult:
+    async def _run_in(
+        self, child: _Child, job: Job, code: bytes | None, usage: Usage | None
+    ) -> protocol.RunResult:
+        """Hand the job to the child and answer its broker requests until it answers; a run
+        past its scratch quota ends ``disk_limit`` whatever it answered."""
         child.sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=child.sock)
+        try:
+            result = await self._exchange(child, reader, writer, job, code)
+            if usage is not None and self._quota is not None:
+                # The child is still there, its files open, until its socket is closed.
+                self._quota.settle(usage)
+                if usage.exceeded is not None:
+                    result = _disk_limit(usage, result)
+        finally:
+            writer.transport.abort()
+        return result
+
+    async def _exchange(
+        self,
+        child: _Child,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        job: Job,
+        code: bytes | None,
+    ) -> protocol.RunResult:
         limit = self.config.result_limit + 4 * self.config.stdout_limit + 65536
         request = protocol.RunRequest(
             source=job.source, ctx=job.ctx, timeout=job.timeout, code=code
@@ -404,8 +452,6 @@ class Pool:
             return await self._stop_late(child, reader, limit, job.timeout)
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
             return await self._lost(child)
-        finally:
-            writer.transport.abort()
 
     async def _stop_late(
         self, child: _Child, reader: asyncio.StreamReader, limit: int, timeout: float
@@ -490,6 +536,15 @@ async def _send_answer(
             await writer.drain()
     finally:
         connected.close()
+
+
+def _disk_limit(usage: Usage, ended: protocol.RunResult) -> protocol.RunResult:
+    """The run went past its scratch quota: that is how it ended, whatever it answered."""
+    return protocol.RunResult(
+        status="error",
+        error=ErrorInfo(code="disk_limit", type="DiskLimit", message=usage.exceeded or ""),
+        stdout=ended.stdout,
+    )
 
 
 def _explain_exit(returncode: int | None, memory_mb: int) -> tuple[ErrorCode, str]:

@@ -251,6 +251,9 @@ def serve_one(sock: socket.socket, plan: Plan, scratch: str) -> int:
     result = run.execute(request)
     try:
         sock.sendall(protocol.frame(result))
+        # Stay, with every file still open, until the pool has counted the scratch folder and
+        # closes the socket.
+        sock.recv(1)
     except OSError:
         return 1
     return 0
