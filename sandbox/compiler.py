@@ -15,6 +15,7 @@ from typing import Any
 
 from RestrictedPython.compile import compile_restricted_exec
 from RestrictedPython.transformer import (
+    FORBIDDEN_FUNC_NAMES,
     IOPERATOR_TO_STR,
     RestrictingNodeTransformer,
     copy_locations,
@@ -23,18 +24,66 @@ from RestrictedPython.transformer import (
 from sandbox.api import ErrorInfo
 
 FILENAME = "<script>"
+# Dunder attributes the standard library's code generators read in what they generate.
+TEMPLATE_ATTRIBUTES = frozenset(
+    {"__class__", "__qualname__", "__name__", "__setattr__", "__delattr__", "__post_init__"}
+)
 _RP_VERSION = version("RestrictedPython")
 ENTRY_POINT = "execute"
 
 
 class Transformer(RestrictingNodeTransformer):
-    """RestrictedPython's rules, plus augmented assignment to attributes and items, and
-    annotated assignment to names.
+    """RestrictedPython's rules, plus augmented assignment to attributes and items, annotated
+    assignment to names, and guarded calls and ``with`` targets.
 
     RestrictedPython refuses ``counts[word] += 1`` and ``self.total += x`` outright. Here they
     become calls to ``_aug_item_`` / ``_aug_attr_``, which read through the same guards as any
     other access, so scripts can use the everyday idiom without a new way around the policy.
+
+    Values reach a script through calls and ``with`` as well as through attributes and items:
+    every call ``f(...)`` becomes ``_call_(f, ...)`` (what it returns is checked, and no module
+    is handed to library code), and ``with x as name`` checks what ``name`` is bound to.
     """
+
+    def visit_Call(self, node: ast.Call) -> Any:  # noqa: N802 - the visitor protocol
+        visited = super().visit_Call(node)
+        if not isinstance(visited, ast.Call):
+            return visited
+        node = visited
+        func = node.func
+        if isinstance(func, ast.Name) and func.id == "_apply_":
+            func.id = "_call_"  # _apply_(f, *args, **kwargs): the same shape
+            return node
+        if isinstance(func, ast.Name) and func.id == "super" and not node.args:
+            return node  # zero-argument super() must be called in the method's own frame
+        call = ast.Call(
+            func=ast.Name("_call_", ast.Load()), args=[func, *node.args], keywords=node.keywords
+        )
+        copy_locations(call, node)
+        return call
+
+    def visit_With(self, node: ast.With) -> Any:  # noqa: N802 - the visitor protocol
+        visited = super().visit_With(node)
+        if not isinstance(visited, ast.With):
+            return visited
+        node = visited
+        checks: list[ast.stmt] = []
+        for item in node.items:
+            target = item.optional_vars
+            if isinstance(target, ast.Name):
+                check = ast.Assign(
+                    targets=[ast.Name(target.id, ast.Store())],
+                    value=ast.Call(
+                        func=ast.Name("_check_", ast.Load()),
+                        args=[ast.Name(target.id, ast.Load())],
+                        keywords=[],
+                    ),
+                )
+                copy_locations(check, target)
+                ast.fix_missing_locations(check)
+                checks.append(check)
+        node.body[:0] = checks
+        return node
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> Any:  # noqa: N802 - the visitor protocol
         """``x: int = 1`` (dataclass fields): allowed for plain names, guarded like the rest."""
@@ -67,6 +116,34 @@ class Transformer(RestrictingNodeTransformer):
         copy_locations(statement, node)
         ast.fix_missing_locations(statement)
         return statement
+
+
+class GeneratedCode(Transformer):
+    """The rules for code a library generates at run time from strings (a dataclass's
+    ``__init__``, a namedtuple's ``__new__``, an evaluated annotation).
+
+    No module is trusted for what it generates: the strings may hold what a script chose. The
+    code may use private *names* (the generators' own ``__dataclass_self__``,
+    ``_HAS_DEFAULT_FACTORY``), which only ever resolve in the namespace the library gave it,
+    and read the few dunder attributes their templates read (``_gen_getattr_``); every other
+    attribute, item, call and loop goes through the same guards as a script.
+    """
+
+    def check_name(self, node: Any, name: str | None, allow_magic_methods: bool = False) -> None:
+        if name is not None and name in FORBIDDEN_FUNC_NAMES:
+            self.error(node, f'"{name}" is a reserved name.')
+
+    def visit_Attribute(self, node: ast.Attribute) -> Any:  # noqa: N802 - the visitor protocol
+        if node.attr in TEMPLATE_ATTRIBUTES and isinstance(node.ctx, ast.Load):
+            node = self.node_contents_visit(node)
+            call = ast.Call(
+                func=ast.Name("_gen_getattr_", ast.Load()),
+                args=[node.value, ast.Constant(node.attr)],
+                keywords=[],
+            )
+            copy_locations(call, node)
+            return call
+        return super().visit_Attribute(node)
 
 
 def _key_expression(key: ast.expr) -> ast.expr:

@@ -41,7 +41,7 @@ FORBIDDEN_SUBMODULES: tuple[str, ...] = (
     "numpy.f2py", "numpy.distutils", "numpy.testing", "numpy.lib.format", "nltk.downloader",
     "nltk.internals", "nltk.data", "nltk.classify.senna", "nltk.app", "nltk.parse.corenlp",
     "nltk.tag.stanford", "nltk.parse.stanford", "nltk.tokenize.stanford", "sqlglot.executor",
-    "openai.cli", "pymorphy3.cli", "requests.utils",
+    "openai.cli", "pymorphy3.cli", "requests.utils", "numpy.random._pickle",
 )  # fmt: skip
 
 # Of those, the ones where no function or class is for scripts at all (refused by owner too).

@@ -1,70 +1,59 @@
-"""The known doors of the allowed libraries: file paths, pickles and expression evaluators.
+"""The doors of the allowed libraries: file paths and URLs, pickles and expression evaluators.
 
-Door wrappers are handed to a script in place of a library function that takes a file path,
-unpickles, or evaluates an expression: in-memory use (``io.BytesIO``, ``io.StringIO``, no path
-at all) goes through unchanged, a path inside the run's scratch folder is allowed, and anything
-else is a policy violation. (What libraries do internally is covered by ``sandbox.hooks``.)
+Any callable of an allowed library with a parameter whose name says it takes a file or a URL
+(``PATH_PARAMETERS``: ``filepath_or_buffer``, ``filename``, ``root``, ``url``...) is handed to
+a script guarded, whatever module it lives in, found by its parameters rather than by a list of
+functions, so a release that adds a reader is guarded too (``tests/test_door_inventory.py``
+lists every such callable of the locked versions and fails on one that is neither guarded nor
+refused). The guard, for each such argument:
+
+- a buffer, a file object, ``None`` or any other non-path value goes through unchanged;
+- a path (``str``, ``bytes`` or an ``os.PathLike``, converted once, so a path-like that
+  answers differently the second time gets no second chance) must lie inside the run's
+  scratch folder and is passed on as that exact, converted text;
+- a URL (leading spaces and control characters ignored, as URL parsers ignore them) may only
+  be ``http`` or ``https``, fetched under the network rules; ``file:`` and every other scheme
+  are refused; a number (a file descriptor) is refused.
+
+Refused outright: callables that only work with real files, unpickle, or fetch data at run
+time (``REFUSED``). Expression evaluators (``pandas.eval``, ``DataFrame.eval``/``query``) get
+an expression checked against what those evaluators are for: columns, constants, operators,
+pandas' math functions and the ``.str``/``.dt``/``.cat`` accessors (``sandbox.expressions``).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import BuiltinFunctionType, MethodType, ModuleType
+from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any, NoReturn
+
+from sandbox.expressions import check_expression
 
 Refuse = Callable[[str], NoReturn]
 
-# name -> (position among the call's arguments, keyword name) of a file path argument.
-PATH_ARGUMENTS: dict[str, tuple[int, str]] = {
-    "pandas.read_csv": (0, "filepath_or_buffer"),
-    "pandas.read_table": (0, "filepath_or_buffer"),
-    "pandas.read_fwf": (0, "filepath_or_buffer"),
-    "pandas.read_excel": (0, "io"),
-    "pandas.read_json": (0, "path_or_buf"),
-    "pandas.read_html": (0, "io"),
-    "pandas.read_xml": (0, "path_or_buffer"),
-    "pandas.read_parquet": (0, "path"),
-    "pandas.read_feather": (0, "path"),
-    "pandas.read_orc": (0, "path"),
-    "pandas.read_sas": (0, "filepath_or_buffer"),
-    "pandas.read_spss": (0, "path"),
-    "pandas.read_stata": (0, "filepath_or_buffer"),
-    "pandas.ExcelFile": (0, "path_or_buffer"),
-    "pandas.io.parsers.TextFileReader": (0, "f"),
-    "pandas.io.parsers.readers.TextFileReader": (0, "f"),
-    "pandas.ExcelWriter": (0, "path"),
-    "pandas.DataFrame.to_csv": (0, "path_or_buf"),
-    "pandas.DataFrame.to_excel": (0, "excel_writer"),
-    "pandas.DataFrame.to_json": (0, "path_or_buf"),
-    "pandas.DataFrame.to_html": (0, "buf"),
-    "pandas.DataFrame.to_xml": (0, "path_or_buffer"),
-    "pandas.DataFrame.to_parquet": (0, "path"),
-    "pandas.DataFrame.to_feather": (0, "path"),
-    "pandas.DataFrame.to_orc": (0, "path"),
-    "pandas.DataFrame.to_stata": (0, "path"),
-    "pandas.DataFrame.to_markdown": (0, "buf"),
-    "pandas.DataFrame.to_latex": (0, "buf"),
-    "pandas.DataFrame.to_string": (0, "buf"),
-    "pandas.Series.to_csv": (0, "path_or_buf"),
-    "pandas.Series.to_excel": (0, "excel_writer"),
-    "pandas.Series.to_json": (0, "path_or_buf"),
-    "pandas.Series.to_markdown": (0, "buf"),
-    "pandas.Series.to_latex": (0, "buf"),
-    "pandas.Series.to_string": (0, "buf"),
-    "numpy.load": (0, "file"),
-    "numpy.save": (0, "file"),
-    "numpy.savez": (0, "file"),
-    "numpy.savez_compressed": (0, "file"),
-    "numpy.savetxt": (0, "fname"),
-    "numpy.loadtxt": (0, "fname"),
-    "numpy.genfromtxt": (0, "fname"),
-    "openpyxl.load_workbook": (0, "filename"),
-    "openpyxl.reader.excel.load_workbook": (0, "filename"),
-    "openpyxl.Workbook.save": (0, "filename"),
-    "openpyxl.writer.excel.save_workbook": (1, "filename"),
+# Parameter names that take a file path or a URL (found in the allowed libraries' signatures).
+PATH_PARAMETERS = frozenset({
+    "path", "paths", "filepath", "filepath_or_buffer", "path_or_buf", "path_or_buffer",
+    "filename", "filenames", "fname", "file", "files_path", "io", "buf", "excel_writer",
+    "root", "url", "urls", "uri", "base_url", "websocket_base_url", "fileobj", "fp", "outfile",
+    "output_file", "dir", "dirname", "directory", "fileids", "fileid", "corpus_file",
+    "corpus_filename", "model_file", "model_filename", "searchpath", "tmp_path", "out_path",
+    "semtype_file", "path_to_bin", "path_to_jar", "path_to_model", "path_to_tree",
+    "tab_dir", "bin_dir", "parser_dirname", "name_or_path", "inputfilename", "image_file",
+    "resource_url", "destinationFile", "sql_path", "path_input", "source_file", "target_file",
+    "src", "dst", "infile", "filename_or_obj",
+})  # fmt: skip
+
+# Callables whose path parameter has another name, by dotted name.
+EXTRA_PATH_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "pandas.io.parsers.TextFileReader": ("f",),
+    "pandas.io.parsers.readers.TextFileReader": ("f",),
+    "numpy.fromregex": ("file",),
 }
 
 # Refused outright: they only work with real files, unpickle, or fetch data at run time.
@@ -82,13 +71,18 @@ REFUSED: tuple[str, ...] = (
     "string.Formatter",
 )  # fmt: skip
 
-# Expression evaluators: refused when the expression reaches names outside the frame.
+# Expression evaluators: the expression is checked before they see it.
 EXPRESSIONS: dict[str, tuple[int, str]] = {
     "pandas.eval": (0, "expr"),
     "pandas.DataFrame.eval": (0, "expr"),
     "pandas.DataFrame.query": (0, "expr"),
 }
 _EXPRESSION_KEYWORDS = ("local_dict", "global_dict", "resolvers", "target")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+_URL_SCHEMES = frozenset({"http", "https"})
+# What URL parsers strip from either end before they look for a scheme.
+_URL_STRIP = "".join(chr(code) for code in range(0x21))
+_LIBRARY_FUNCTIONS = ("cython_function_or_method", "fused_cython_function", "cyfunction")
 
 
 def resolve(path: str) -> object | None:
@@ -121,108 +115,197 @@ def identity(value: object) -> int:
 
 
 @dataclass(frozen=True)
-class _Door:
+class Door:
+    """How a callable is guarded: ``path`` (those parameters), ``refused`` or ``expression``."""
+
     name: str
-    kind: str  # "path", "refused" or "expression"
-    position: int = 0
-    keyword: str = ""
-    method: bool = False  # a function defined on a class: unbound, its first argument is self
+    kind: str
+    parameters: tuple[tuple[str, int], ...] = ()
+    """(parameter name, its position among the arguments a caller passes)."""
+
+
+def code_parameters(value: object) -> tuple[tuple[str, ...], int, int] | None:
+    """The parameter names of a Python or Cython callable, how many of the leading ones a
+    caller does not pass (``self`` of a bound method, of a class being called), and how many
+    may be passed by position."""
+    skip = 0
+    target: Any = value
+    if isinstance(value, MethodType):
+        target, skip = value.__func__, 1
+    if type(target).__name__ == "_ArrayFunctionDispatcher":  # numpy's wrapped functions
+        target = getattr(target, "_implementation", None)
+    elif isinstance(value, type):
+        target = None
+        for klass in value.__mro__:
+            for name in ("__init__", "__new__"):
+                member = vars(klass).get(name)
+                if isinstance(member, staticmethod):
+                    member = member.__func__
+                if isinstance(member, FunctionType) or type(member).__name__ in _LIBRARY_FUNCTIONS:
+                    target, skip = member, 1
+                    break
+            if target is not None:
+                break
+    if not (isinstance(target, FunctionType) or type(target).__name__ in _LIBRARY_FUNCTIONS):
+        return None
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return None
+    count = code.co_argcount + code.co_kwonlyargcount
+    return tuple(code.co_varnames[:count]), skip, code.co_argcount
+
+
+def path_door(value: object, name: str, extra: tuple[str, ...] = ()) -> Door | None:
+    """The path door of ``value`` if any of its parameters takes a file or a URL."""
+    found = code_parameters(value)
+    if found is None:
+        return None
+    names, skip, positional = found
+    wanted = []
+    for index, parameter in enumerate(names):
+        if parameter in PATH_PARAMETERS or parameter in extra:
+            position = index - skip if index < positional else -1
+            wanted.append((parameter, position))
+    return Door(name, "path", tuple(wanted)) if wanted else None
 
 
 class Doors:
-    """The door table of one run: recognises a door and hands out its guarded form."""
+    """The doors of one run: recognises a door and hands out its guarded form."""
 
     def __init__(self, refuse: Refuse, scratch: str | None) -> None:
         self._refuse = refuse
         self._scratch = os.path.realpath(scratch) if scratch else None
         self._table = door_table()
+        self._found: dict[int, Door | None] = {}
 
     def guard(self, value: Any, where: str) -> Any:
         """``value`` itself if it is no door, its guarded form if it is one."""
-        door = self._table.get(identity(value))
+        door = self.door(value)
         if door is None:
             return value
         if door.kind == "refused":
             self._refuse(f"'{door.name}' (reached as '{where}') is not available to scripts")
         return self._wrap(value, door, where)
 
-    def _wrap(self, function: Callable[..., Any], door: _Door, where: str) -> Callable[..., Any]:
-        offset = 1 if door.method and not isinstance(function, MethodType) else 0
+    def door(self, value: Any) -> Door | None:
+        """The door ``value`` is, if it is one (looked up once per callable)."""
+        key = identity(value)
+        door = self._table.get(key)
+        if door is not None:
+            return door
+        if key in self._found:
+            return self._found[key]
+        door = None
+        module = getattr(value, "__module__", None)
+        if isinstance(module, str) and module != "builtins" and callable(value):
+            door = path_door(value, f"{module}.{getattr(value, '__qualname__', '?')}")
+        if len(self._found) > 100_000:
+            self._found.clear()
+        self._found[key] = door
+        return door
 
+    def _wrap(self, function: Callable[..., Any], door: Door, where: str) -> Callable[..., Any]:
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            argument = _argument(args, kwargs, door.position + offset, door.keyword)
-            if door.kind == "path":
-                self._check_path(argument, where)
-                if door.name == "numpy.load" and kwargs.get("allow_pickle"):
-                    self._refuse(f"'{where}' with allow_pickle=True (unpickling)")
-            else:
-                self._check_expression(argument, kwargs, where)
+            if door.kind == "expression":
+                self._check_expression(args, kwargs, where)
                 # Names resolve to the frame's columns only, never to a caller's variables.
                 kwargs["local_dict"] = {}
                 kwargs["global_dict"] = {}
-            return function(*args, **kwargs)
+                return function(*args, **kwargs)
+            positional = list(args)
+            for parameter, position in door.parameters:
+                if parameter in kwargs:
+                    kwargs[parameter] = self.checked_path(kwargs[parameter], where)
+                elif 0 <= position < len(positional):
+                    positional[position] = self.checked_path(positional[position], where)
+            if door.name == "numpy.load" and kwargs.get("allow_pickle"):
+                self._refuse(f"'{where}' with allow_pickle=True (unpickling)")
+            return function(*positional, **kwargs)
 
         guarded.__name__ = getattr(function, "__name__", door.name)
         guarded.__doc__ = getattr(function, "__doc__", None)
         return guarded
 
-    def _check_path(self, argument: Any, name: str) -> None:
-        if not isinstance(argument, str | bytes | os.PathLike):
-            return  # None, a buffer or a file-like object: in memory.
-        text = os.fsdecode(argument)
-        if text.lower().startswith("file:"):
-            self._refuse(f"'{name}' with a file URL")
-        if "://" in text:
-            return  # A URL: fetched over the network, under the network rules.
+    def checked_path(self, argument: Any, name: str) -> Any:
+        """``argument`` as the library will get it: unchanged if it is no path, the exact
+        checked text (or a path object holding it) if it is one; refused otherwise."""
+        if isinstance(argument, bool) or argument is None:
+            return argument
+        if isinstance(argument, int):
+            self._refuse(f"'{name}' with a file descriptor")
+        if isinstance(argument, str):
+            text = str.__str__(argument)
+        elif isinstance(argument, bytes):
+            text = os.fsdecode(bytes(argument))
+        elif isinstance(argument, os.PathLike):
+            converted = os.fspath(argument)  # once: the answer is what is checked and used
+            text = converted if isinstance(converted, str) else os.fsdecode(bytes(converted))
+        else:
+            return argument  # a buffer, a file object, a list of lines: nothing to open
+        stripped = text.strip(_URL_STRIP)
+        scheme = _SCHEME.match(stripped)
+        if scheme is not None:
+            if scheme.group(1).lower() not in _URL_SCHEMES:
+                self._refuse(f"'{name}' with a {scheme.group(1)}: URL (only http and https)")
+            return stripped  # fetched under the network rules
+        if "\0" in text:
+            self._refuse(f"'{name}' with a path holding a NUL character")
         real = os.path.realpath(text)
-        if self._scratch and (real == self._scratch or real.startswith(self._scratch + os.sep)):
-            return
-        self._refuse(
-            f"'{name}' with the path '{text}' (only the run's scratch folder is writable and "
-            "readable; use io.BytesIO or io.StringIO for data in memory)"
-        )
+        if not (
+            self._scratch and (real == self._scratch or real.startswith(self._scratch + os.sep))
+        ):
+            self._refuse(
+                f"'{name}' with the path '{text[:200]}' (only the run's scratch folder is "
+                "writable and readable; use io.BytesIO or io.StringIO for data in memory)"
+            )
+        if isinstance(argument, os.PathLike):
+            return pathlib.Path(text)
+        return text if isinstance(argument, str) else os.fsencode(text)
 
-    def _check_expression(self, expression: Any, kwargs: dict[str, Any], name: str) -> None:
-        if isinstance(expression, str) and ("@" in expression or "__" in expression):
-            self._refuse(f"'{name}' with '@' references or private names in the expression")
+    def _check_expression(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
         for keyword in _EXPRESSION_KEYWORDS:
             if kwargs.get(keyword) is not None:
                 self._refuse(f"'{name}' with {keyword}=")
+        # The expression: the first argument, after self for the DataFrame methods.
+        expression = kwargs.get("expr")
+        if expression is None:
+            strings = [arg for arg in args if isinstance(arg, str)]
+            expression = strings[0] if strings else None
+        if not isinstance(expression, str):
+            self._refuse(f"'{name}' without an expression string")
+        problem = check_expression(str.__str__(expression))
+        if problem is not None:
+            self._refuse(f"'{name}': {problem}")
 
 
-_TABLE: dict[int, _Door] = {}
+_TABLE: dict[int, Door] = {}
 _KEPT: list[object] = []  # keeps the door objects, and so their ids, alive
 
 
-def door_table() -> dict[int, _Door]:
-    """The doors among the modules imported so far, by the id of their function.
+def door_table() -> dict[int, Door]:
+    """The listed doors among the modules imported so far, by the id of their function.
 
     Built once (the warm parent builds it before forking, so runs share it) and again only
-    if it came out empty.
+    if it came out empty. Doors found by their parameters are found as they are reached.
     """
     if _TABLE:
         return _TABLE
-    for name, (position, keyword) in PATH_ARGUMENTS.items():
-        _add(name, _Door(name, "path", position, keyword))
     for name in REFUSED:
-        _add(name, _Door(name, "refused"))
+        _add(name, Door(name, "refused"))
     for name, (position, keyword) in EXPRESSIONS.items():
-        _add(name, _Door(name, "expression", position, keyword))
+        _add(name, Door(name, "expression", ((keyword, position),)))
+    for name, extra in EXTRA_PATH_PARAMETERS.items():
+        value = resolve(name)
+        door = path_door(value, name, extra) if value is not None else None
+        if door is not None:
+            _KEPT.append(value)
+            _TABLE[identity(value)] = door
     return _TABLE
 
 
-def _add(name: str, door: _Door) -> None:
+def _add(name: str, door: Door) -> None:
     value = resolve(name)
     if value is None:
         return
-    owner = resolve(name.rpartition(".")[0])
     _KEPT.append(value)
-    _TABLE[identity(value)] = _Door(
-        door.name, door.kind, door.position, door.keyword, method=isinstance(owner, type)
-    )
-
-
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str) -> Any:
-    if keyword in kwargs:
-        return kwargs[keyword]
-    return args[position] if len(args) > position else None
+    _TABLE[identity(value)] = door

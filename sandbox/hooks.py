@@ -2,13 +2,20 @@
 
 The policy guards what a script reaches; some libraries, given harmless-looking input,
 unpickle bytes or compile strings themselves (``typing`` and pydantic evaluate string
-annotations, ``functools.singledispatch`` reads them, pandas' pickle compatibility module
-unpickles). For the rest of the run, after the warm parent has imported everything:
+annotations, ``dataclasses`` and ``namedtuple`` generate methods from field names,
+``functools.singledispatch`` reads annotations, pandas' pickle compatibility module unpickles).
+For the rest of the run, after the warm parent has imported everything:
 
-- ``pickle.load``/``loads``/``Unpickler`` (C and Python versions) refuse;
-- ``compile``, ``eval`` and ``exec`` called with a string by anything but a trusted code
-  generator compile it under the same RestrictedPython rules as a script, so attribute access
-  goes through the guards, and evaluation supplies the guards when the namespace lacks them.
+- ``pickle.load``/``loads``/``Unpickler`` (C and Python versions) refuse (and the audit hook,
+  ``sandbox.audit``, refuses every unpickler's global lookups, bound before this or not);
+- ``compile``, ``eval`` and ``exec`` given a string, bytes or an AST by anything but the import
+  system (with no script code on the way) or the sandbox itself compile it under the sandbox's
+  rules: :class:`~sandbox.compiler.GeneratedCode`, the script rules with the generators' own
+  private names allowed, so attribute access, calls and loops go through the guards, which are
+  lent when the namespace lacks them. No module is trusted for what it generates: a field name
+  or an annotation may be a string the script chose;
+- ``eval``/``exec`` of a code object made since then, other than this way, cannot happen (the
+  audit hook refuses making code objects any other way).
 """
 
 from __future__ import annotations
@@ -16,71 +23,111 @@ from __future__ import annotations
 import ast
 import builtins
 import sys
+import weakref
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, NoReturn
 
 from RestrictedPython.compile import compile_restricted
 
-from sandbox.compiler import Transformer
+from sandbox.compiler import GeneratedCode
 
 Refuse = Callable[[str], NoReturn]
 
-# Modules whose own generated code (from identifiers they validated) is compiled as it is, and
-# the import system, RestrictedPython and the sandbox itself, which compile trusted code.
-TRUSTED_CODE_GENERATORS = frozenset(
-    {"dataclasses", "collections", "importlib", "RestrictedPython", "sandbox"}
-)
+# Callers whose compiles are the sandbox's own: its compiler and RestrictedPython under it.
+TRUSTED_CALLERS = frozenset({"RestrictedPython", "sandbox"})
+IMPORT_SYSTEM = frozenset({"importlib._bootstrap", "importlib._bootstrap_external"})
 _GUARD = "_getattr_"
+_STACK_LIMIT = 200
 
 
-def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> None:
-    """Patch pickle and the compile/eval/exec builtins for the rest of this process."""
+def caller_module(frame: FrameType | None) -> str:
+    """The module name of ``frame``'s code, or '' where it has none."""
+    if frame is None:
+        return ""
+    name = frame.f_globals.get("__name__", "")
+    return name if isinstance(name, str) else ""
+
+
+def is_script_frame(frame: FrameType) -> bool:
+    """Code a script wrote, or code compiled under the sandbox rules (guarded globals)."""
+    return _GUARD in frame.f_globals
+
+
+def trusted(frame: FrameType | None) -> bool:
+    """Whether a compile or exec made from ``frame`` is the sandbox's or the import system's.
+
+    The import system's counts only when no script frame lies between it and the call (a
+    script's code that runs during an import is still a script's)."""
+    if frame is None:
+        return False
+    first = caller_module(frame)
+    if first.split(".")[0] in TRUSTED_CALLERS:
+        return True
+    depth = 0
+    while frame is not None and depth < _STACK_LIMIT:
+        if is_script_frame(frame):
+            return False
+        if caller_module(frame) in IMPORT_SYSTEM:
+            return True
+        frame = frame.f_back
+        depth += 1
+    return False
+
+
+def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> weakref.WeakSet[CodeType]:
+    """Patch pickle and the compile/eval/exec builtins for the rest of this process; return the
+    set of code objects compiled under the rules (the audit hook lets only those run)."""
     _refuse_unpickling(refuse)
     real_compile = builtins.compile
     real_eval = builtins.eval
     real_exec = builtins.exec
-    restricted: dict[int, Any] = {}  # id -> code object compiled under the rules (kept alive)
+    ours: weakref.WeakSet[CodeType] = weakref.WeakSet()
 
-    def trusted(depth: int) -> bool:
-        frame: FrameType | None = sys._getframe(depth)
-        assert frame is not None
-        caller = frame.f_globals.get("__name__", "")
-        if str(caller).split(".")[0] in TRUSTED_CODE_GENERATORS:
-            return True
-        # Code a library runs while it is being imported is the library's own, not a script's.
-        while frame is not None:
-            if frame.f_globals.get("__name__") == "importlib._bootstrap":
-                return True
-            frame = frame.f_back
-        return False
-
-    def restricted_compile(source: Any, filename: str, mode: str) -> Any:
-        if isinstance(source, bytes):
-            source = source.decode("utf-8", "replace")
+    def restricted_compile(source: Any, filename: str, mode: Any) -> CodeType:
+        if isinstance(source, bytes | bytearray | memoryview):
+            source = bytes(source).decode("utf-8", "replace")
+        elif isinstance(source, str):
+            source = str.__str__(source)
+        elif not isinstance(source, ast.AST):
+            refuse(f"compiling a {type(source).__name__}")
+        if mode not in ("exec", "eval", "single"):
+            refuse(f"compiling in mode {str(mode)[:20]!r}")
         try:
-            code = compile_restricted(source, filename, mode, policy=Transformer)  # type: ignore[arg-type]
-        except SyntaxError as exc:
+            code = compile_restricted(source, filename, mode, policy=GeneratedCode)
+        except (SyntaxError, TypeError) as exc:
             refuse(f"compiling a string that breaks the sandbox rules: {exc}")
-        restricted[id(code)] = code
+        ours.add(code)
         return code
 
     def checked_compile(source: Any, filename: Any, mode: Any, flags: int = 0, *args: Any,
                         **kwargs: Any) -> Any:  # fmt: skip
-        if flags & ast.PyCF_ONLY_AST or not isinstance(source, str | bytes | ast.Module):
-            return real_compile(source, filename, mode, flags, *args, **kwargs)
-        if trusted(2):
+        if trusted(sys._getframe(1)):
+            code = real_compile(source, filename, mode, flags, *args, **kwargs)
+            if isinstance(code, CodeType):
+                ours.add(code)
+            return code
+        if flags & ast.PyCF_ONLY_AST and isinstance(source, str | bytes):
+            # A syntax tree only: nothing runs, and compiling the tree is checked in turn.
             return real_compile(source, filename, mode, flags, *args, **kwargs)
         return restricted_compile(source, str(filename), str(mode))
 
     def evaluate(real: Callable[..., Any], mode: str, source: Any, *args: Any) -> Any:
-        if isinstance(source, str | bytes) and not trusted(3):
+        frame = sys._getframe(2)
+        if not isinstance(source, CodeType):
+            if trusted(frame):
+                return real(source, *args)
             source = restricted_compile(source, "<string>", mode)
-        if id(source) in restricted and args and isinstance(args[0], dict):
-            namespace = args[0]
-            if _GUARD not in namespace:
-                # A library's namespace: lend it the guards the code was compiled against.
-                args = ({**namespace, **guards()}, *args[1:])
+        elif source not in ours:
+            # Code made before these hooks: a library's own (an annotation it compiled when it
+            # was imported). No code can be made since but through them (the audit hook refuses
+            # code.__new__, marshal and compiling below them), and a script never runs it.
+            if frame is None or is_script_frame(frame):
+                refuse("running a code object from a script")
+            return real(source, *args)
+        if args and isinstance(args[0], dict) and _GUARD not in args[0] and not trusted(frame):
+            # A library's namespace: lend it the guards the code was compiled against.
+            args = ({**args[0], **guards()}, *args[1:])
         return real(source, *args)
 
     def checked_eval(source: Any, *args: Any) -> Any:
@@ -92,6 +139,7 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> None:
     builtins.compile = checked_compile
     builtins.eval = checked_eval
     builtins.exec = checked_exec
+    return ours
 
 
 def _refuse_unpickling(refuse: Refuse) -> None:

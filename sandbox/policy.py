@@ -18,6 +18,7 @@ from RestrictedPython.Guards import (
 )
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
+from sandbox.compiler import TEMPLATE_ATTRIBUTES
 from sandbox.config import FORBIDDEN_MODULES, FORBIDDEN_OWNERS, FORBIDDEN_SUBMODULES
 from sandbox.doors import Doors
 from sandbox.errors import PolicyViolation
@@ -47,6 +48,25 @@ _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
 
 _MISSING = object()
 
+# Attribute names no script may read, on anything: interpreter internals RestrictedPython does
+# not list (Cython functions expose their globals and code under these names), and numpy's
+# door to raw memory.
+REFUSED_ATTRIBUTES = INSPECT_ATTRIBUTES | frozenset({
+    "func_globals", "func_code", "func_closure", "func_dict", "ctypes",
+})  # fmt: skip
+# Values a script may hold without a look: nothing in them leads anywhere.
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes, complex, list, tuple, dict, set,
+                    frozenset, range, slice, bytearray})  # fmt: skip
+_PLAIN_ITEMS = (str, bytes, bytearray, range)
+
+
+def exact(name: object, what: str = "attribute name") -> str:
+    """``name`` as an exact ``str``: a subclass is copied, never asked (its ``startswith``,
+    ``__eq__`` or ``__hash__`` could answer anything)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string, not {type(name).__name__}")
+    return str.__str__(name)
+
 
 def _describe(obj: object) -> str:
     if isinstance(obj, ModuleType):
@@ -66,6 +86,7 @@ class Policy:
             id(getattr(builtins, name)) for name in REFUSED_BUILTINS if hasattr(builtins, name)
         )
         self.doors = Doors(self.refuse, scratch)
+        self._builtin_ids: frozenset[int] = frozenset()
 
     # -- refusing ---------------------------------------------------------------------------
 
@@ -76,21 +97,23 @@ class Policy:
 
     def module_allowed(self, name: str) -> bool:
         """True if a module of this dotted name is on the allow list."""
-        parts = name.split(".")
-        if any(part in FORBIDDEN_MODULES for part in parts):
+        top = name.split(".", 1)[0]
+        if top in FORBIDDEN_MODULES or _within(name, FORBIDDEN_SUBMODULES):
             return False
-        if _within(name, FORBIDDEN_SUBMODULES):
-            return False
-        return parts[0] in self.allowed_modules
+        return top in self.allowed_modules
 
     def check(self, value: Any, where: str) -> Any:
         """Return ``value`` if a script may hold it, refuse it otherwise."""
+        if type(value) in _PLAIN:
+            return value
         if isinstance(value, ModuleType):
             if not self.module_allowed(value.__name__):
                 self.refuse(f"module '{value.__name__}' (reached through {where})")
             return value
         if id(value) in self._refused_builtins or id(value) in _REFUSED_TYPE_IDS:
             self.refuse(f"'{where}' is not available to scripts")
+        if isinstance(value, types.FrameType):
+            self.refuse(f"'{where}' is a frame")
         if isinstance(value, BuiltinFunctionType):
             owner = value.__self__
             if isinstance(owner, ModuleType) and not self._owner_allowed(owner.__name__):
@@ -99,6 +122,9 @@ class Policy:
             owner_name = getattr(value, "__module__", None)
             if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
                 self.refuse(f"'{where}' belongs to module '{owner_name}'")
+            if isinstance(value, type) and issubclass(value, type):
+                # A metaclass builds classes from any namespace: dunders and all.
+                self.refuse(f"'{where}' is a metaclass")
         else:
             # An object whose class belongs to a forbidden module (os.environ, a thread, a
             # socket, a logger handler) is refused like the module itself.
@@ -114,24 +140,42 @@ class Policy:
             return True
         if _within(module_name, FORBIDDEN_OWNERS):
             return False
-        return not any(part in FORBIDDEN_MODULES for part in module_name.split("."))
+        # The top-level package decides: openai.types and pandas.api.types are those
+        # libraries' own, not the standard library's types (a library's dangerous parts are
+        # listed in FORBIDDEN_SUBMODULES and FORBIDDEN_OWNERS).
+        return module_name.split(".", 1)[0] not in FORBIDDEN_MODULES
 
     # -- guards RestrictedPython calls --------------------------------------------------------
 
     def guarded_getattr(self, obj: Any, name: Any, default: Any = _MISSING) -> Any:
         """``obj.name`` as a script sees it: no private names, no interpreter internals."""
-        if not isinstance(name, str):
-            raise TypeError("attribute name must be a string")
+        name = exact(name)
         where = f"{_describe(obj)}.{name}"
         if name.startswith("_"):
             self.refuse(f"attribute '{where}' (names starting with '_' are private)")
-        if name in INSPECT_ATTRIBUTES:
+        return self._attribute(obj, name, where, default)
+
+    def template_getattr(self, obj: Any, name: Any) -> Any:
+        """Attribute access in code a library generated at run time: its template's dunders
+        (``self.__class__.__qualname__``) as well as public names, nothing else."""
+        name = exact(name)
+        where = f"{_describe(obj)}.{name}"
+        if name.startswith("_") and name not in TEMPLATE_ATTRIBUTES:
+            self.refuse(f"attribute '{where}' in generated code")
+        return self._attribute(obj, name, where, _MISSING)
+
+    def _attribute(self, obj: Any, name: str, where: str, default: Any) -> Any:
+        if name in REFUSED_ATTRIBUTES:
             self.refuse(f"attribute '{where}' (interpreter internals)")
         if name in ("format", "format_map") and (
             isinstance(obj, str | UserString)
             or (isinstance(obj, type) and issubclass(obj, str | UserString))
         ):
             self.refuse(f"'{where}' (it can walk attributes; use an f-string instead)")
+        if type(obj) not in _PLAIN:
+            # Nothing is read off what a script may not hold itself (a forbidden module that
+            # reached it inside a container, a refused function, a metaclass).
+            self.check(obj, _describe(obj))
         value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
         return self.check(value, where)
 
@@ -155,8 +199,7 @@ class Policy:
 
     def guarded_setattr(self, obj: Any, name: Any, value: Any) -> None:
         """``setattr`` with the rules of ``obj.name = value``."""
-        if not isinstance(name, str):
-            raise TypeError("attribute name must be a string")
+        name = exact(name)
         if name.startswith("_"):
             self.refuse(f"setting attribute '{name}' (names starting with '_' are private)")
         setattr(self.guarded_write(obj), name, value)
@@ -172,9 +215,10 @@ class Policy:
         """``__import__`` that admits only allowed modules and checks each imported name."""
         if level != 0:
             self.refuse("relative import")
+        name = exact(name, "module name")
         if not self.module_allowed(name):
             self.refuse(f"import of module '{name}' (not on the allowed list)")
-        fromlist = tuple(fromlist or ())
+        fromlist = tuple(exact(item, "imported name") for item in fromlist or ())
         module: ModuleType = __import__(name, globals, locals, fromlist, 0)
         if fromlist:
             leaf = sys.modules[name]
@@ -190,6 +234,41 @@ class Policy:
                     value = getattr(sys.modules[name], item, None)
                 self.check(value, f"{name}.{item}")
         return module
+
+    def guarded_call(self, function: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """A call as a script makes it: no module handed to library code (which could write
+        to it), and what comes back is checked like an attribute."""
+        if (
+            type(function) not in _PLAIN
+            and id(function) not in self._builtin_ids
+            and not str(getattr(function, "__module__", "")).startswith("sandbox.")
+        ):
+            for argument in (*args, *kwargs.values()):
+                if isinstance(argument, ModuleType):
+                    self.refuse(
+                        f"passing module '{argument.__name__}' to '{_describe(function)}' "
+                        "(a module is never handed to library code)"
+                    )
+        result = function(*args, **kwargs)
+        if type(result) in _PLAIN:
+            return result
+        return self.check(result, f"the result of {_describe(function)}()")
+
+    def guarded_iter(self, iterable: Any) -> Any:
+        """``for`` loops, comprehensions and unpacking: each item is checked as it comes."""
+        iterator = iter(iterable)
+        if isinstance(iterable, _PLAIN_ITEMS):
+            return iterator
+        return self._checked_items(iterator, _describe(iterable))
+
+    def _checked_items(self, iterator: Any, where: str) -> Any:
+        check = self.check
+        for item in iterator:
+            yield item if type(item) in _PLAIN else check(item, f"an item of {where}")
+
+    def check_value(self, value: Any) -> Any:
+        """A value bound by ``with ... as``: checked like an attribute."""
+        return value if type(value) in _PLAIN else self.check(value, "a context manager")
 
     def augmented_attribute(self, obj: Any, name: str, op: str, value: Any) -> None:
         """``obj.name op= value`` (the compiler checked ``name`` and wrapped ``obj``)."""
@@ -240,6 +319,7 @@ class Policy:
         table["type"] = self.guarded_type
         table["__import__"] = self.guarded_import
         table["_getattr_"] = self.guarded_getattr
+        self._builtin_ids = frozenset(id(value) for value in table.values())
         return table
 
     def namespace(self, print_factory: Callable[..., Any]) -> dict[str, Any]:
@@ -249,8 +329,11 @@ class Policy:
             "__name__": "script",
             "__metaclass__": type,
             "_getattr_": self.guarded_getattr,
+            "_gen_getattr_": self.template_getattr,
             "_getitem_": self.guarded_getitem,
-            "_getiter_": iter,
+            "_getiter_": self.guarded_iter,
+            "_call_": self.guarded_call,
+            "_check_": self.check_value,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
             "_write_": self.guarded_write,

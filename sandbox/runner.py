@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from sandbox import hooks, netstub
+from sandbox import audit, hooks, netstub
 from sandbox.api import ErrorCode, ErrorInfo, Status
 from sandbox.compiler import (
     ENTRY_POINT,
@@ -121,13 +121,16 @@ class Run:
         if "network" in plan.layers and channel is not None:
             netstub.install(channel, self.policy.refuse)
         fresh_randomness()
+        ours = None
         if self.policy_on:
-            hooks.install(self.policy.refuse, lambda: self.policy.namespace(_no_print))
+            ours = hooks.install(self.policy.refuse, lambda: self.policy.namespace(_no_print))
         self.capture = Capture(config.stdout_limit)
         self.timed_out = False
         self.in_script = False
         self.compiled = False
         self._warm_up()
+        if ours is not None:
+            audit.install(self.policy.refuse, ours)
 
     def _warm_up(self) -> None:
         """Walk the run's code path once before the script arrives.

@@ -517,7 +517,7 @@ FILE_READS = [
     body(
         "pandas-read-csv-file-url",
         "import pandas as pd\n---\nreturn pd.read_csv('file://' + ctx['secret']).to_dict()",
-        mentions=("file URL",),
+        mentions=("file: URL",),
     ),
     body(
         "pandas-read-csv-file-url-upper-secret",

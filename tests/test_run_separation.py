@@ -46,6 +46,8 @@ def halves(secret: str) -> dict[str, str]:
     data = secret.encode()
     middle = len(data) // 2
     return {"head": data[:middle].hex(), "tail": data[middle:].hex()}
+
+
 HOLDER = """
 SECRET = "{secret}"
 def execute(ctx):
