@@ -13,7 +13,6 @@ from importlib.metadata import version
 from types import CodeType
 from typing import Any
 
-from RestrictedPython.compile import compile_restricted_exec
 from RestrictedPython.transformer import (
     FORBIDDEN_FUNC_NAMES,
     IOPERATOR_TO_STR,
@@ -194,7 +193,7 @@ def compile_unrestricted(source: str) -> Compiled:
     tree = _parse(source)
     if isinstance(tree, Compiled):
         return tree
-    return Compiled(code=compile(tree, FILENAME, "exec"))
+    return Compiled(code=compile(tree, FILENAME, "exec", dont_inherit=True))
 
 
 def compile_script(source: str) -> Compiled:
@@ -203,15 +202,32 @@ def compile_script(source: str) -> Compiled:
     if isinstance(tree, Compiled):
         return tree
     try:
-        result = compile_restricted_exec(tree, FILENAME, policy=Transformer)
+        code, errors = restricted(tree, FILENAME, "exec", Transformer)
     except (RecursionError, MemoryError) as exc:
         return _error("syntax_error", type(exc).__name__, f"the script is too complex: {exc}")
-    if result.errors or result.code is None:
-        refused = "; ".join(result.errors) or "the script was refused"
+    if errors or code is None:
+        refused = "; ".join(errors) or "the script was refused"
         return _error(
             "policy_violation", "PolicyViolation", f"refused by the sandbox policy: {refused}"
         )
-    return Compiled(code=result.code)
+    return Compiled(code=code)
+
+
+def restricted(
+    tree: ast.AST, filename: str, mode: str, policy: type[RestrictingNodeTransformer]
+) -> tuple[CodeType | None, list[str]]:
+    """Apply ``policy`` to ``tree`` and compile it: the code, or the rules it breaks.
+
+    RestrictedPython's own compile does the same but inherits the future flags of its module
+    (``from __future__ import annotations``), which would turn every annotation of a script
+    into a string; this compile inherits nothing.
+    """
+    errors: list[str] = []
+    policy(errors, [], {}).visit(tree)
+    if errors:
+        return None, errors
+    code: CodeType = compile(tree, filename, mode, dont_inherit=True)  # type: ignore[call-overload]
+    return code, []
 
 
 # Compiled scripts by the SHA-256 of their source, kept by the pool in the service process: a

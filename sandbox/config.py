@@ -41,13 +41,14 @@ FORBIDDEN_SUBMODULES: tuple[str, ...] = (
     "numpy.f2py", "numpy.distutils", "numpy.testing", "numpy.lib.format", "nltk.downloader",
     "nltk.internals", "nltk.data", "nltk.classify.senna", "nltk.app", "nltk.parse.corenlp",
     "nltk.tag.stanford", "nltk.parse.stanford", "nltk.tokenize.stanford", "sqlglot.executor",
-    "openai.cli", "pymorphy3.cli", "requests.utils", "numpy.random._pickle",
+    "openai.cli", "pymorphy3.cli", "requests.utils", "numpy.random._pickle", "nltk.picklesec",
 )  # fmt: skip
 
 # Of those, the ones where no function or class is for scripts at all (refused by owner too).
 FORBIDDEN_OWNERS: tuple[str, ...] = (
     "pandas.core.computation", "pandas.compat.pickle_compat", "pandas.io.pickle",
-    "numpy.ctypeslib", "nltk.downloader", "nltk.internals", "sqlglot.executor",
+    "pandas.io.common", "numpy.ctypeslib", "nltk.downloader", "nltk.internals",
+    "nltk.picklesec", "sqlglot.executor",
 )  # fmt: skip
 
 

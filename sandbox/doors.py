@@ -36,7 +36,8 @@ from sandbox.expressions import check_expression
 
 Refuse = Callable[[str], NoReturn]
 
-# Parameter names that take a file path or a URL (found in the allowed libraries' signatures).
+# Parameter names that take a file path or a URL: these, and any name PATH_NAME matches
+# (``lexicon_file``, ``model_dir``, ``path_to_jar``, ``grammar_url``), unless NOT_PATHS lists it.
 PATH_PARAMETERS = frozenset({
     "path", "paths", "filepath", "filepath_or_buffer", "path_or_buf", "path_or_buffer",
     "filename", "filenames", "fname", "file", "files_path", "io", "buf", "excel_writer",
@@ -46,8 +47,33 @@ PATH_PARAMETERS = frozenset({
     "semtype_file", "path_to_bin", "path_to_jar", "path_to_model", "path_to_tree",
     "tab_dir", "bin_dir", "parser_dirname", "name_or_path", "inputfilename", "image_file",
     "resource_url", "destinationFile", "sql_path", "path_input", "source_file", "target_file",
-    "src", "dst", "infile", "filename_or_obj",
+    "infile", "filename_or_obj", "destpath", "urlbase",
 })  # fmt: skip
+PATH_NAME = re.compile(
+    r"(file|path|dir|directory|folder|url|uri|filename|fname)s?$|^(file|path|url|uri)_"
+    r"|_(path|file|dir|url)_|^path_to_",
+    re.IGNORECASE,
+)
+# Names that look like paths but never take one in the allowed libraries, and why.
+NOT_PATHS: dict[str, str] = {
+    "fromfile": "a label in a diff header (difflib)",
+    "tofile": "a label in a diff header (difflib)",
+    "fromfiledate": "a date in a diff header (difflib)",
+    "tofiledate": "a date in a diff header (difflib)",
+    "max_fname_arg_count": "a count (pandas' docstring helper)",
+    "cycle_path": "a graph path: a list of nodes (nltk)",
+    "record_path": "a path of keys into nested records (pandas.json_normalize)",
+    "worksheet_path": "a member name inside an .xlsx archive (openpyxl)",
+    "book_path": "a member name inside an .xlsx archive (openpyxl)",
+}
+
+
+def path_parameter(name: str) -> bool:
+    """Whether a parameter of this name takes a file path or a URL."""
+    if name in NOT_PATHS:
+        return False
+    return name in PATH_PARAMETERS or PATH_NAME.search(name) is not None
+
 
 # Callables whose path parameter has another name, by dotted name.
 EXTRA_PATH_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -63,7 +89,8 @@ REFUSED: tuple[str, ...] = (
     "pandas.read_sql", "pandas.read_sql_query", "pandas.read_sql_table",
     "pandas.DataFrame.to_sql", "pandas.Series.to_sql", "pandas.read_clipboard",
     "pandas.DataFrame.to_clipboard", "pandas.Series.to_clipboard",
-    "numpy.fromfile", "numpy.ndarray.tofile", "numpy.ndarray.dump", "numpy.memmap",
+    "numpy.fromfile", "numpy.ndarray.tofile", "numpy.ndarray.dump", "numpy.generic.tofile",
+    "numpy.generic.dump", "numpy.memmap",
     "numpy.lib.format.open_memmap", "numpy.DataSource", "numpy.lib.npyio.DataSource",
     "nltk.download", "nltk.downloader.download", "nltk.downloader.Downloader",
     "typing.get_type_hints", "typing.ForwardRef",
@@ -79,7 +106,7 @@ EXPRESSIONS: dict[str, tuple[int, str]] = {
 }
 _EXPRESSION_KEYWORDS = ("local_dict", "global_dict", "resolvers", "target")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-_URL_SCHEMES = frozenset({"http", "https"})
+_URL_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 # What URL parsers strip from either end before they look for a scheme.
 _URL_STRIP = "".join(chr(code) for code in range(0x21))
 _LIBRARY_FUNCTIONS = ("cython_function_or_method", "fused_cython_function", "cyfunction")
@@ -163,7 +190,7 @@ def path_door(value: object, name: str, extra: tuple[str, ...] = ()) -> Door | N
     names, skip, positional = found
     wanted = []
     for index, parameter in enumerate(names):
-        if parameter in PATH_PARAMETERS or parameter in extra:
+        if path_parameter(parameter) or parameter in extra:
             position = index - skip if index < positional else -1
             wanted.append((parameter, position))
     return Door(name, "path", tuple(wanted)) if wanted else None
@@ -190,6 +217,8 @@ class Doors:
     def door(self, value: Any) -> Door | None:
         """The door ``value`` is, if it is one (looked up once per callable)."""
         key = identity(value)
+        if len(sys.modules) != _BUILT_WITH[0]:
+            door_table(refresh=True)  # modules imported since: their listed doors too
         door = self._table.get(key)
         if door is not None:
             return door
@@ -246,7 +275,9 @@ class Doors:
         scheme = _SCHEME.match(stripped)
         if scheme is not None:
             if scheme.group(1).lower() not in _URL_SCHEMES:
-                self._refuse(f"'{name}' with a {scheme.group(1)}: URL (only http and https)")
+                self._refuse(
+                    f"'{name}' with a {scheme.group(1)}: URL (only http(s) and ws(s))"
+                )
             return stripped  # fetched under the network rules
         if "\0" in text:
             self._refuse(f"'{name}' with a path holding a NUL character")
@@ -280,16 +311,18 @@ class Doors:
 
 _TABLE: dict[int, Door] = {}
 _KEPT: list[object] = []  # keeps the door objects, and so their ids, alive
+_BUILT_WITH = [-1]  # how many modules were imported when the table was last built
 
 
-def door_table() -> dict[int, Door]:
+def door_table(*, refresh: bool = False) -> dict[int, Door]:
     """The listed doors among the modules imported so far, by the id of their function.
 
-    Built once (the warm parent builds it before forking, so runs share it) and again only
-    if it came out empty. Doors found by their parameters are found as they are reached.
+    Built in the warm parent before it forks (runs share it), and built again when modules
+    have been imported since. Doors found by their parameters are found as they are reached.
     """
-    if _TABLE:
+    if _BUILT_WITH[0] == len(sys.modules) and not refresh:
         return _TABLE
+    _BUILT_WITH[0] = len(sys.modules)
     for name in REFUSED:
         _add(name, Door(name, "refused"))
     for name, (position, keyword) in EXPRESSIONS.items():

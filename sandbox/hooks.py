@@ -28,9 +28,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
-from RestrictedPython.compile import compile_restricted
-
-from sandbox.compiler import GeneratedCode
+from sandbox.compiler import GeneratedCode, restricted
 
 Refuse = Callable[[str], NoReturn]
 
@@ -94,9 +92,12 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> weakref.Wea
         if mode not in ("exec", "eval", "single"):
             refuse(f"compiling in mode {str(mode)[:20]!r}")
         try:
-            code = compile_restricted(source, filename, mode, policy=GeneratedCode)
-        except (SyntaxError, TypeError) as exc:
+            tree = source if isinstance(source, ast.AST) else ast.parse(source, filename, mode)
+            code, errors = restricted(tree, filename, mode, GeneratedCode)
+        except (SyntaxError, TypeError, ValueError) as exc:
             refuse(f"compiling a string that breaks the sandbox rules: {exc}")
+        if code is None:
+            refuse(f"compiling a string that breaks the sandbox rules: {'; '.join(errors)}")
         ours.add(code)
         return code
 

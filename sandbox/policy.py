@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import _pickle
 import builtins
+import io
 import operator
+import pickle
 import sys
 import types
+import zipfile
 from collections import UserString
 from collections.abc import Callable, Iterable
 from types import BuiltinFunctionType, FunctionType, ModuleType
@@ -54,6 +58,13 @@ _MISSING = object()
 REFUSED_ATTRIBUTES = INSPECT_ATTRIBUTES | frozenset({
     "func_globals", "func_code", "func_closure", "func_dict", "ctypes",
 })  # fmt: skip
+# Classes no script may hold, nor their subclasses or instances, wherever a library bound them
+# (nltk.picklesec's unpicklers subclass the C Unpickler at import time; nltk.pathsec's ZipFile
+# opens paths): they unpickle or open files by path.
+_REFUSED_BASES: tuple[type, ...] = (
+    _pickle.Unpickler, pickle._Unpickler, _pickle.Pickler, pickle._Pickler,
+    io.FileIO, zipfile.ZipFile,
+)
 # Values a script may hold without a look: nothing in them leads anywhere.
 _PLAIN = frozenset({str, int, float, bool, type(None), bytes, complex, list, tuple, dict, set,
                     frozenset, range, slice, bytearray})  # fmt: skip
@@ -114,13 +125,21 @@ class Policy:
             self.refuse(f"'{where}' is not available to scripts")
         if isinstance(value, types.FrameType):
             self.refuse(f"'{where}' is a frame")
+        if isinstance(value, _REFUSED_BASES) or (
+            isinstance(value, type) and issubclass(value, _REFUSED_BASES)
+        ):
+            self.refuse(f"'{where}' unpickles or opens files by path ({_describe(value)})")
         if isinstance(value, BuiltinFunctionType):
             owner = value.__self__
             if isinstance(owner, ModuleType) and not self._owner_allowed(owner.__name__):
                 self.refuse(f"'{where}' belongs to module '{owner.__name__}'")
         elif isinstance(value, FunctionType | type):
             owner_name = getattr(value, "__module__", None)
-            if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
+            if (
+                isinstance(owner_name, str)
+                and not self._owner_allowed(owner_name)
+                and not _made_for_a_script(value, owner_name)
+            ):
                 self.refuse(f"'{where}' belongs to module '{owner_name}'")
             if isinstance(value, type) and issubclass(value, type):
                 # A metaclass builds classes from any namespace: dunders and all.
@@ -129,7 +148,11 @@ class Policy:
             # An object whose class belongs to a forbidden module (os.environ, a thread, a
             # socket, a logger handler) is refused like the module itself.
             owner_name = getattr(type(value), "__module__", "builtins")
-            if isinstance(owner_name, str) and not self._owner_allowed(owner_name):
+            if (
+                isinstance(owner_name, str)
+                and not self._owner_allowed(owner_name)
+                and not _made_for_a_script(type(value), owner_name)
+            ):
                 self.refuse(f"'{where}' is a {type(value).__name__} of module '{owner_name}'")
         return self.doors.guard(value, where)
 
@@ -343,6 +366,14 @@ class Policy:
             "_apply_": _apply,
             "_print_": print_factory,
         }
+
+
+def _made_for_a_script(value: Any, owner: str) -> bool:
+    """A class ``types.new_class`` made at a script's request (``dataclasses.make_dataclass``
+    does in 3.11) says it belongs to ``types`` but is not one of that module's classes."""
+    if owner != "types" or not isinstance(value, type):
+        return False
+    return getattr(types, value.__qualname__, None) is not value
 
 
 def _within(name: str, prefixes: tuple[str, ...]) -> bool:

@@ -1,0 +1,450 @@
+"""The policy layer, one class of bypass at a time: each payload is a shape of the class, run
+with every layer on, and must end policy_violation (or, where the library itself refuses, an
+error that shows nothing was reached).
+
+The classes are those of the attack suite that found 17 bypasses: names that are not exact
+``str``; code libraries generate from strings a script controls; dangerous classes bound inside
+libraries at import time; expression evaluators that walk attributes themselves; values that
+arrive through calls and iteration; the compile hook; writes to modules through library
+helpers; and library file doors. That a bypass still gains nothing below the interpreter is
+shown, with the policy off, in ``test_network_isolation``, ``test_run_separation``,
+``test_quota`` and ``test_layers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from textwrap import dedent
+from typing import Any
+
+import pytest
+
+from sandbox.api import Outcome
+from sandbox.config import PoolConfig
+from tests.pools import LivePool, live, ok_result
+
+
+@pytest.fixture(scope="module")
+def pool(scratch_base: Path) -> Iterator[LivePool]:
+    with live(PoolConfig(workers=2, warm_children=2, scratch_dir=str(scratch_base))) as running:
+        yield running
+
+
+def refused(outcome: Outcome, *mentions: str) -> None:
+    assert outcome.status == "error", outcome
+    assert outcome.error is not None
+    assert outcome.error.code == "policy_violation", outcome.error
+    for mention in mentions:
+        assert mention in outcome.error.message, outcome.error.message
+
+
+def case(name: str, source: str, *mentions: str) -> Any:
+    return pytest.param(dedent(source).lstrip("\n"), mentions, id=name)
+
+
+NAMES = [
+    case(
+        "getattr-startswith-lies",
+        """
+        class Name(str):
+            def startswith(self, prefix, *args):
+                return False
+        def execute(ctx):
+            return str(getattr((), Name("__class__")))
+        """,
+        "__class__",
+    ),
+    case(
+        "getattr-eq-lies",
+        """
+        class Name(str):
+            def __eq__(self, other):
+                return False
+        def gen():
+            yield 1
+        def execute(ctx):
+            return str(getattr(gen(), Name("gi_frame")))
+        """,
+        "gi_frame",
+    ),
+    case(
+        "hasattr-subclass-name",
+        """
+        class Name(str):
+            def startswith(self, prefix, *args):
+                return False
+        def execute(ctx):
+            return hasattr(len, Name("__self__"))
+        """,
+        "__self__",
+    ),
+    case(
+        "setattr-subclass-name",
+        """
+        class Name(str):
+            def startswith(self, prefix, *args):
+                return False
+        class Box:
+            pass
+        def execute(ctx):
+            setattr(Box, Name("__init__"), print)
+            return 1
+        """,
+        "__init__",
+    ),
+]
+
+GENERATED = [
+    case(
+        "make-dataclass-lying-identifier",
+        """
+        import dataclasses
+        class Name(str):
+            def isidentifier(self):
+                return True
+        def execute(ctx):
+            field = Name("a=__import__('os').system('true'),b")
+            dataclasses.make_dataclass("C", [(field, int)])
+            return "made"
+        """,
+    ),
+    case(
+        "dataclass-string-default-through-namespace",
+        """
+        import dataclasses
+        def execute(ctx):
+            C = dataclasses.make_dataclass(
+                "C", [("x", int)], namespace={"__post_init__": lambda self: self.__class__}
+            )
+            return str(type(C(1).__post_init__()))
+        """,
+    ),
+    case(
+        "singledispatch-evaluates-an-annotation",
+        """
+        import functools
+        @functools.singledispatch
+        def f(x):
+            return 0
+        def g(x: "__import__('os').getcwd()"):
+            return 1
+        def execute(ctx):
+            f.register(g)
+            return 1
+        """,
+        "os",
+    ),
+    case(
+        "openpyxl-metaclass",
+        """
+        import openpyxl
+        def execute(ctx):
+            meta = openpyxl.descriptors.MetaStrict
+            return str(meta("Evil", (str,), {"startswith": lambda *a: False}))
+        """,
+        "metaclass",
+    ),
+    case(
+        "enum-metaclass",
+        """
+        import enum
+        def execute(ctx):
+            return str(enum.EnumType)
+        """,
+        "metaclass",
+    ),
+]
+
+CLASSES = [
+    case(
+        "nltk-warning-unpickler",
+        """
+        import io
+        import nltk
+        def execute(ctx):
+            payload = b"cos\\ngetcwd\\n(tR."
+            return nltk.picklesec.WarningUnpickler(io.BytesIO(payload)).load()
+        """,
+    ),
+    case(
+        "nltk-pathsec-zipfile",
+        """
+        import nltk
+        def execute(ctx):
+            return nltk.pathsec.ZipFile("/etc/passwd").namelist()
+        """,
+    ),
+    case(
+        "pandas-pickle-compat-unpickler",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.compat.pickle_compat.Unpickler)
+        """,
+    ),
+]
+
+EXPRESSIONS = [
+    case(
+        "query-single-underscore",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.DataFrame({"a": [1]}).query("a._mgr == 1"))
+        """,
+        "_mgr",
+    ),
+    case(
+        "eval-ctypes-through-values",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.DataFrame({"a": [1]}).eval("a.values.ctypes.data"))
+        """,
+        "in an expression",
+    ),
+    case(
+        "eval-format-on-data",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.eval("'{0.__class__}'.format(1)"))
+        """,
+        "format",
+    ),
+    case(
+        "query-local-variable",
+        """
+        import pandas as pd
+        def execute(ctx):
+            secret = 1
+            return str(pd.DataFrame({"a": [1]}).query("a == @secret"))
+        """,
+        "@",
+    ),
+    case(
+        "query-lambda",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.DataFrame({"a": [1]}).query("(lambda: 1)() == a"))
+        """,
+        "expression",
+    ),
+]
+
+CALLS = [
+    case(
+        "cython-func-globals",
+        """
+        import pandas as pd
+        def execute(ctx):
+            g = pd.api.types.is_scalar.func_globals
+            return str(g.get("sys"))
+        """,
+        "func_globals",
+    ),
+    case(
+        "numpy-ctypes",
+        """
+        import numpy as np
+        def execute(ctx):
+            return np.arange(3).ctypes.data
+        """,
+        "ctypes",
+    ),
+    case(
+        "module-handed-to-update-wrapper",
+        """
+        import functools, json
+        def f():
+            pass
+        def execute(ctx):
+            functools.update_wrapper(json, f)
+            return 1
+        """,
+        "passing module 'json'",
+    ),
+    case(
+        "dataclass-on-a-module",
+        """
+        import dataclasses, json
+        def execute(ctx):
+            dataclasses.dataclass(json)
+            return 1
+        """,
+        "passing module 'json'",
+    ),
+    case(
+        "accessor-registered-on-a-module",
+        """
+        import pandas as pd, json
+        def execute(ctx):
+            pd.api.extensions.register_dataframe_accessor("x")(json)
+            return 1
+        """,
+        "passing module",
+    ),
+]
+
+DOORS = [
+    case(
+        "read-csv-url-with-leading-spaces",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return pd.read_csv("  \\tfile:///etc/passwd").to_dict()
+        """,
+        "file: URL",
+    ),
+    case(
+        "read-csv-other-scheme",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return pd.read_csv("s3://bucket/key.csv").to_dict()
+        """,
+        "s3: URL",
+    ),
+    case(
+        "numpy-fromregex",
+        """
+        import numpy as np
+        def execute(ctx):
+            return np.fromregex("/etc/passwd", r"(\\w+)", [("x", "U20")]).tolist()
+        """,
+        "/etc/passwd",
+    ),
+    case(
+        "pandas-json-writer",
+        """
+        import pandas as pd
+        def execute(ctx):
+            pd.io.json.to_json("/tmp/pyexec-canary.json", pd.DataFrame({"a": [1]}))
+            return 1
+        """,
+        "/tmp/pyexec-canary.json",
+    ),
+    case(
+        "openpyxl-xmlfile",
+        """
+        import openpyxl
+        def execute(ctx):
+            with openpyxl.xml.functions.xmlfile("/tmp/pyexec-canary.xml") as xf:
+                pass
+            return 1
+        """,
+        "/tmp/pyexec-canary.xml",
+    ),
+    case(
+        "pandas-get-handle",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.io.formats.csvs.get_handle("/etc/passwd", "r"))
+        """,
+        "get_handle",
+    ),
+    case(
+        "file-descriptor-as-path",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return pd.read_csv(3).to_dict()
+        """,
+        "file descriptor",
+    ),
+    case(
+        "nltk-corpus-reader-root",
+        """
+        import nltk
+        def execute(ctx):
+            reader = nltk.corpus.reader.PlaintextCorpusReader("/etc", ["passwd"])
+            return reader.raw()
+        """,
+        "/etc",
+    ),
+    case(
+        "relative-path-out-of-scratch",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return pd.read_csv("../../../../../../etc/passwd").to_dict()
+        """,
+        "etc/passwd",
+    ),
+]
+
+
+@pytest.mark.parametrize(("source", "mentions"), NAMES + GENERATED + CLASSES)
+def test_names_generated_code_and_dangerous_classes(
+    pool: LivePool, source: str, mentions: tuple[str, ...]
+) -> None:
+    """Names that are not exact str, code libraries generate from a script's strings, and
+    classes bound at import time that unpickle or open paths: all refused."""
+    refused(pool.run(source), *mentions)
+
+
+@pytest.mark.parametrize(("source", "mentions"), EXPRESSIONS + CALLS)
+def test_evaluators_calls_and_module_writes(
+    pool: LivePool, source: str, mentions: tuple[str, ...]
+) -> None:
+    """pandas' evaluators, values through calls, and modules handed to library helpers."""
+    refused(pool.run(source), *mentions)
+
+
+@pytest.mark.parametrize(("source", "mentions"), DOORS)
+def test_library_doors(pool: LivePool, source: str, mentions: tuple[str, ...]) -> None:
+    """Library readers and writers given paths outside the scratch folder or odd URLs."""
+    refused(pool.run(source), *mentions)
+    assert not Path("/tmp/pyexec-canary.json").exists()
+    assert not Path("/tmp/pyexec-canary.xml").exists()
+
+
+def test_a_path_like_is_asked_once(pool: LivePool) -> None:
+    """A path-like that names a scratch file first and /etc/passwd the second time is read as
+    the scratch file it first named."""
+    source = """
+        import dataclasses
+        import pandas as pd
+        def execute(ctx):
+            pd.DataFrame({"a": [1]}).to_csv("mine.csv", index=False)
+            answers = iter(["mine.csv", "/etc/passwd", "/etc/passwd"])
+            Shifty = dataclasses.make_dataclass(
+                "Shifty", [], namespace={"__fspath__": lambda self: next(answers)}
+            )
+            return pd.read_csv(Shifty()).to_dict(orient="list")
+        """
+    outcome = pool.run(source)
+    assert ok_result(outcome) == {"a": [1]}
+
+
+def test_what_the_evaluators_are_for_still_works(pool: LivePool) -> None:
+    """Columns, operators, math functions and the .str accessor pass the expression check."""
+    source = """
+        import pandas as pd
+        def execute(ctx):
+            df = pd.DataFrame({"a": [1, 4, 9], "name": ["ab", "cd", "ae"]})
+            df = df.eval("b = sqrt(a) + 1")
+            picked = df.query("b > 2 and name.str.startswith('a')", engine="python")
+            return picked["b"].tolist()
+        """
+    assert ok_result(pool.run(source)) == [4.0]
+
+
+def test_dataclasses_and_namedtuples_of_scripts_still_work(pool: LivePool) -> None:
+    """Code the standard library generates for a script's own classes runs under the rules."""
+    source = """
+        import collections, dataclasses
+        @dataclasses.dataclass(frozen=True, order=True)
+        class Point:
+            x: int
+            y: int = 0
+        Pair = collections.namedtuple("Pair", "left right")
+        def execute(ctx):
+            p = Point(1, 2)
+            q = dataclasses.replace(p, y=3)
+            return [repr(p), p < q, hash(p) == hash(Point(1, 2)), list(Pair(1, 2)), Pair(1, 2).left]
+        """
+    assert ok_result(pool.run(source)) == ["Point(x=1, y=2)", True, True, [1, 2], 1]
