@@ -25,9 +25,13 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/runtime.lock ./requirements/
 COPY consumer ./consumer
 COPY sandbox ./sandbox
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The locked versions, each checked against its hash (the door inventory and the attack tests
+# were run against exactly these), then the project itself without resolving anything again.
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/runtime.lock \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # nltk data the scripts use, fetched at build time so the runtime never downloads anything.
 # nltk is installed from the wheel just built, so the data matches the shipped nltk.

@@ -16,13 +16,15 @@ libraries expect the OSError they give, not a policy refusal.
 
 from __future__ import annotations
 
+import linecache
 import sys
+import traceback
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
-from sandbox.hooks import IMPORT_SYSTEM, caller_module, is_script_frame, trusted
+from sandbox.hooks import is_import_system, is_sandbox, is_script_frame, trusted
 
 Refuse = Callable[[str], NoReturn]
 
@@ -51,9 +53,9 @@ UNLESS_TRUSTED = {
 FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 # Attributes whose change would make a function or class run other code.
 WRITE_ATTRIBUTES = frozenset({"__code__", "__globals__", "__builtins__", "__closure__"})
-# Who may read frames off tracebacks: the sandbox's own reporting and the standard library's
-# traceback formatting.
-FRAME_READERS = frozenset({"sandbox", "traceback", "linecache"})
+# Who may read frames off tracebacks (by the file of their code): the standard library's
+# traceback formatting, besides the sandbox's own reporting.
+FRAME_READERS = tuple(module.__file__ or "" for module in (traceback, linecache))
 
 
 def install(refuse: Refuse, ours: weakref.WeakSet[CodeType]) -> None:
@@ -84,7 +86,7 @@ def install(refuse: Refuse, ours: weakref.WeakSet[CodeType]) -> None:
                 refuse(f"changing '{args[1]}'")
             return
         if event in {"marshal.loads", "marshal.load"}:
-            if caller_module(frame) in IMPORT_SYSTEM or trusted(frame):
+            if is_import_system(frame) or trusted(frame):
                 return
             refuse(f"{UNLESS_TRUSTED[event]} ({event})")
         if not trusted(frame):
@@ -94,4 +96,7 @@ def install(refuse: Refuse, ours: weakref.WeakSet[CodeType]) -> None:
 
 
 def _reader(frame: FrameType | None) -> bool:
-    return caller_module(frame).split(".")[0] in FRAME_READERS
+    """The sandbox's own reporting, or the standard library formatting a traceback."""
+    if frame is None:
+        return False
+    return is_sandbox(frame) or frame.f_code.co_filename.startswith(FRAME_READERS)

@@ -93,7 +93,8 @@ REFUSED: tuple[str, ...] = (
     "numpy.generic.dump", "numpy.memmap",
     "numpy.lib.format.open_memmap", "numpy.DataSource", "numpy.lib.npyio.DataSource",
     "nltk.download", "nltk.downloader.download", "nltk.downloader.Downloader",
-    "typing.get_type_hints", "typing.ForwardRef",
+    "typing.get_type_hints", "typing.ForwardRef", "numpy.lib.stride_tricks.as_strided",
+    "numpy.lib.stride_tricks.DummyArray",
     "io.open", "io.open_code", "io.FileIO", "operator.attrgetter", "operator.methodcaller",
     "string.Formatter",
 )  # fmt: skip
@@ -128,17 +129,23 @@ def resolve(path: str) -> object | None:
     return None
 
 
-def identity(value: object) -> int:
-    """The id that names a callable however it was reached (bound or not)."""
+def anchor(value: object) -> object:
+    """What names a callable however it was reached: the function of a bound method, the
+    descriptor of a builtin method."""
     if isinstance(value, MethodType):
-        return id(value.__func__)
+        return value.__func__
     if isinstance(value, BuiltinFunctionType):
         owner = value.__self__
         if owner is not None and not isinstance(owner, ModuleType):
             descriptor = getattr(type(owner), value.__name__, None)
             if descriptor is not None:
-                return id(descriptor)
-    return id(value)
+                return descriptor
+    return value
+
+
+def identity(value: object) -> int:
+    """The id that names a callable however it was reached (bound or not)."""
+    return id(anchor(value))
 
 
 @dataclass(frozen=True)
@@ -148,17 +155,22 @@ class Door:
     name: str
     kind: str
     parameters: tuple[tuple[str, int], ...] = ()
-    """(parameter name, its position among the arguments a caller passes)."""
+    """(parameter name, its index among the code's parameters, ``self`` of a method and
+    ``cls`` of a class's ``__new__``/``__init__`` counted; -1 for keyword-only)."""
 
 
-def code_parameters(value: object) -> tuple[tuple[str, ...], int, int] | None:
-    """The parameter names of a Python or Cython callable, how many of the leading ones a
-    caller does not pass (``self`` of a bound method, of a class being called), and how many
-    may be passed by position."""
-    skip = 0
-    target: Any = value
-    if isinstance(value, MethodType):
-        target, skip = value.__func__, 1
+def passed_position(function: object, index: int) -> int:
+    """Where a caller of ``function`` passes the parameter at ``index``: a bound method and a
+    class (its ``__init__``) are passed one argument less than their code takes."""
+    if index < 0:
+        return -1
+    return index - 1 if isinstance(function, MethodType | type) else index
+
+
+def code_parameters(value: object) -> tuple[tuple[str, ...], int] | None:
+    """The parameter names of a Python or Cython callable (a class: of its ``__init__`` or
+    ``__new__``), ``self`` included, and how many may be passed by position."""
+    target: Any = value.__func__ if isinstance(value, MethodType) else value
     if type(target).__name__ == "_ArrayFunctionDispatcher":  # numpy's wrapped functions
         target = getattr(target, "_implementation", None)
     elif isinstance(value, type):
@@ -169,7 +181,7 @@ def code_parameters(value: object) -> tuple[tuple[str, ...], int, int] | None:
                 if isinstance(member, staticmethod):
                     member = member.__func__
                 if isinstance(member, FunctionType) or type(member).__name__ in _LIBRARY_FUNCTIONS:
-                    target, skip = member, 1
+                    target = member
                     break
             if target is not None:
                 break
@@ -179,7 +191,7 @@ def code_parameters(value: object) -> tuple[tuple[str, ...], int, int] | None:
     if code is None:
         return None
     count = code.co_argcount + code.co_kwonlyargcount
-    return tuple(code.co_varnames[:count]), skip, code.co_argcount
+    return tuple(code.co_varnames[:count]), code.co_argcount
 
 
 def path_door(value: object, name: str, extra: tuple[str, ...] = ()) -> Door | None:
@@ -187,12 +199,12 @@ def path_door(value: object, name: str, extra: tuple[str, ...] = ()) -> Door | N
     found = code_parameters(value)
     if found is None:
         return None
-    names, skip, positional = found
-    wanted = []
-    for index, parameter in enumerate(names):
-        if path_parameter(parameter) or parameter in extra:
-            position = index - skip if index < positional else -1
-            wanted.append((parameter, position))
+    names, positional = found
+    wanted = [
+        (parameter, index if index < positional else -1)
+        for index, parameter in enumerate(names)
+        if path_parameter(parameter) or parameter in extra
+    ]
     return Door(name, "path", tuple(wanted)) if wanted else None
 
 
@@ -203,7 +215,7 @@ class Doors:
         self._refuse = refuse
         self._scratch = os.path.realpath(scratch) if scratch else None
         self._table = door_table()
-        self._found: dict[int, Door | None] = {}
+        self._found: dict[int, tuple[object, Door | None]] = {}
 
     def guard(self, value: Any, where: str) -> Any:
         """``value`` itself if it is no door, its guarded form if it is one."""
@@ -216,33 +228,44 @@ class Doors:
 
     def door(self, value: Any) -> Door | None:
         """The door ``value`` is, if it is one (looked up once per callable)."""
-        key = identity(value)
+        if not callable(value):
+            return None
+        target = anchor(value)
+        key = id(target)
         if len(sys.modules) != _BUILT_WITH[0]:
             door_table(refresh=True)  # modules imported since: their listed doors too
         door = self._table.get(key)
         if door is not None:
             return door
-        if key in self._found:
-            return self._found[key]
+        found = self._found.get(key)
+        if found is not None and found[0] is target:
+            return found[1]  # the same object (an id alone could be a new one's)
         door = None
         module = getattr(value, "__module__", None)
-        if isinstance(module, str) and module != "builtins" and callable(value):
+        if isinstance(module, str) and module != "builtins":
             door = path_door(value, f"{module}.{getattr(value, '__qualname__', '?')}")
         if len(self._found) > 100_000:
             self._found.clear()
-        self._found[key] = door
+        self._found[key] = (target, door)  # kept alive while it is remembered
         return door
 
     def _wrap(self, function: Callable[..., Any], door: Door, where: str) -> Callable[..., Any]:
         def guarded(*args: Any, **kwargs: Any) -> Any:
             if door.kind == "expression":
-                self._check_expression(args, kwargs, where)
+                args, kwargs = self._checked_expression(args, kwargs, where)
                 # Names resolve to the frame's columns only, never to a caller's variables.
                 kwargs["local_dict"] = {}
                 kwargs["global_dict"] = {}
                 return function(*args, **kwargs)
+            if door.kind == "names":
+                self._check_names(function, args, kwargs, door, where)
+                result = function(*args, **kwargs)
+                if door.name == "dataclasses.dataclass" and not args and callable(result):
+                    return self._wrap(result, Door(door.name, "names", (("cls", 0),)), where)
+                return result
             positional = list(args)
-            for parameter, position in door.parameters:
+            for parameter, index in door.parameters:
+                position = passed_position(function, index)
                 if parameter in kwargs:
                     kwargs[parameter] = self.checked_path(kwargs[parameter], where)
                 elif 0 <= position < len(positional):
@@ -258,17 +281,22 @@ class Doors:
     def checked_path(self, argument: Any, name: str) -> Any:
         """``argument`` as the library will get it: unchanged if it is no path, the exact
         checked text (or a path object holding it) if it is one; refused otherwise."""
-        if isinstance(argument, bool) or argument is None:
+        # Decided by type(), never isinstance(): an object's __class__ may claim to be a bool.
+        kind = type(argument)
+        if argument is None or kind is bool:
             return argument
-        if isinstance(argument, int):
+        if issubclass(kind, int):
             self._refuse(f"'{name}' with a file descriptor")
-        if isinstance(argument, str):
+        path_like = hasattr(kind, "__fspath__")
+        if issubclass(kind, str):
             text = str.__str__(argument)
-        elif isinstance(argument, bytes):
+        elif issubclass(kind, bytes):
             text = os.fsdecode(bytes(argument))
-        elif isinstance(argument, os.PathLike):
+        elif path_like:
             converted = os.fspath(argument)  # once: the answer is what is checked and used
-            text = converted if isinstance(converted, str) else os.fsdecode(bytes(converted))
+            text = str.__str__(converted) if isinstance(converted, str) else os.fsdecode(
+                bytes(converted)
+            )
         else:
             return argument  # a buffer, a file object, a list of lines: nothing to open
         stripped = text.strip(_URL_STRIP)
@@ -289,24 +317,133 @@ class Doors:
                 f"'{name}' with the path '{text[:200]}' (only the run's scratch folder is "
                 "writable and readable; use io.BytesIO or io.StringIO for data in memory)"
             )
-        if isinstance(argument, os.PathLike):
+        if path_like:
             return pathlib.Path(text)
-        return text if isinstance(argument, str) else os.fsencode(text)
+        return text if issubclass(kind, str) else os.fsencode(text)
 
-    def _check_expression(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
+    def _checked_expression(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with the expression, checked, as an exact string (a subclass
+        could answer pandas' own ``splitlines`` with another expression)."""
         for keyword in _EXPRESSION_KEYWORDS:
             if kwargs.get(keyword) is not None:
                 self._refuse(f"'{name}' with {keyword}=")
-        # The expression: the first argument, after self for the DataFrame methods.
-        expression = kwargs.get("expr")
-        if expression is None:
-            strings = [arg for arg in args if isinstance(arg, str)]
-            expression = strings[0] if strings else None
+        if "expr" in kwargs:
+            kwargs = {**kwargs, "expr": self._expression(kwargs["expr"], name)}
+            return args, kwargs
+        # The expression: the first string argument (after self for the DataFrame methods).
+        position = next((i for i, arg in enumerate(args) if isinstance(arg, str)), None)
+        if position is None:
+            self._refuse(f"'{name}' without an expression string")
+        checked = self._expression(args[position], name)
+        return (*args[:position], checked, *args[position + 1 :]), kwargs
+
+    def _expression(self, expression: Any, name: str) -> str:
         if not isinstance(expression, str):
             self._refuse(f"'{name}' without an expression string")
-        problem = check_expression(str.__str__(expression))
+        text = str.__str__(expression)
+        problem = check_expression(text)
         if problem is not None:
             self._refuse(f"'{name}': {problem}")
+        return text
+
+    def _check_names(
+        self,
+        function: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        door: Door,
+        name: str,
+    ) -> None:
+        """Arguments that name attributes (or namespaces of a class to make): no private or
+        dunder name anywhere in them, and no module or library object to write to."""
+        for parameter, index in door.parameters:
+            position = passed_position(function, index)
+            if parameter in kwargs:
+                value = kwargs[parameter]
+            elif 0 <= position < len(args):
+                value = args[position]
+            else:
+                continue
+            if parameter in FORGED and value is not None:
+                self._refuse(f"'{name}' with {parameter}= (a class says where it was made)")
+            if parameter in WRITE_TARGETS:
+                if not _made_by_a_script(value):
+                    self._refuse(f"'{name}' on {type(value).__name__} (only on the script's own)")
+                continue
+            private = private_name(value)
+            if private is not None:
+                self._refuse(f"'{name}' with the private name '{private[:60]}' in '{parameter}'")
+
+
+# Callables that take the names of attributes to read or write, or the namespace of a class they
+# make, by dotted name -> those parameters. Nothing private may be named, and what they write
+# to (WRITE_TARGETS) must be the script's own.
+# Indices count self (methods). (Enum's functional API is a metaclass call: sandbox.hooks.)
+NAMES: dict[str, tuple[tuple[str, int], ...]] = {
+    "functools.update_wrapper": (("wrapper", 0), ("assigned", 2), ("updated", 3)),
+    "functools.wraps": (("assigned", 1), ("updated", 2)),
+    "dataclasses.make_dataclass": (("cls_name", 0), ("fields", 1), ("namespace", -1),
+                                   ("module", -1)),
+    "dataclasses.dataclass": (("cls", 0),),
+    "collections.namedtuple": (("module", -1),),
+    "pandas.api.extensions.register_dataframe_accessor": (("name", 0),),
+    "pandas.api.extensions.register_series_accessor": (("name", 0),),
+    "pandas.api.extensions.register_index_accessor": (("name", 0),),
+    **{
+        f"pandas.{owner}.{method}": (("func", 1), ("arg", 1))
+        for owner in ("DataFrame", "Series")
+        for method in ("agg", "aggregate", "apply", "transform", "map", "pipe")
+    },
+    **{
+        f"pandas.core.groupby.{owner}.{method}": (("func", 1), ("arg", 1))
+        for owner in ("DataFrameGroupBy", "SeriesGroupBy")
+        for method in ("agg", "aggregate", "apply", "transform", "pipe")
+    },
+    **{
+        f"pandas.core.{owner}.{method}": (("func", 1), ("arg", 1))
+        for owner in ("window.rolling.Rolling", "window.expanding.Expanding",
+                      "resample.Resampler")
+        for method in ("agg", "aggregate", "apply")
+    },
+}  # fmt: skip
+WRITE_TARGETS = frozenset({"wrapper", "cls"})
+FORGED = frozenset({"module", "qualname"})
+_NAME_SCAN_LIMIT = 10_000
+
+
+def private_name(value: Any, depth: int = 0, seen: list[int] | None = None) -> str | None:
+    """The first string in ``value`` (nested lists, tuples, sets and dict keys and values)
+    that starts with '_' (a module= or qualname= of any kind counts, too), or None."""
+    budget = seen if seen is not None else [0]
+    budget[0] += 1
+    if budget[0] > _NAME_SCAN_LIMIT or depth > 8:
+        return "(too much to check)"
+    kind = type(value)
+    if issubclass(kind, str):
+        text = str.__str__(value)
+        return text if text.startswith("_") else None
+    if kind in (list, tuple, set, frozenset):
+        items: Any = value
+    elif kind is dict:
+        items = [*value.keys(), *value.values()]
+    else:
+        return None
+    for item in items:
+        found = private_name(item, depth + 1, budget)
+        if found is not None:
+            return found
+    return None
+
+
+def _made_by_a_script(value: Any) -> bool:
+    """A function or class the script itself defined (what a wrapper may be written on)."""
+    if isinstance(value, FunctionType):
+        return value.__code__.co_filename == "<script>"
+    if isinstance(value, type):
+        return bool(type.__getattribute__(value, "__module__") == "script")
+    return False
 
 
 _TABLE: dict[int, Door] = {}
@@ -327,6 +464,8 @@ def door_table(*, refresh: bool = False) -> dict[int, Door]:
         _add(name, Door(name, "refused"))
     for name, (position, keyword) in EXPRESSIONS.items():
         _add(name, Door(name, "expression", ((keyword, position),)))
+    for name, parameters in NAMES.items():
+        _add(name, Door(name, "names", parameters))
     for name, extra in EXTRA_PATH_PARAMETERS.items():
         value = resolve(name)
         door = path_door(value, name, extra) if value is not None else None

@@ -14,9 +14,12 @@ comprehensions.
 from __future__ import annotations
 
 import ast
+import io
 import re
 import sys
+import tokenize
 from functools import cache
+from typing import Any
 
 MATH_FUNCTIONS = frozenset({
     "sin", "cos", "tan", "exp", "log", "expm1", "log1p", "sqrt", "sinh", "cosh", "tanh",
@@ -40,12 +43,29 @@ _BACKTICKS = re.compile(r"`[^`]*`")
 MAX_LENGTH = 10_000
 
 
-@cache
+def _backticks_in_strings(expression: str) -> str | None:
+    """Refuse a backtick inside a string literal: it would pair with another and hide the code
+    between them from this check (pandas reads strings first)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError, ValueError, RecursionError):
+        return "an expression that does not tokenize"
+    for token in tokens:
+        if token.type == tokenize.STRING and "`" in token.string:
+            return "a backtick inside a string in an expression"
+    return None
+
+
 def _accessor_methods() -> frozenset[str]:
     """The public names of pandas' .str, .dt and .cat accessors (pandas is imported by then)."""
     pandas = sys.modules.get("pandas")
     if pandas is None:
         return frozenset()
+    return _accessor_methods_of(pandas)
+
+
+@cache
+def _accessor_methods_of(pandas: Any) -> frozenset[str]:
     found: set[str] = set()
     for kind in (pandas.Series.str, pandas.Series.dt, pandas.Series.cat):
         accessor = getattr(kind, "_accessor", kind)
@@ -59,6 +79,10 @@ def check_expression(expression: str) -> str | None:
         return f"an expression over {MAX_LENGTH} characters"
     if "@" in expression:
         return "'@' references to local variables"
+    problem = _backticks_in_strings(expression)
+    if problem is not None:
+        return problem
+    # `column name` is a column; no backtick is inside a string, so this finds only those.
     text = _BACKTICKS.sub(lambda found: "_column_" + str(len(found.group(0))), expression)
     try:
         tree = ast.parse(text, "<expression>", "exec")

@@ -22,60 +22,87 @@ from __future__ import annotations
 
 import ast
 import builtins
+import os
 import sys
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
+import RestrictedPython
+
 from sandbox.compiler import GeneratedCode, restricted
+from sandbox.doors import private_name
 
 Refuse = Callable[[str], NoReturn]
 
-# Callers whose compiles are the sandbox's own: its compiler and RestrictedPython under it.
-TRUSTED_CALLERS = frozenset({"RestrictedPython", "sandbox"})
-IMPORT_SYSTEM = frozenset({"importlib._bootstrap", "importlib._bootstrap_external"})
+# Code whose compiles are the sandbox's own: its compiler and RestrictedPython under it, by the
+# files their code comes from (a frame's globals can be rewritten by a script; its code cannot).
+TRUSTED_FOLDERS = tuple(
+    {
+        os.path.dirname(spelling) + os.sep
+        for path in (__file__, RestrictedPython.__file__ or "")
+        for spelling in (os.path.abspath(path), os.path.realpath(path))
+    }
+)
+IMPORT_SYSTEM = "<frozen importlib._bootstrap"
+SCRIPT_FILENAME = "<script>"
+SANDBOXED = "<sandboxed "
 _GUARD = "_getattr_"
 _STACK_LIMIT = 200
 
 
-def caller_module(frame: FrameType | None) -> str:
-    """The module name of ``frame``'s code, or '' where it has none."""
-    if frame is None:
-        return ""
-    name = frame.f_globals.get("__name__", "")
-    return name if isinstance(name, str) else ""
+def code_file(frame: FrameType | None) -> str:
+    """The file the code of ``frame`` was compiled from, or '' where there is no frame."""
+    return "" if frame is None else frame.f_code.co_filename
 
 
 def is_script_frame(frame: FrameType) -> bool:
-    """Code a script wrote, or code compiled under the sandbox rules (guarded globals)."""
-    return _GUARD in frame.f_globals
+    """Code a script wrote, or code compiled under the sandbox rules at run time."""
+    filename = frame.f_code.co_filename
+    return filename == SCRIPT_FILENAME or filename.startswith(SANDBOXED)
+
+
+def is_import_system(frame: FrameType | None) -> bool:
+    return code_file(frame).startswith(IMPORT_SYSTEM)
+
+
+def is_sandbox(frame: FrameType | None) -> bool:
+    return code_file(frame).startswith(TRUSTED_FOLDERS)
 
 
 def trusted(frame: FrameType | None) -> bool:
     """Whether a compile or exec made from ``frame`` is the sandbox's or the import system's.
 
-    The import system's counts only when no script frame lies between it and the call (a
-    script's code that runs during an import is still a script's)."""
+    Decided by where the code comes from, never by a frame's globals. The import system's
+    counts only when no script frame lies between it and the call (a script's code that runs
+    during an import is still a script's)."""
     if frame is None:
         return False
-    first = caller_module(frame)
-    if first.split(".")[0] in TRUSTED_CALLERS:
+    if is_sandbox(frame):
         return True
     depth = 0
     while frame is not None and depth < _STACK_LIMIT:
         if is_script_frame(frame):
             return False
-        if caller_module(frame) in IMPORT_SYSTEM:
+        if is_import_system(frame):
             return True
         frame = frame.f_back
         depth += 1
     return False
 
 
-def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> weakref.WeakSet[CodeType]:
+def install(
+    refuse: Refuse,
+    guards: Callable[[], dict[str, Any]],
+    lend: Callable[[dict[str, Any]], dict[str, Any]],
+) -> weakref.WeakSet[CodeType]:
     """Patch pickle and the compile/eval/exec builtins for the rest of this process; return the
-    set of code objects compiled under the rules (the audit hook lets only those run)."""
+    set of code objects compiled under the rules.
+
+    ``guards`` makes the guards a script namespace has; ``lend`` turns a library's namespace
+    into one generated code may run in (what the policy refuses taken out, the guards added).
+    """
     _refuse_unpickling(refuse)
     real_compile = builtins.compile
     real_eval = builtins.eval
@@ -93,7 +120,7 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> weakref.Wea
             refuse(f"compiling in mode {str(mode)[:20]!r}")
         try:
             tree = source if isinstance(source, ast.AST) else ast.parse(source, filename, mode)
-            code, errors = restricted(tree, filename, mode, GeneratedCode)
+            code, errors = restricted(tree, f"{SANDBOXED}{filename}>", mode, GeneratedCode)
         except (SyntaxError, TypeError, ValueError) as exc:
             refuse(f"compiling a string that breaks the sandbox rules: {exc}")
         if code is None:
@@ -127,8 +154,9 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> weakref.Wea
                 refuse("running a code object from a script")
             return real(source, *args)
         if args and isinstance(args[0], dict) and _GUARD not in args[0] and not trusted(frame):
-            # A library's namespace: lend it the guards the code was compiled against.
-            args = ({**args[0], **guards()}, *args[1:])
+            # A library's namespace (a module's globals, builtins' own): what the policy refuses
+            # is taken out of a copy, and the guards the code was compiled against are lent.
+            args = (lend(args[0]), *args[1:])
         return real(source, *args)
 
     def checked_eval(source: Any, *args: Any) -> Any:
@@ -140,7 +168,32 @@ def install(refuse: Refuse, guards: Callable[[], dict[str, Any]]) -> weakref.Wea
     builtins.compile = checked_compile
     builtins.eval = checked_eval
     builtins.exec = checked_exec
+    _guard_enum_functional_api(refuse)
     return ours
+
+
+def _guard_enum_functional_api(refuse: Refuse) -> None:
+    """``Enum("Name", names)`` makes a class whose members are those names: a dunder among them
+    becomes a method of the class (``__str__``, ``__fspath__``); ``module=`` and
+    ``qualname=`` say where it was made. Neither is for scripts, whichever Enum subclass."""
+    import enum  # noqa: PLC0415 - imported by the warm parent already
+
+    metaclass: Any = enum.EnumType
+    real_call = metaclass.__call__
+
+    def call(cls: Any, value: Any, names: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if names is not None:
+            private = private_name(names)
+            if private is not None:
+                refuse(f"an enum member named '{private[:60]}'")
+        for forged in ("module", "qualname"):
+            if kwargs.get(forged) is not None:
+                refuse(f"an enum made with {forged}=")
+        if names is None and not args:
+            return real_call(cls, value, **kwargs)
+        return real_call(cls, value, names, *args, **kwargs)
+
+    metaclass.__call__ = call
 
 
 def _refuse_unpickling(refuse: Refuse) -> None:

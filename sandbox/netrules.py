@@ -92,9 +92,11 @@ def special(address: IPAddress) -> str | None:
         embedded = address.ipv4_mapped or address.sixtofour or _nat64(address)
         if embedded is not None:
             return special(embedded)
+    site_local = isinstance(address, ipaddress.IPv6Address) and address.is_site_local
     checks = (
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
+        ("site-local", site_local),
         ("unspecified", address.is_unspecified),
         ("multicast", address.is_multicast),
         ("reserved", address.is_reserved),

@@ -12,7 +12,7 @@ import types
 import zipfile
 from collections import UserString
 from collections.abc import Callable, Iterable
-from types import BuiltinFunctionType, FunctionType, ModuleType
+from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any, NoReturn
 
 from RestrictedPython.Guards import (
@@ -65,6 +65,9 @@ _REFUSED_BASES: tuple[type, ...] = (
     _pickle.Unpickler, pickle._Unpickler, _pickle.Pickler, pickle._Pickler,
     io.FileIO, zipfile.ZipFile,
 )
+# Instances of the types module's own types that typing syntax makes (int | None, list[int]).
+_HARMLESS_TYPES = frozenset({types.UnionType, types.GenericAlias, types.NoneType,
+                             types.EllipsisType, types.NotImplementedType})  # fmt: skip
 # Values a script may hold without a look: nothing in them leads anywhere.
 _PLAIN = frozenset({str, int, float, bool, type(None), bytes, complex, list, tuple, dict, set,
                     frozenset, range, slice, bytearray})  # fmt: skip
@@ -108,53 +111,87 @@ class Policy:
 
     def module_allowed(self, name: str) -> bool:
         """True if a module of this dotted name is on the allow list."""
-        top = name.split(".", 1)[0]
-        if top in FORBIDDEN_MODULES or _within(name, FORBIDDEN_SUBMODULES):
+        parts = name.split(".")
+        if parts[0] in FORBIDDEN_MODULES or _within(name, FORBIDDEN_SUBMODULES):
             return False
-        return top in self.allowed_modules
+        if any(part.startswith("_") for part in parts):
+            return False  # a private module, as a private attribute would be
+        return parts[0] in self.allowed_modules
 
     def check(self, value: Any, where: str) -> Any:
-        """Return ``value`` if a script may hold it, refuse it otherwise."""
+        """Return ``value`` if a script may hold it (a door in its guarded form), refuse it
+        otherwise."""
         if type(value) in _PLAIN:
             return value
-        if isinstance(value, ModuleType):
+        reason = self.refusal(value, where)
+        if reason is not None:
+            self.refuse(reason)
+        return self.doors.guard(value, where)
+
+    def lend(self, namespace: dict[str, Any]) -> dict[str, Any]:
+        """A library's namespace as generated code may use it: a copy without what a script
+        may not hold, doors in their guarded form, and the guards added."""
+        lent: dict[str, Any] = {}
+        for key, value in namespace.items():
+            if type(value) in _PLAIN:
+                lent[key] = value
+                continue
+            door = self.doors.door(value)
+            if self.refusal(value, str(key)) is None and (door is None or door.kind != "refused"):
+                lent[key] = self.doors.guard(value, str(key))
+        lent.update(self.namespace(_no_print_at_all))
+        return lent
+
+    def refusal(self, value: Any, where: str) -> str | None:
+        """Why a script may not hold ``value`` (None if it may, doors aside).
+
+        Decided by ``type(value)``, never ``isinstance``: an object's ``__class__`` may claim
+        anything."""
+        kind = type(value)
+        if issubclass(kind, ModuleType):
             if not self.module_allowed(value.__name__):
-                self.refuse(f"module '{value.__name__}' (reached through {where})")
-            return value
+                return f"module '{value.__name__}' (reached through {where})"
+            return None
         if id(value) in self._refused_builtins or id(value) in _REFUSED_TYPE_IDS:
-            self.refuse(f"'{where}' is not available to scripts")
-        if isinstance(value, types.FrameType):
-            self.refuse(f"'{where}' is a frame")
-        if isinstance(value, _REFUSED_BASES) or (
-            isinstance(value, type) and issubclass(value, _REFUSED_BASES)
+            return f"'{where}' is not available to scripts"
+        if issubclass(kind, types.FrameType):
+            return f"'{where}' is a frame"
+        if issubclass(kind, _REFUSED_BASES) or (
+            issubclass(kind, type) and issubclass(value, _REFUSED_BASES)
         ):
-            self.refuse(f"'{where}' unpickles or opens files by path ({_describe(value)})")
-        if isinstance(value, BuiltinFunctionType):
+            return f"'{where}' unpickles or opens files by path ({_describe(value)})"
+        if issubclass(kind, BuiltinFunctionType):
             owner = value.__self__
-            if isinstance(owner, ModuleType) and not self._owner_allowed(owner.__name__):
-                self.refuse(f"'{where}' belongs to module '{owner.__name__}'")
-        elif isinstance(value, FunctionType | type):
-            owner_name = getattr(value, "__module__", None)
+            if type(owner) is ModuleType and not self._owner_allowed(owner.__name__):
+                return f"'{where}' belongs to module '{owner.__name__}'"
+            return None
+        if issubclass(kind, FunctionType | type):
+            owner_name = value.__module__
             if (
                 isinstance(owner_name, str)
                 and not self._owner_allowed(owner_name)
                 and not _made_for_a_script(value, owner_name)
             ):
-                self.refuse(f"'{where}' belongs to module '{owner_name}'")
-            if isinstance(value, type) and issubclass(value, type):
+                return f"'{where}' belongs to module '{owner_name}'"
+            if issubclass(kind, type) and issubclass(value, type):
                 # A metaclass builds classes from any namespace: dunders and all.
-                self.refuse(f"'{where}' is a metaclass")
-        else:
-            # An object whose class belongs to a forbidden module (os.environ, a thread, a
-            # socket, a logger handler) is refused like the module itself.
-            owner_name = getattr(type(value), "__module__", "builtins")
-            if (
-                isinstance(owner_name, str)
-                and not self._owner_allowed(owner_name)
-                and not _made_for_a_script(type(value), owner_name)
-            ):
-                self.refuse(f"'{where}' is a {type(value).__name__} of module '{owner_name}'")
-        return self.doors.guard(value, where)
+                return f"'{where}' is a metaclass"
+            return None
+        # An object whose class belongs to a forbidden module (os.environ, a thread, a socket,
+        # a logger handler) is refused like the module itself; so is a wrapped function
+        # (functools.lru_cache) of such a module.
+        owner_name = getattr(kind, "__module__", "builtins")
+        if (
+            isinstance(owner_name, str)
+            and kind not in _HARMLESS_TYPES
+            and not self._owner_allowed(owner_name)
+            and not _made_for_a_script(kind, owner_name)
+        ):
+            return f"'{where}' is a {kind.__name__} of module '{owner_name}'"
+        wrapped = _wrapped_module(value)
+        if wrapped is not None and not self._owner_allowed(wrapped):
+            return f"'{where}' belongs to module '{wrapped}'"
+        return None
 
     @staticmethod
     def _owner_allowed(module_name: str) -> bool:
@@ -259,23 +296,36 @@ class Policy:
         return module
 
     def guarded_call(self, function: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """A call as a script makes it: no module handed to library code (which could write
-        to it), and what comes back is checked like an attribute."""
-        if (
-            type(function) not in _PLAIN
-            and id(function) not in self._builtin_ids
-            and not str(getattr(function, "__module__", "")).startswith("sandbox.")
-        ):
-            for argument in (*args, *kwargs.values()):
-                if isinstance(argument, ModuleType):
-                    self.refuse(
-                        f"passing module '{argument.__name__}' to '{_describe(function)}' "
-                        "(a module is never handed to library code)"
-                    )
+        """A call as a script makes it. The callee and every argument are checked like values
+        the script reads (a refused function stays refused however it was reached; a door is
+        called in its guarded form), no module is handed to library code (which could write to
+        it), and what comes back is checked too."""
+        guard = id(function) in self._builtin_ids
+        if not guard and type(function) not in _PLAIN:
+            function = self.check(function, _describe(function))
+            guard = _is_guard(function)
+        if args:
+            args = tuple(
+                value if type(value) in _PLAIN else self._argument(value, function, guard)
+                for value in args
+            )
+        if kwargs:
+            kwargs = {
+                key: value if type(value) in _PLAIN else self._argument(value, function, guard)
+                for key, value in kwargs.items()
+            }
         result = function(*args, **kwargs)
         if type(result) in _PLAIN:
             return result
         return self.check(result, f"the result of {_describe(function)}()")
+
+    def _argument(self, value: Any, function: Any, guard: bool) -> Any:
+        if not guard and issubclass(type(value), ModuleType):
+            self.refuse(
+                f"passing module '{value.__name__}' to '{_describe(function)}' "
+                "(a module is never handed to library code)"
+            )
+        return self.check(value, f"an argument of {_describe(function)}()")
 
     def guarded_iter(self, iterable: Any) -> Any:
         """``for`` loops, comprehensions and unpacking: each item is checked as it comes."""
@@ -368,12 +418,37 @@ class Policy:
         }
 
 
+def _is_guard(function: Any) -> bool:
+    """The sandbox's own callables (the print collector): they may be given a module."""
+    owner = getattr(type(function), "__module__", "")
+    if isinstance(function, MethodType):
+        owner = getattr(function.__func__, "__module__", "")
+    return isinstance(owner, str) and owner.startswith("sandbox.")
+
+
+def _wrapped_module(value: Any) -> str | None:
+    """The module a callable wrapper (``functools.lru_cache``, ``partial``) says it wraps."""
+    if not callable(value):
+        return None
+    try:
+        attributes = object.__getattribute__(value, "__dict__")
+    except AttributeError:
+        return None
+    owner = attributes.get("__module__") if isinstance(attributes, dict) else None
+    return owner if type(owner) is str else None
+
+
 def _made_for_a_script(value: Any, owner: str) -> bool:
     """A class ``types.new_class`` made at a script's request (``dataclasses.make_dataclass``
     does in 3.11) says it belongs to ``types`` but is not one of that module's classes."""
     if owner != "types" or not isinstance(value, type):
         return False
     return getattr(types, value.__qualname__, None) is not value
+
+
+def _no_print_at_all(_getattr_: Any = None) -> Any:
+    """``print`` in generated code that runs with a lent namespace: nowhere to go."""
+    raise PolicyViolation("print in generated code")
 
 
 def _within(name: str, prefixes: tuple[str, ...]) -> bool:

@@ -329,14 +329,11 @@ class Pool:
             self._running.add(child)
             started = time.perf_counter()
             code = self._code.get(job.source) if self._code_matches else None
-            usage = self._watch_scratch(child)
             try:
-                outcome = await self._run_in(child, job, code, usage)
+                outcome = await self._run_in(child, job, code)
                 if outcome.compiled and code is None:
                     self._learn(job.source)
             finally:
-                if usage is not None and self._quota is not None:
-                    self._quota.release(usage)
                 self._running.discard(child)
                 child.release()
                 self._exits.pop(child.pid, None)
@@ -406,14 +403,23 @@ class Pool:
                 f"no worker process became ready within {wait:g} s{why}"
             ) from None
 
-    async def _run_in(
-        self, child: _Child, job: Job, code: bytes | None, usage: Usage | None
-    ) -> protocol.RunResult:
+    async def _run_in(self, child: _Child, job: Job, code: bytes | None) -> protocol.RunResult:
         """Hand the job to the child and answer its broker requests until it answers; a run
         past its scratch quota ends ``disk_limit`` whatever it answered."""
         child.sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=child.sock)
+        usage: Usage | None = None
         try:
+            try:
+                # The child says it is isolated and its scratch folder exists; only then can
+                # the folder be watched (it was sent while the child waited, so it is there).
+                async with asyncio.timeout(CHILD_WAIT_FLOOR):
+                    ready = await _read_message(reader, protocol.CONTROL_PACKET_MAX)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+                return await self._lost(child)
+            if not isinstance(ready, protocol.ChildReady):
+                return await self._lost(child)
+            usage = self._watch_scratch(child)
             result = await self._exchange(child, reader, writer, job, code)
             if usage is not None and self._quota is not None:
                 # The child is still there, its files open, until its socket is closed.
@@ -421,6 +427,8 @@ class Pool:
                 if usage.exceeded is not None:
                     result = _disk_limit(usage, result)
         finally:
+            if usage is not None and self._quota is not None:
+                self._quota.release(usage)
             writer.transport.abort()
         return result
 
@@ -446,6 +454,8 @@ class Pool:
                     message = await _read_message(reader, limit)
                     if isinstance(message, protocol.RunResult):
                         return message
+                    if isinstance(message, protocol.ChildReady):
+                        raise ProtocolError("the child said it was ready twice")
                     answer, connected = await self._broker.answer(network, message, deadline)
                     await _send_answer(child.sock, writer, answer, connected)
         except TimeoutError:

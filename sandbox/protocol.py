@@ -115,6 +115,10 @@ class RunRequest(_Message, frozen=True, tag="run"):
     """The script compiled under the policy by the pool (marshal), when the pool has it."""
 
 
+class ChildReady(_Message, frozen=True, tag="ready"):
+    """Child to pool, first: isolated, its scratch folder made, waiting for its run."""
+
+
 class Resolve(_Message, frozen=True, tag="resolve"):
     """Child to pool: resolve a host name (``socket.getaddrinfo``) through the broker."""
 
@@ -186,7 +190,7 @@ class RunResult(_Message, frozen=True, tag="result"):
 
 
 ToChild = RunRequest | Resolved | Connected | NetRefused | NetFailed
-FromChild = Resolve | Connect | RunResult
+FromChild = ChildReady | Resolve | Connect | RunResult
 BrokerAnswer = Resolved | Connected | NetRefused | NetFailed
 
 _run_encoder = msgspec.json.Encoder()

@@ -231,8 +231,8 @@ class ScratchQuota:
         wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), _WATCHED)
         if wd < 0:
             code = ctypes.get_errno()
-            if code == errno.ENOENT:
-                usage.entries.pop(path, None)
+            if code == errno.ENOENT and path != usage.root:
+                usage.entries.pop(path, None)  # a folder removed since its event
                 return
             # Fail closed: a folder that cannot be watched cannot be accounted for.
             usage.exceeded = f"the run's scratch folder could not be watched ({os.strerror(code)})"

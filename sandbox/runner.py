@@ -123,7 +123,9 @@ class Run:
         fresh_randomness()
         ours = None
         if self.policy_on:
-            ours = hooks.install(self.policy.refuse, lambda: self.policy.namespace(_no_print))
+            ours = hooks.install(
+                self.policy.refuse, lambda: self.policy.namespace(_no_print), self.policy.lend
+            )
         self.capture = Capture(config.stdout_limit)
         self.timed_out = False
         self.in_script = False

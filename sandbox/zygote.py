@@ -245,6 +245,7 @@ def serve_one(sock: socket.socket, plan: Plan, scratch: str) -> int:
     run = Run(plan, scratch, Channel(sock))
     install_soft_stop(run)
     try:
+        sock.sendall(protocol.frame(protocol.ChildReady()))
         request = protocol.recv_request(sock, REQUEST_LIMIT)
     except (ProtocolError, OSError):
         return 0  # The pool closed this waiting child; nothing to run.

@@ -255,7 +255,7 @@ def test_known_readers_and_writers_are_guarded(name: str, parameter: str) -> Non
     """Spot checks: the classic readers and writers come out guarded on their path argument."""
     policy = Policy(DEFAULT_ALLOWED_MODULES, "/nonexistent-scratch")
     doors = Doors(policy.refuse, "/nonexistent-scratch")
-    from sandbox.doors import resolve  # noqa: PLC0415
+    from sandbox.doors import resolve
 
     value = resolve(name)
     assert value is not None, name

@@ -415,10 +415,22 @@ def test_limits_alone_stops_allocation_past_memory_mb(limits_pool: LivePool) -> 
 
 
 def test_limits_alone_stops_files_past_scratch_limit(limits_pool: LivePool) -> None:
-    """Under limits alone a file past scratch_limit_mb fails EFBIG, caught by the script."""
+    """Under limits alone a file past scratch_limit_mb fails EFBIG, caught by the script (the
+    total of the folder is the quota's, tests/test_quota.py)."""
     limit = SCRATCH_LIMIT_MB * 1024 * 1024
-    assert ok_result(limits_pool.run(BIG_FILE, limit=limit)) == {
-        "small": limit // 2,
+    source = """
+        import errno, os
+        def execute(ctx):
+            report = {}
+            try:
+                with open("big.bin", "wb") as handle:
+                    handle.write(b"b" * (ctx["limit"] * 2))
+            except OSError as exc:
+                report["error"] = [type(exc).__name__, errno.errorcode.get(exc.errno)]
+            report["big"] = os.path.getsize("big.bin")
+            return report
+        """
+    assert ok_result(limits_pool.run(source, limit=limit)) == {
         "error": ["OSError", "EFBIG"],
         "big": limit,
     }

@@ -13,15 +13,18 @@ shown, with the policy off, in ``test_network_isolation``, ``test_run_separation
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from sandbox.api import Outcome
 from sandbox.config import PoolConfig
+from sandbox.doors import Doors
+from sandbox.errors import PolicyViolation
 from tests.pools import LivePool, live, ok_result
 
 
@@ -288,6 +291,98 @@ CALLS = [
     ),
 ]
 
+# Found by an independent attack pass on the first version of these guards; each was a
+# complete policy bypass (or, for the last two, one the OS layers still held).
+REGRESSIONS = [
+    case(
+        "eval-backtick-inside-a-string-hides-code",
+        """
+        import pandas as pd
+        B = "Timestamp.fromordinal.__globals__['__builtins__']"
+        def execute(ctx):
+            return str(pd.eval("'`' + " + B + ".__import__('os').getcwd() + '`'"))
+        """,
+        "backtick inside a string",
+    ),
+    case(
+        "make-dataclass-namespace-module-builtins",
+        """
+        import dataclasses
+        def execute(ctx):
+            C = dataclasses.make_dataclass("C", [("x", int)], namespace={"__module__": "builtins"})
+            return repr(C(1))
+        """,
+        "__module__",
+    ),
+    case(
+        "update-wrapper-copies-globals",
+        """
+        import functools
+        def target():
+            pass
+        def execute(ctx):
+            functools.update_wrapper(target, getattr, assigned=(), updated=("__globals__",))
+            return 1
+        """,
+        "__globals__",
+    ),
+    case(
+        "numpy-as-strided-memory",
+        """
+        from numpy.lib.stride_tricks import as_strided
+        def execute(ctx):
+            return 1
+        """,
+        "as_strided",
+    ),
+    case(
+        "private-module-import",
+        """
+        import numpy._core.overrides as ov
+        def execute(ctx):
+            return len(ov.ARRAY_FUNCTIONS)
+        """,
+        "numpy._core.overrides",
+    ),
+    case(
+        "refused-function-through-map",
+        """
+        import numpy as np
+        found = []
+        def use(f):
+            return f("/etc/hosts", dtype="uint8")
+        def execute(ctx):
+            funcs = [np.fromfile]
+            return str(list(map(use, funcs)))
+        """,
+        "fromfile",
+    ),
+    case(
+        "module-written-through-map",
+        """
+        import functools, json
+        class Source:
+            pass
+        def execute(ctx):
+            source = Source()
+            source.dumps = print
+            list(map(functools.update_wrapper, [json], [source], [("dumps",)], [()]))
+            return json.dumps(1)
+        """,
+        "only on the script's own",
+    ),
+    case(
+        "enum-functional-api-dunder-member",
+        """
+        import enum
+        def execute(ctx):
+            E = enum.Enum("E", [("__fspath__", 1)])
+            return str(E)
+        """,
+        "__fspath__",
+    ),
+]
+
 DOORS = [
     case(
         "read-csv-url-with-leading-spaces",
@@ -394,6 +489,14 @@ def test_evaluators_calls_and_module_writes(
     refused(pool.run(source), *mentions)
 
 
+@pytest.mark.parametrize(("source", "mentions"), REGRESSIONS)
+def test_regressions_of_an_attack_pass(
+    pool: LivePool, source: str, mentions: tuple[str, ...]
+) -> None:
+    """Shapes an independent attack pass found, each refused where it arises."""
+    refused(pool.run(source), *mentions)
+
+
 @pytest.mark.parametrize(("source", "mentions"), DOORS)
 def test_library_doors(pool: LivePool, source: str, mentions: tuple[str, ...]) -> None:
     """Library readers and writers given paths outside the scratch folder or odd URLs."""
@@ -402,22 +505,65 @@ def test_library_doors(pool: LivePool, source: str, mentions: tuple[str, ...]) -
     assert not Path("/tmp/pyexec-canary.xml").exists()
 
 
-def test_a_path_like_is_asked_once(pool: LivePool) -> None:
-    """A path-like that names a scratch file first and /etc/passwd the second time is read as
-    the scratch file it first named."""
+def test_a_path_like_is_asked_once(tmp_path: Path) -> None:
+    """A path-like that names a scratch file first and /etc/passwd the second time is passed on
+    as the scratch file it first named (scripts cannot make one with the policy on; this is the
+    door itself, for a bypass that could)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    refusals: list[str] = []
+
+    def refuse(what: str) -> NoReturn:
+        refusals.append(what)
+        raise PolicyViolation(what)
+
+    answers = iter([str(scratch / "mine.csv"), "/etc/passwd", "/etc/passwd"])
+
+    class Shifty:
+        def __fspath__(self) -> str:
+            return next(answers)
+
+    checked = Doors(refuse, str(scratch)).checked_path(Shifty(), "pandas.read_csv")
+    assert checked == Path(scratch / "mine.csv")
+    assert os.fspath(checked) == os.fspath(checked) == str(scratch / "mine.csv")
+    assert refusals == []
+
+
+def test_an_object_claiming_to_be_a_bool_is_not_taken_for_one(tmp_path: Path) -> None:
+    """The door decides by type(), so an object whose __class__ says bool is still a path."""
+    refusals: list[str] = []
+
+    def refuse(what: str) -> NoReturn:
+        refusals.append(what)
+        raise PolicyViolation(what)
+
+    class Liar:
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            return bool
+
+        def __fspath__(self) -> str:
+            return "/etc/hosts"
+
+    assert isinstance(Liar(), bool)
+    with pytest.raises(PolicyViolation):
+        Doors(refuse, str(tmp_path)).checked_path(Liar(), "pandas.read_csv")
+    (refusal,) = refusals
+    assert "/etc/hosts" in refusal
+
+
+def test_an_expression_is_evaluated_as_the_text_that_was_checked(pool: LivePool) -> None:
+    """A str subclass whose splitlines() answers another expression is evaluated as the text
+    it holds, the one that was checked (regression: pandas used to call its splitlines)."""
     source = """
-        import dataclasses
         import pandas as pd
+        class Expression(str):
+            def splitlines(self, *args):
+                return ["Timestamp.fromordinal.__globals__"]
         def execute(ctx):
-            pd.DataFrame({"a": [1]}).to_csv("mine.csv", index=False)
-            answers = iter(["mine.csv", "/etc/passwd", "/etc/passwd"])
-            Shifty = dataclasses.make_dataclass(
-                "Shifty", [], namespace={"__fspath__": lambda self: next(answers)}
-            )
-            return pd.read_csv(Shifty()).to_dict(orient="list")
+            return str(pd.eval(Expression("1+1")))
         """
-    outcome = pool.run(source)
-    assert ok_result(outcome) == {"a": [1]}
+    assert ok_result(pool.run(source)) == "2"
 
 
 def test_what_the_evaluators_are_for_still_works(pool: LivePool) -> None:

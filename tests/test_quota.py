@@ -170,3 +170,19 @@ def test_the_pool_serves_on_after_a_disk_limit(quota_pool: LivePool) -> None:
     root = Path(quota_pool.pool._scratch_root)
     assert eventually(lambda: len(list(root.iterdir())) <= quota_pool.config.warm_children)
     assert ok_result(quota_pool.run("def execute(ctx):\n    return 'next'\n")) == "next"
+
+
+def test_the_first_run_of_a_pool_is_counted_too(scratch_base: Path) -> None:
+    """Regression: a child was handed over before it had made its scratch folder, the watch
+    failed, and that run (always the first of a pool) was not counted at all."""
+    config = only("limits", scratch_base, scratch_limit_mb=LIMIT_MB, scratch_files=MAX_FILES)
+    source = """
+        def execute(ctx):
+            for index in range(8):
+                with open(f"f{index}", "wb") as handle:
+                    handle.write(b"x" * (1024 * 1024))
+            return "written"
+        """
+    for _ in range(3):
+        with live(config) as pool:
+            assert_disk_limit(pool.run(source), f"more than {LIMIT_MB} MB")
