@@ -112,12 +112,12 @@ IMPORTS = [
     body(
         "import-module-via-openai",
         "from openai.lib._client_auth import import_module\n---\nreturn 1",
-        mentions=("importlib",),
+        mentions=("importlib", "openai.lib._client_auth"),
     ),
     body(
         "import-module-via-openai-attribute",
         "import openai.lib._client_auth as auth\n---\nreturn str(auth.import_module('os'))",
-        mentions=("importlib",),
+        mentions=("importlib", "openai.lib._client_auth"),
     ),
     body(
         "importlib-via-sqlglot",
