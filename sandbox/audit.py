@@ -9,9 +9,9 @@ script runs, so it holds against references to the real functions taken before t
 hooks (``sandbox.hooks``) were installed: an ``Unpickler`` subclassed from the C one at import
 time, ``compile`` bound to a library's own name, ``ctypes.pythonapi``.
 
-What the sandbox and the import system do themselves passes: the hook looks at the Python frame
-that raised the event. New processes, signals and sockets are left to seccomp and the broker:
-libraries expect the OSError they give, not a policy refusal.
+What the sandbox and the import system do themselves passes: the hook looks at the code of the
+Python frame that raised the event (``sandbox.trust``). New processes, signals and sockets are
+left to seccomp and the broker: libraries expect the OSError they give, not a policy refusal.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import linecache
 import sys
 import traceback
-import weakref
 from collections.abc import Callable
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any, NoReturn
 
-from sandbox.hooks import is_import_system, is_sandbox, is_script_frame, trusted
+from sandbox.hooks import Ours
+from sandbox.trust import is_script_frame, is_trusted_code, trusted
 
 Refuse = Callable[[str], NoReturn]
 
@@ -54,11 +54,12 @@ FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 # Attributes whose change would make a function or class run other code.
 WRITE_ATTRIBUTES = frozenset({"__code__", "__globals__", "__builtins__", "__closure__"})
 # Who may read frames off tracebacks (by the file of their code): the standard library's
-# traceback formatting, besides the sandbox's own reporting.
+# traceback formatting, besides the sandbox's own reporting (registered with trusted_code).
 FRAME_READERS = tuple(module.__file__ or "" for module in (traceback, linecache))
+_LOADING = frozenset({"compile", "marshal.loads", "marshal.load"})
 
 
-def install(refuse: Refuse, ours: weakref.WeakSet[CodeType]) -> None:
+def install(refuse: Refuse, ours: Ours) -> None:
     """Add the hook to this process, for good."""
     getframe = sys._getframe
 
@@ -74,7 +75,8 @@ def install(refuse: Refuse, ours: weakref.WeakSet[CodeType]) -> None:
         if event == "exec":
             # Only code compiled under the rules (ours), or a library's own code made before
             # the hooks (code cannot be made since any other way), and never from a script.
-            if frame is not None and is_script_frame(frame) and args and args[0] not in ours:
+            ran = args[0] if args else None
+            if frame is not None and is_script_frame(frame) and ours.get(id(ran)) is not ran:
                 refuse("running a code object from a script")
             return
         if event == "object.__getattr__":
@@ -85,11 +87,7 @@ def install(refuse: Refuse, ours: weakref.WeakSet[CodeType]) -> None:
             if len(args) > 1 and args[1] in WRITE_ATTRIBUTES and not trusted(frame):
                 refuse(f"changing '{args[1]}'")
             return
-        if event in {"marshal.loads", "marshal.load"}:
-            if is_import_system(frame) or trusted(frame):
-                return
-            refuse(f"{UNLESS_TRUSTED[event]} ({event})")
-        if not trusted(frame):
+        if not trusted(frame, loading=event in _LOADING):
             refuse(f"{UNLESS_TRUSTED[event]} ({event})")
 
     sys.addaudithook(hook)
@@ -99,4 +97,4 @@ def _reader(frame: FrameType | None) -> bool:
     """The sandbox's own reporting, or the standard library formatting a traceback."""
     if frame is None:
         return False
-    return is_sandbox(frame) or frame.f_code.co_filename.startswith(FRAME_READERS)
+    return is_trusted_code(frame.f_code) or frame.f_code.co_filename.startswith(FRAME_READERS)

@@ -21,8 +21,9 @@ from RestrictedPython.transformer import (
 )
 
 from sandbox.api import ErrorInfo
+from sandbox.trust import SCRIPT_FILENAME, trusted_code
 
-FILENAME = "<script>"
+FILENAME = SCRIPT_FILENAME
 # Dunder attributes the standard library's code generators read in what they generate.
 TEMPLATE_ATTRIBUTES = frozenset(
     {"__class__", "__qualname__", "__name__", "__setattr__", "__delattr__", "__post_init__"}
@@ -39,9 +40,15 @@ class Transformer(RestrictingNodeTransformer):
     become calls to ``_aug_item_`` / ``_aug_attr_``, which read through the same guards as any
     other access, so scripts can use the everyday idiom without a new way around the policy.
 
-    Values reach a script through calls and ``with`` as well as through attributes and items:
-    every call ``f(...)`` becomes ``_call_(f, ...)`` (what it returns is checked, and no module
-    is handed to library code), and ``with x as name`` checks what ``name`` is bound to.
+    Values reach a script through calls, decorators and ``with`` as well as through attributes
+    and items. A call ``f(a, *b, k=c)`` becomes ``_ret_(_fn_(f)(_arg_(a), *_args_(b),
+    k=_arg_(c)))``: the callee and every argument are checked like values the script reads (a
+    door is called in its guarded form, a refused function stays refused however it was
+    reached, no module is handed to library code), and so is what comes back. The call itself
+    stays in the script's frame, so a library that looks at its caller sees the script. The
+    arguments of the builtins in ``PLAIN_CALLEES`` are not checked (they are given anything,
+    ``print(module)`` included, and call nothing a script did not choose). A decorator's result
+    is checked (``@_deco_(d)``), and ``with x as name`` checks what ``name`` is bound to.
     """
 
     def visit_Call(self, node: ast.Call) -> Any:  # noqa: N802 - the visitor protocol
@@ -50,16 +57,78 @@ class Transformer(RestrictingNodeTransformer):
             return visited
         node = visited
         func = node.func
+        args = list(node.args)
         if isinstance(func, ast.Name) and func.id == "_apply_":
-            func.id = "_call_"  # _apply_(f, *args, **kwargs): the same shape
-            return node
-        if isinstance(func, ast.Name) and func.id == "super" and not node.args:
+            func, *args = args  # _apply_(f, *args, **kwargs): f called with the same arguments
+        if isinstance(func, ast.Name) and func.id == "super" and not args:
             return node  # zero-argument super() must be called in the method's own frame
-        call = ast.Call(
-            func=ast.Name("_call_", ast.Load()), args=[func, *node.args], keywords=node.keywords
-        )
-        copy_locations(call, node)
-        return call
+        if _is_print(func):
+            return node  # the sandbox's own print collector, writing to the run's stdout
+        plain = isinstance(func, ast.Name) and func.id in PLAIN_CALLEES
+        if plain:
+            # The builtin of that name takes its arguments as they are (starred ones are still
+            # checked). Where the code binds that name anywhere, the call goes through _pfn_,
+            # which checks the arguments as _arg_ would unless the name is the builtin after
+            # all; where it does not, the name can only be the builtin, called as it is.
+            assert isinstance(func, ast.Name)
+            args = [_guarded_argument(arg) if isinstance(arg, ast.Starred) else arg for arg in args]
+            keywords = [
+                _guarded_keyword(keyword) if keyword.arg is None else keyword
+                for keyword in node.keywords
+            ]
+            shadowed = func.id in self._bound
+            callee: ast.expr = _wrapped("_pfn_", func) if shadowed else func
+            call = ast.Call(func=callee, args=args, keywords=keywords)
+            result: ast.expr = (
+                call if func.id in PLAIN_RESULTS and not shadowed else _wrapped("_ret_", call)
+            )
+        else:
+            args = [_guarded_argument(arg) for arg in args]
+            keywords = [_guarded_keyword(keyword) for keyword in node.keywords]
+            call = ast.Call(func=_wrapped("_fn_", func), args=args, keywords=keywords)
+            result = _wrapped("_ret_", call)
+        copy_locations(result, node)
+        ast.fix_missing_locations(result)
+        return result
+
+    @property
+    def _bound(self) -> frozenset[str]:
+        # Visited from anywhere but the root, every name counts as bound: checked calls.
+        return getattr(self, "_bound_names", PLAIN_CALLEES)
+
+    def visit_Module(self, node: ast.Module) -> Any:  # noqa: N802 - the visitor protocol
+        self._bound_names = bound_names(node) & PLAIN_CALLEES
+        return super().visit_Module(node)
+
+    def visit_Expression(self, node: ast.Expression) -> Any:  # noqa: N802
+        self._bound_names = bound_names(node) & PLAIN_CALLEES
+        return self.node_contents_visit(node)
+
+    def visit_Interactive(self, node: ast.Interactive) -> Any:  # noqa: N802
+        self._bound_names = bound_names(node) & PLAIN_CALLEES
+        return self.node_contents_visit(node)
+
+    def visit_Subscript(self, node: ast.Subscript) -> Any:  # noqa: N802 - the visitor protocol
+        """``a[k]`` stays a subscript in the script's own frame, ``_item_(a[_arg_(k)])``: a
+        library's ``__getitem__`` that looks at its caller (numpy's ``r_["name"]``) sees the
+        script. Stores and deletions are RestrictedPython's (``_write_(a)[k] = v``)."""
+        if not isinstance(node.ctx, ast.Load):
+            return super().visit_Subscript(node)
+        node = self.node_contents_visit(node)
+        node.slice = _guarded_key(node.slice)
+        result = _wrapped("_item_", node)
+        copy_locations(result, node)
+        ast.fix_missing_locations(result)
+        return result
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> Any:  # noqa: N802 - the visitor protocol
+        return _guard_decorators(super().visit_FunctionDef(node))
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> Any:  # noqa: N802
+        return _guard_decorators(super().visit_AsyncFunctionDef(node))
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> Any:  # noqa: N802 - the visitor protocol
+        return _guard_decorators(super().visit_ClassDef(node))
 
     def visit_With(self, node: ast.With) -> Any:  # noqa: N802 - the visitor protocol
         visited = super().visit_With(node)
@@ -132,6 +201,26 @@ class GeneratedCode(Transformer):
         if name is not None and name in FORBIDDEN_FUNC_NAMES:
             self.error(node, f'"{name}" is a reserved name.')
 
+    def visit_Module(self, node: ast.Module) -> Any:  # noqa: N802 - the visitor protocol
+        self._refuse_rebinding(node)
+        return super().visit_Module(node)
+
+    def visit_Expression(self, node: ast.Expression) -> Any:  # noqa: N802
+        self._refuse_rebinding(node)
+        return super().visit_Expression(node)
+
+    def visit_Interactive(self, node: ast.Interactive) -> Any:  # noqa: N802
+        self._refuse_rebinding(node)
+        return super().visit_Interactive(node)
+
+    def _refuse_rebinding(self, tree: ast.AST) -> None:
+        """Generated code may run in a script's own namespace (an annotation evaluated with the
+        script's globals): it may not bind a builtin's name there, where the script's calls by
+        that name go unchecked (``Transformer.visit_Call``)."""
+        rebound = sorted(namespace_bindings(tree) & PLAIN_CALLEES)
+        if rebound:
+            self.error(tree, f"Generated code may not bind the builtin name {rebound[0]!r}.")
+
     def visit_Attribute(self, node: ast.Attribute) -> Any:  # noqa: N802 - the visitor protocol
         if node.attr in TEMPLATE_ATTRIBUTES and isinstance(node.ctx, ast.Load):
             node = self.node_contents_visit(node)
@@ -143,6 +232,165 @@ class GeneratedCode(Transformer):
             copy_locations(call, node)
             return call
         return super().visit_Attribute(node)
+
+
+# Builtins whose arguments a call does not check: they take anything (print(module),
+# isinstance(x, module.Class)) and call nothing but what the script chose.
+PLAIN_CALLEES = frozenset({
+    "print", "str", "repr", "format", "len", "abs", "bool", "int", "float", "complex",
+    "isinstance", "issubclass", "type", "id", "hash", "callable", "getattr", "hasattr",
+    "setattr", "dir", "sorted", "min", "max", "sum", "any", "all", "list", "tuple", "set",
+    "frozenset", "dict", "enumerate", "zip", "range", "iter", "next", "map", "filter",
+    "reversed", "round", "divmod", "pow", "ord", "chr", "bin", "oct", "hex", "ascii", "slice",
+})  # fmt: skip
+
+
+# Of those, the ones whose result the builtin itself makes (a number, a str, a bool), or a
+# numeric protocol method of a value the script holds: no check of what they return.
+PLAIN_RESULTS = frozenset({
+    "print", "str", "repr", "format", "len", "abs", "bool", "int", "float", "complex",
+    "isinstance", "issubclass", "id", "hash", "callable", "hasattr", "setattr", "dir", "sum",
+    "any", "all", "range", "round", "divmod", "pow", "ord", "chr", "bin", "oct", "hex",
+    "ascii", "slice",
+})  # fmt: skip
+
+
+def bound_names(tree: ast.AST) -> frozenset[str]:
+    """Every name ``tree`` binds anywhere (assigned, deleted, defined, imported, a parameter,
+    an ``except`` or ``match`` target, declared global or nonlocal)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.partition(".")[0])
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+        elif isinstance(node, ast.Global | ast.Nonlocal):
+            names.update(node.names)
+    return frozenset(names)
+
+
+def namespace_bindings(tree: ast.AST) -> frozenset[str]:
+    """The names ``tree`` binds in the namespace it runs in (its globals, or the locals it is
+    given): at module level, by walrus in a comprehension there, or declared global or
+    nonlocal anywhere. A function's and a class's own bodies bind names of their own."""
+    names: set[str] = set()
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Global | ast.Nonlocal):
+            names.update(node.names)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            # decorators, defaults, bases and annotations run here; the body does not
+            inner = [*node.decorator_list]
+            if isinstance(node, ast.ClassDef):
+                inner += [*node.bases, *(keyword.value for keyword in node.keywords)]
+            else:
+                inner += [*node.args.defaults, *(d for d in node.args.kw_defaults if d)]
+            pending.extend(inner)
+            pending.extend(
+                child for child in ast.walk(node) if isinstance(child, ast.Global | ast.Nonlocal)
+            )
+            continue
+        if isinstance(node, ast.Lambda):
+            pending.extend([*node.args.defaults, *(d for d in node.args.kw_defaults if d)])
+            continue
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.partition(".")[0])
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+        pending.extend(ast.iter_child_nodes(node))
+    return frozenset(names)
+
+
+def _wrapped(guard: str, node: ast.expr) -> ast.Call:
+    return ast.Call(func=ast.Name(guard, ast.Load()), args=[node], keywords=[])
+
+
+def _is_print(func: ast.expr) -> bool:
+    """RestrictedPython's ``print``: ``_print._call_print(...)``."""
+    return (
+        isinstance(func, ast.Attribute)
+        and func.attr == "_call_print"
+        and isinstance(func.value, ast.Name)
+        and func.value.id == "_print"
+    )
+
+
+def _guarded_argument(arg: ast.expr) -> ast.expr:
+    if isinstance(arg, ast.Starred):
+        # *b is unpacked into a tuple in the script's frame, then each item is checked.
+        unpacked = ast.Tuple(elts=[ast.Starred(value=arg.value, ctx=ast.Load())], ctx=ast.Load())
+        return ast.Starred(value=_wrapped("_args_", unpacked), ctx=ast.Load())
+    if _is_plain_constant(arg):
+        return arg
+    return _wrapped("_arg_", arg)
+
+
+def _guarded_keyword(keyword: ast.keyword) -> ast.keyword:
+    if keyword.arg is None:
+        # **d is copied into a dict in the script's frame, then each value is checked.
+        copied = ast.Dict(keys=[None], values=[keyword.value])
+        return ast.keyword(arg=None, value=_wrapped("_kwargs_", copied))
+    if _is_plain_constant(keyword.value):
+        return keyword
+    return ast.keyword(arg=keyword.arg, value=_wrapped("_arg_", keyword.value))
+
+
+def _guarded_key(key: ast.expr) -> ast.expr:
+    """A subscript's key with every part that is not a constant checked like an argument."""
+    if isinstance(key, ast.Slice):
+        for part in ("lower", "upper", "step"):
+            bound = getattr(key, part)
+            if bound is not None and not _is_plain_constant(bound):
+                setattr(key, part, _wrapped("_arg_", bound))
+        return key
+    if isinstance(key, ast.Tuple):
+        key.elts = [_guarded_key(element) for element in key.elts]
+        return key
+    if isinstance(key, ast.Starred):
+        return _guarded_argument(key)
+    return key if _is_plain_constant(key) else _wrapped("_arg_", key)
+
+
+def _is_plain_constant(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant)
+
+
+def _guard_decorators(node: Any) -> Any:
+    """``@d def f`` keeps Python's order (``d`` first, then the function, then ``d(f)``, all in
+    the script's frame), with ``d`` checked as a callee, and what ends up bound to ``f`` is
+    checked right after the definition: ``f = _deco_(f)``."""
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return node
+    if not node.decorator_list:
+        return node
+    guarded: list[ast.expr] = []
+    for decorator in node.decorator_list:
+        wrapper = _wrapped("_fn_", decorator)
+        copy_locations(wrapper, decorator)
+        guarded.append(wrapper)
+    node.decorator_list = guarded
+    check = ast.Assign(
+        targets=[ast.Name(node.name, ast.Store())],
+        value=_wrapped("_deco_", ast.Name(node.name, ast.Load())),
+    )
+    copy_locations(check, node)
+    ast.fix_missing_locations(node)
+    ast.fix_missing_locations(check)
+    return [node, check]
 
 
 def _key_expression(key: ast.expr) -> ast.expr:
@@ -166,6 +414,7 @@ class Compiled:
     status: str = "ok"
 
 
+@trusted_code
 def _parse(source: str) -> ast.Module | Compiled:
     """The script's syntax tree, or why it has none (a syntax error, no entry point)."""
     try:
@@ -213,6 +462,7 @@ def compile_script(source: str) -> Compiled:
     return Compiled(code=code)
 
 
+@trusted_code
 def restricted(
     tree: ast.AST, filename: str, mode: str, policy: type[RestrictingNodeTransformer]
 ) -> tuple[CodeType | None, list[str]]:
@@ -281,6 +531,7 @@ def code_format() -> str:
     return f"{sys.implementation.cache_tag} {sys.version} RestrictedPython {_RP_VERSION}"
 
 
+@trusted_code
 def load_code(data: bytes) -> Compiled:
     """The code a run request carries (made by :meth:`CodeCache.learn` in the pool)."""
     return Compiled(code=marshal.loads(data))  # noqa: S302 - made by the pool, never by a run

@@ -33,7 +33,9 @@ FORBIDDEN_MODULES: frozenset[str] = frozenset({
 })  # fmt: skip
 
 # Parts of allowed libraries that are refused as modules (reached as attributes or imported):
-# they capture frames, unpickle, call C directly, fetch data or start processes.
+# they capture frames, unpickle, call C directly, fetch data or start processes, hand out a
+# function's globals (nltk.decorators.getinfo) or set any attribute by name, dunders included
+# (nltk.decorators.update_wrapper, pandas.core.common.temp_setattr).
 FORBIDDEN_SUBMODULES: tuple[str, ...] = (
     "pandas.core.computation", "pandas.compat.pickle_compat", "pandas.io.pickle",
     "pandas.io.common", "pandas.io.parsers", "pandas.io.clipboard", "pandas.io.clipboards",
@@ -42,13 +44,14 @@ FORBIDDEN_SUBMODULES: tuple[str, ...] = (
     "nltk.internals", "nltk.data", "nltk.classify.senna", "nltk.app", "nltk.parse.corenlp",
     "nltk.tag.stanford", "nltk.parse.stanford", "nltk.tokenize.stanford", "sqlglot.executor",
     "openai.cli", "pymorphy3.cli", "requests.utils", "numpy.random._pickle", "nltk.picklesec",
+    "nltk.decorators", "pandas.core.common",
 )  # fmt: skip
 
 # Of those, the ones where no function or class is for scripts at all (refused by owner too).
 FORBIDDEN_OWNERS: tuple[str, ...] = (
     "pandas.core.computation", "pandas.compat.pickle_compat", "pandas.io.pickle",
     "pandas.io.common", "numpy.ctypeslib", "nltk.downloader", "nltk.internals",
-    "nltk.picklesec", "sqlglot.executor",
+    "nltk.picklesec", "sqlglot.executor", "nltk.decorators", "pandas.core.common",
 )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import os
 import pathlib
 import re
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
@@ -216,6 +217,8 @@ class Doors:
         self._scratch = os.path.realpath(scratch) if scratch else None
         self._table = door_table()
         self._found: dict[int, tuple[object, Door | None]] = {}
+        self.wrappers: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+        """The guarded forms handed out: the sandbox's own functions a script may hold."""
 
     def guard(self, value: Any, where: str) -> Any:
         """``value`` itself if it is no door, its guarded form if it is one."""
@@ -259,6 +262,9 @@ class Doors:
                 return function(*args, **kwargs)
             if door.kind == "names":
                 self._check_names(function, args, kwargs, door, where)
+                if door.name in NAMED_AFTER_CALLER:
+                    # The class is named after its caller's module, which would be this one.
+                    kwargs["module"] = _module_of(sys._getframe(1))
                 result = function(*args, **kwargs)
                 if door.name == "dataclasses.dataclass" and not args and callable(result):
                     return self._wrap(result, Door(door.name, "names", (("cls", 0),)), where)
@@ -276,6 +282,7 @@ class Doors:
 
         guarded.__name__ = getattr(function, "__name__", door.name)
         guarded.__doc__ = getattr(function, "__doc__", None)
+        self.wrappers.add(guarded)
         return guarded
 
     def checked_path(self, argument: Any, name: str) -> Any:
@@ -294,8 +301,10 @@ class Doors:
             text = os.fsdecode(bytes(argument))
         elif path_like:
             converted = os.fspath(argument)  # once: the answer is what is checked and used
-            text = str.__str__(converted) if isinstance(converted, str) else os.fsdecode(
-                bytes(converted)
+            text = (
+                str.__str__(converted)
+                if isinstance(converted, str)
+                else os.fsdecode(bytes(converted))
             )
         else:
             return argument  # a buffer, a file object, a list of lines: nothing to open
@@ -303,9 +312,7 @@ class Doors:
         scheme = _SCHEME.match(stripped)
         if scheme is not None:
             if scheme.group(1).lower() not in _URL_SCHEMES:
-                self._refuse(
-                    f"'{name}' with a {scheme.group(1)}: URL (only http(s) and ws(s))"
-                )
+                self._refuse(f"'{name}' with a {scheme.group(1)}: URL (only http(s) and ws(s))")
             return stripped  # fetched under the network rules
         if "\0" in text:
             self._refuse(f"'{name}' with a path holding a NUL character")
@@ -391,25 +398,23 @@ NAMES: dict[str, tuple[tuple[str, int], ...]] = {
     "pandas.api.extensions.register_dataframe_accessor": (("name", 0),),
     "pandas.api.extensions.register_series_accessor": (("name", 0),),
     "pandas.api.extensions.register_index_accessor": (("name", 0),),
-    **{
-        f"pandas.{owner}.{method}": (("func", 1), ("arg", 1))
-        for owner in ("DataFrame", "Series")
-        for method in ("agg", "aggregate", "apply", "transform", "map", "pipe")
-    },
-    **{
-        f"pandas.core.groupby.{owner}.{method}": (("func", 1), ("arg", 1))
-        for owner in ("DataFrameGroupBy", "SeriesGroupBy")
-        for method in ("agg", "aggregate", "apply", "transform", "pipe")
-    },
-    **{
-        f"pandas.core.{owner}.{method}": (("func", 1), ("arg", 1))
-        for owner in ("window.rolling.Rolling", "window.expanding.Expanding",
-                      "resample.Resampler")
-        for method in ("agg", "aggregate", "apply")
-    },
 }  # fmt: skip
+# pandas methods that take a function *or the name of one*, looked up on the object (its
+# dunders included): on every class pandas defines (frames, series, groupby, windows,
+# resamplers, EWM), found as its modules are imported.
+PANDAS_BY_NAME = frozenset({"agg", "aggregate", "apply", "transform", "map", "pipe", "applymap"})
+PANDAS_BY_NAME_PARAMETERS = (("func", 1), ("arg", 1))
 WRITE_TARGETS = frozenset({"wrapper", "cls"})
 FORGED = frozenset({"module", "qualname"})
+# Names doors whose class takes its module from the caller's frame unless told (module=).
+NAMED_AFTER_CALLER = frozenset({"collections.namedtuple"})
+
+
+def _module_of(frame: Any) -> str:
+    name = frame.f_globals.get("__name__") if frame is not None else None
+    return name if type(name) is str else "script"
+
+
 _NAME_SCAN_LIMIT = 10_000
 
 
@@ -449,17 +454,48 @@ def _made_by_a_script(value: Any) -> bool:
 _TABLE: dict[int, Door] = {}
 _KEPT: list[object] = []  # keeps the door objects, and so their ids, alive
 _BUILT_WITH = [-1]  # how many modules were imported when the table was last built
+_FOUND_NAMES: set[str] = set()  # listed doors already in the table
+
+
+class _Imports:
+    """A meta path finder that finds nothing and remembers what was imported since it was
+    last asked: the table is completed from those modules alone. (Looking through every
+    module again would touch, and so copy, thousands of pages a child shares with its warm
+    parent.)"""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        self.names.append(name)
+
+    def take(self) -> list[str]:
+        names, self.names = self.names, []
+        return names
+
+
+_IMPORTS = _Imports()
 
 
 def door_table(*, refresh: bool = False) -> dict[int, Door]:
     """The listed doors among the modules imported so far, by the id of their function.
 
-    Built in the warm parent before it forks (runs share it), and built again when modules
-    have been imported since. Doors found by their parameters are found as they are reached.
+    Built in the warm parent before it forks (runs share it), and completed when modules have
+    been imported since, from those modules only. Doors found by their parameters are found
+    as they are reached.
     """
     if _BUILT_WITH[0] == len(sys.modules) and not refresh:
         return _TABLE
+    first = _BUILT_WITH[0] < 0
     _BUILT_WITH[0] = len(sys.modules)
+    if first:
+        sys.meta_path.insert(0, _IMPORTS)  # a finder that finds nothing
+        _IMPORTS.take()
+        new = [name for name in sys.modules if name.startswith("pandas.")]
+    else:
+        new = _IMPORTS.take()
+        if not new:
+            return _TABLE
     for name in REFUSED:
         _add(name, Door(name, "refused"))
     for name, (position, keyword) in EXPRESSIONS.items():
@@ -467,17 +503,43 @@ def door_table(*, refresh: bool = False) -> dict[int, Door]:
     for name, parameters in NAMES.items():
         _add(name, Door(name, "names", parameters))
     for name, extra in EXTRA_PATH_PARAMETERS.items():
-        value = resolve(name)
-        door = path_door(value, name, extra) if value is not None else None
-        if door is not None:
-            _KEPT.append(value)
-            _TABLE[identity(value)] = door
+        _add(name, None, extra)
+    for name, method in _pandas_methods_by_name(new):
+        _KEPT.append(method)
+        _TABLE[identity(method)] = Door(name, "names", PANDAS_BY_NAME_PARAMETERS)
     return _TABLE
 
 
-def _add(name: str, door: Door) -> None:
+def _pandas_methods_by_name(modules: list[str]) -> list[tuple[str, Callable[..., Any]]]:
+    """The methods in ``PANDAS_BY_NAME`` of the classes in these pandas modules."""
+    found: dict[int, tuple[str, Callable[..., Any]]] = {}
+    for module_name in modules:
+        module = sys.modules.get(module_name)
+        if not module_name.startswith("pandas.") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if not isinstance(value, type) or not value.__module__.startswith("pandas"):
+                continue
+            for method_name in PANDAS_BY_NAME:
+                method = value.__dict__.get(method_name)
+                if isinstance(method, FunctionType):
+                    name = f"{value.__module__}.{value.__qualname__}.{method_name}"
+                    found[id(method)] = (name, method)
+    return list(found.values())
+
+
+def _add(name: str, door: Door | None, extra: tuple[str, ...] = ()) -> None:
+    """Put the listed door ``name`` in the table if its module is imported (``door`` None:
+    the path door its parameters, with ``extra``, make)."""
+    if name in _FOUND_NAMES:
+        return
     value = resolve(name)
     if value is None:
         return
+    if door is None:
+        door = path_door(value, name, extra)
+        if door is None:
+            return
+    _FOUND_NAMES.add(name)
     _KEPT.append(value)
     _TABLE[identity(value)] = door

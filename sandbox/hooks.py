@@ -8,168 +8,208 @@ For the rest of the run, after the warm parent has imported everything:
 
 - ``pickle.load``/``loads``/``Unpickler`` (C and Python versions) refuse (and the audit hook,
   ``sandbox.audit``, refuses every unpickler's global lookups, bound before this or not);
-- ``compile``, ``eval`` and ``exec`` given a string, bytes or an AST by anything but the import
-  system (with no script code on the way) or the sandbox itself compile it under the sandbox's
-  rules: :class:`~sandbox.compiler.GeneratedCode`, the script rules with the generators' own
-  private names allowed, so attribute access, calls and loops go through the guards, which are
-  lent when the namespace lacks them. No module is trusted for what it generates: a field name
-  or an annotation may be a string the script chose;
+- ``compile``, ``eval`` and ``exec`` given a string, bytes or an AST compile it under the
+  sandbox's rules unless the sandbox or the import system asked (``sandbox.trust``):
+  :class:`~sandbox.compiler.GeneratedCode`, the script rules with the generators' own private
+  names allowed, so attribute access, calls and loops go through the guards. The code runs in a
+  script's own namespace as it is and in any other (a module's globals, a fresh dict) as the
+  policy lends it: a copy without what a script may not hold, with the guards added. No module
+  is trusted for what it generates: a field name or an annotation may be a string the script
+  chose;
 - ``eval``/``exec`` of a code object made since then, other than this way, cannot happen (the
-  audit hook refuses making code objects any other way).
+  audit hook refuses making code objects any other way), and a script never runs one itself.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
-import os
 import sys
-import weakref
 from collections.abc import Callable
-from types import CodeType, FrameType
+from types import CodeType
 from typing import Any, NoReturn
-
-import RestrictedPython
 
 from sandbox.compiler import GeneratedCode, restricted
 from sandbox.doors import private_name
+from sandbox.trust import SANDBOXED, is_script_frame, trusted, trusted_code
 
 Refuse = Callable[[str], NoReturn]
+Ours = dict[int, CodeType]
+"""Code compiled under the rules since the hooks went in, by id (kept alive: code objects
+compare by value, so a set would let one equal object stand for another)."""
 
-# Code whose compiles are the sandbox's own: its compiler and RestrictedPython under it, by the
-# files their code comes from (a frame's globals can be rewritten by a script; its code cannot).
-TRUSTED_FOLDERS = tuple(
-    {
-        os.path.dirname(spelling) + os.sep
-        for path in (__file__, RestrictedPython.__file__ or "")
-        for spelling in (os.path.abspath(path), os.path.realpath(path))
-    }
+_AST_TYPES = frozenset(
+    value for value in vars(ast).values() if isinstance(value, type) and issubclass(value, ast.AST)
 )
-IMPORT_SYSTEM = "<frozen importlib._bootstrap"
-SCRIPT_FILENAME = "<script>"
-SANDBOXED = "<sandboxed "
-_GUARD = "_getattr_"
-_STACK_LIMIT = 200
-
-
-def code_file(frame: FrameType | None) -> str:
-    """The file the code of ``frame`` was compiled from, or '' where there is no frame."""
-    return "" if frame is None else frame.f_code.co_filename
-
-
-def is_script_frame(frame: FrameType) -> bool:
-    """Code a script wrote, or code compiled under the sandbox rules at run time."""
-    filename = frame.f_code.co_filename
-    return filename == SCRIPT_FILENAME or filename.startswith(SANDBOXED)
-
-
-def is_import_system(frame: FrameType | None) -> bool:
-    return code_file(frame).startswith(IMPORT_SYSTEM)
-
-
-def is_sandbox(frame: FrameType | None) -> bool:
-    return code_file(frame).startswith(TRUSTED_FOLDERS)
-
-
-def trusted(frame: FrameType | None) -> bool:
-    """Whether a compile or exec made from ``frame`` is the sandbox's or the import system's.
-
-    Decided by where the code comes from, never by a frame's globals. The import system's
-    counts only when no script frame lies between it and the call (a script's code that runs
-    during an import is still a script's)."""
-    if frame is None:
-        return False
-    if is_sandbox(frame):
-        return True
-    depth = 0
-    while frame is not None and depth < _STACK_LIMIT:
-        if is_script_frame(frame):
-            return False
-        if is_import_system(frame):
-            return True
-        frame = frame.f_back
-        depth += 1
-    return False
+_TREE_LEAVES = frozenset({str, bytes, int, float, complex, bool, type(None), type(...)})
 
 
 def install(
     refuse: Refuse,
-    guards: Callable[[], dict[str, Any]],
     lend: Callable[[dict[str, Any]], dict[str, Any]],
-) -> weakref.WeakSet[CodeType]:
+    is_script_namespace: Callable[[dict[str, Any]], bool],
+) -> Ours:
     """Patch pickle and the compile/eval/exec builtins for the rest of this process; return the
-    set of code objects compiled under the rules.
+    code objects compiled under the rules (filled as they are made).
 
-    ``guards`` makes the guards a script namespace has; ``lend`` turns a library's namespace
-    into one generated code may run in (what the policy refuses taken out, the guards added).
+    ``lend`` turns a library's namespace into one generated code may run in (what the policy
+    refuses taken out, the guards added); a script's own namespace has the guards already.
     """
     _refuse_unpickling(refuse)
-    real_compile = builtins.compile
-    real_eval = builtins.eval
-    real_exec = builtins.exec
-    ours: weakref.WeakSet[CodeType] = weakref.WeakSet()
+    hooks = CompileHooks(refuse, lend, is_script_namespace)
+    builtins.compile = hooks.compile
+    builtins.eval = hooks.eval
+    builtins.exec = hooks.exec
+    _guard_enum_functional_api(refuse)
+    return hooks.ours
 
-    def restricted_compile(source: Any, filename: str, mode: Any) -> CodeType:
-        if isinstance(source, bytes | bytearray | memoryview):
-            source = bytes(source).decode("utf-8", "replace")
-        elif isinstance(source, str):
-            source = str.__str__(source)
-        elif not isinstance(source, ast.AST):
-            refuse(f"compiling a {type(source).__name__}")
-        if mode not in ("exec", "eval", "single"):
-            refuse(f"compiling in mode {str(mode)[:20]!r}")
+
+class CompileHooks:
+    """``compile``, ``eval`` and ``exec`` as the rest of the run has them.
+
+    The methods run on what a script passed: they look at it only through exact built-in
+    types (``type(x) is str``, never ``isinstance`` or ``str(x)``, which could run a script's
+    own methods or a C function it planted there) before anything else happens; as the frames
+    that compile for real they are trusted code (``sandbox.trust``).
+    """
+
+    def __init__(
+        self,
+        refuse: Refuse,
+        lend: Callable[[dict[str, Any]], dict[str, Any]],
+        is_script_namespace: Callable[[dict[str, Any]], bool],
+    ) -> None:
+        self.refuse = refuse
+        self.lend = lend
+        self.is_script_namespace = is_script_namespace
+        self.real_compile = builtins.compile
+        self.real_eval = builtins.eval
+        self.real_exec = builtins.exec
+        self.ours: Ours = {}
+
+    @trusted_code
+    def restricted_compile(self, source: Any, filename: str, mode: str) -> CodeType:
+        """``source`` (plain already) compiled under the rules for generated code."""
+        refuse = self.refuse
         try:
-            tree = source if isinstance(source, ast.AST) else ast.parse(source, filename, mode)
+            tree = source if type(source) in _AST_TYPES else ast.parse(source, filename, mode)
             code, errors = restricted(tree, f"{SANDBOXED}{filename}>", mode, GeneratedCode)
-        except (SyntaxError, TypeError, ValueError) as exc:
-            refuse(f"compiling a string that breaks the sandbox rules: {exc}")
+        except (SyntaxError, TypeError, ValueError, RecursionError) as exc:
+            refuse(f"compiling a string that breaks the sandbox rules: {_first_line(exc)}")
         if code is None:
             refuse(f"compiling a string that breaks the sandbox rules: {'; '.join(errors)}")
-        ours.add(code)
+        self.ours[id(code)] = code
         return code
 
-    def checked_compile(source: Any, filename: Any, mode: Any, flags: int = 0, *args: Any,
-                        **kwargs: Any) -> Any:  # fmt: skip
-        if trusted(sys._getframe(1)):
-            code = real_compile(source, filename, mode, flags, *args, **kwargs)
-            if isinstance(code, CodeType):
-                ours.add(code)
+    @trusted_code
+    def compile(self, source: Any, filename: Any, mode: Any, flags: Any = 0, *args: Any,
+                **kwargs: Any) -> Any:  # fmt: skip
+        if trusted(sys._getframe(1), loading=True):
+            code = self.real_compile(source, filename, mode, flags, *args, **kwargs)
+            if type(code) is CodeType:
+                self.ours[id(code)] = code
             return code
-        if flags & ast.PyCF_ONLY_AST and isinstance(source, str | bytes):
+        source = _plain_source(source, self.refuse)
+        name = _plain_text(filename, "<string>")
+        mode = _mode(mode, self.refuse)
+        if type(flags) is not int:
+            self.refuse("compiling with flags that are not an int")
+        if flags & ast.PyCF_ONLY_AST:
             # A syntax tree only: nothing runs, and compiling the tree is checked in turn.
-            return real_compile(source, filename, mode, flags, *args, **kwargs)
-        return restricted_compile(source, str(filename), str(mode))
+            if type(source) in _AST_TYPES:
+                return source
+            return self.real_compile(source, name, mode, ast.PyCF_ONLY_AST, dont_inherit=True)
+        return self.restricted_compile(source, name, mode)
 
-    def evaluate(real: Callable[..., Any], mode: str, source: Any, *args: Any) -> Any:
+    @trusted_code
+    def eval(self, source: Any, *args: Any) -> Any:
+        return self._evaluate(self.real_eval, "eval", source, *args)
+
+    @trusted_code
+    def exec(self, source: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            self.refuse("exec with keyword arguments")
+        return self._evaluate(self.real_exec, "exec", source, *args)
+
+    @trusted_code
+    def _evaluate(self, real: Callable[..., Any], mode: str, source: Any, *args: Any) -> Any:
+        refuse = self.refuse
         frame = sys._getframe(2)
-        if not isinstance(source, CodeType):
+        if type(source) is not CodeType:
             if trusted(frame):
+                if not args and frame is not None:
+                    args = (frame.f_globals, frame.f_locals)  # the caller's, as unhooked
                 return real(source, *args)
-            source = restricted_compile(source, "<string>", mode)
-        elif source not in ours:
+            source = self.restricted_compile(_plain_source(source, refuse), "<string>", mode)
+        elif self.ours.get(id(source)) is not source:
             # Code made before these hooks: a library's own (an annotation it compiled when it
             # was imported). No code can be made since but through them (the audit hook refuses
             # code.__new__, marshal and compiling below them), and a script never runs it.
             if frame is None or is_script_frame(frame):
                 refuse("running a code object from a script")
             return real(source, *args)
-        if args and isinstance(args[0], dict) and _GUARD not in args[0] and not trusted(frame):
-            # A library's namespace (a module's globals, builtins' own): what the policy refuses
-            # is taken out of a copy, and the guards the code was compiled against are lent.
-            args = (lend(args[0]), *args[1:])
+        if not args:
+            refuse("running code without a namespace of its own")
+        namespace = args[0]
+        if type(namespace) is not dict:
+            refuse("running code with a namespace that is not a plain dict")
+        if not self.is_script_namespace(namespace):
+            # A library's namespace (a module's globals, builtins' own, a fresh dict): what the
+            # policy refuses is taken out of a copy, and the guards are lent.
+            args = (self.lend(namespace), *args[1:])
         return real(source, *args)
 
-    def checked_eval(source: Any, *args: Any) -> Any:
-        return evaluate(real_eval, "eval", source, *args)
 
-    def checked_exec(source: Any, *args: Any, **kwargs: Any) -> Any:
-        return evaluate(lambda *a: real_exec(*a, **kwargs), "exec", source, *args)
+def _plain_source(source: Any, refuse: Refuse) -> Any:
+    """What a script's compile may be given, as exact built-in values: text, bytes, or a
+    syntax tree made only of the ``ast`` module's own nodes and plain values."""
+    kind = type(source)
+    if kind is str or kind is bytes:
+        return source
+    if issubclass(kind, str):
+        return str.__str__(source)
+    if issubclass(kind, bytes | bytearray | memoryview):
+        return memoryview(source).tobytes()  # the buffer itself, no method of the object
+    if kind not in _AST_TYPES:
+        refuse(f"compiling a {kind.__name__}")
+    _check_tree(source, refuse)
+    return source
 
-    builtins.compile = checked_compile
-    builtins.eval = checked_eval
-    builtins.exec = checked_exec
-    _guard_enum_functional_api(refuse)
-    return ours
+
+def _check_tree(node: Any, refuse: Refuse, depth: int = 0) -> None:
+    if depth > 500:
+        refuse("compiling a syntax tree nested too deeply")
+    kind = type(node)
+    if kind in _TREE_LEAVES:
+        return
+    if kind is list or kind is tuple or kind is frozenset:
+        for item in node:
+            _check_tree(item, refuse, depth + 1)
+        return
+    if kind not in _AST_TYPES:
+        refuse(f"compiling a syntax tree holding a {kind.__name__}")
+    values = object.__getattribute__(node, "__dict__")
+    if type(values) is not dict:
+        refuse("compiling a syntax tree with a namespace of its own")
+    for value in values.values():
+        _check_tree(value, refuse, depth + 1)
+
+
+def _plain_text(value: Any, default: str) -> str:
+    if issubclass(type(value), str):
+        return str.__str__(value)
+    return default
+
+
+def _mode(mode: Any, refuse: Refuse) -> str:
+    text = _plain_text(mode, "")
+    if text not in ("exec", "eval", "single"):
+        refuse("compiling in a mode other than exec, eval or single")
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def _guard_enum_functional_api(refuse: Refuse) -> None:
@@ -189,11 +229,19 @@ def _guard_enum_functional_api(refuse: Refuse) -> None:
         for forged in ("module", "qualname"):
             if kwargs.get(forged) is not None:
                 refuse(f"an enum made with {forged}=")
+        if names is not None:
+            # Enum names the class after its caller's module, which would be this hook's.
+            kwargs["module"] = _module_of(sys._getframe(1))
         if names is None and not args:
             return real_call(cls, value, **kwargs)
         return real_call(cls, value, names, *args, **kwargs)
 
     metaclass.__call__ = call
+
+
+def _module_of(frame: Any) -> str:
+    name = frame.f_globals.get("__name__") if frame is not None else None
+    return name if type(name) is str else "script"
 
 
 def _refuse_unpickling(refuse: Refuse) -> None:

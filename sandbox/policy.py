@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _pickle
 import builtins
+import functools
 import io
 import operator
 import pickle
@@ -22,7 +23,7 @@ from RestrictedPython.Guards import (
 )
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
-from sandbox.compiler import TEMPLATE_ATTRIBUTES
+from sandbox.compiler import PLAIN_CALLEES, TEMPLATE_ATTRIBUTES
 from sandbox.config import FORBIDDEN_MODULES, FORBIDDEN_OWNERS, FORBIDDEN_SUBMODULES
 from sandbox.doors import Doors
 from sandbox.errors import PolicyViolation
@@ -62,8 +63,12 @@ REFUSED_ATTRIBUTES = INSPECT_ATTRIBUTES | frozenset({
 # (nltk.picklesec's unpicklers subclass the C Unpickler at import time; nltk.pathsec's ZipFile
 # opens paths): they unpickle or open files by path.
 _REFUSED_BASES: tuple[type, ...] = (
-    _pickle.Unpickler, pickle._Unpickler, _pickle.Pickler, pickle._Pickler,
-    io.FileIO, zipfile.ZipFile,
+    _pickle.Unpickler,
+    pickle._Unpickler,
+    _pickle.Pickler,
+    pickle._Pickler,
+    io.FileIO,
+    zipfile.ZipFile,
 )
 # Instances of the types module's own types that typing syntax makes (int | None, list[int]).
 _HARMLESS_TYPES = frozenset({types.UnionType, types.GenericAlias, types.NoneType,
@@ -71,7 +76,7 @@ _HARMLESS_TYPES = frozenset({types.UnionType, types.GenericAlias, types.NoneType
 # Values a script may hold without a look: nothing in them leads anywhere.
 _PLAIN = frozenset({str, int, float, bool, type(None), bytes, complex, list, tuple, dict, set,
                     frozenset, range, slice, bytearray})  # fmt: skip
-_PLAIN_ITEMS = (str, bytes, bytearray, range)
+_PLAIN_ITEMS = frozenset({str, bytes, bytearray, range})
 
 
 def exact(name: object, what: str = "attribute name") -> str:
@@ -96,11 +101,30 @@ class Policy:
     def __init__(self, allowed_modules: Iterable[str], scratch: str | None = None) -> None:
         self.allowed_modules = frozenset(allowed_modules) - FORBIDDEN_MODULES
         self.violations: list[str] = []
-        self._refused_builtins = frozenset(
-            id(getattr(builtins, name)) for name in REFUSED_BUILTINS if hasattr(builtins, name)
-        )
+        # By id, with the objects kept alive here so that no id is ever another object's.
+        self._refused: dict[int, object] = {}
+        self.refuse_builtins_as_they_are()
         self.doors = Doors(self.refuse, scratch)
-        self._builtin_ids: frozenset[int] = frozenset()
+        self._kinds: dict[type, object] = {}
+        self._stand_ins: dict[int, str] = {}
+        self._table = self._builtins()
+        self._guards = self._guard_table()
+        # What a script is given to call: called as it is (_fn_), never a metaclass.
+        given = [*self._table.values(), *self._guards.values()]
+        self._builtin_ids = frozenset(id(value) for value in given if value is not type)
+        self._plain_callees = frozenset(
+            id(self._table[name]) for name in PLAIN_CALLEES if name in self._table
+        )
+        self._script_namespaces: dict[int, dict[str, Any]] = {}
+
+    def refuse_builtins_as_they_are(self) -> None:
+        """Refuse the builtins a script may not call by identity, wherever they are reached:
+        the ones there are now (the compile hooks replace compile, eval and exec) as well as
+        the ones refused before, and ``str.format`` (it walks attributes) in every form."""
+        refused = [getattr(builtins, name) for name in REFUSED_BUILTINS if hasattr(builtins, name)]
+        refused += [str.format, str.format_map, UserString.format, UserString.format_map]
+        for value in refused:
+            self._refused[id(value)] = value
 
     # -- refusing ---------------------------------------------------------------------------
 
@@ -118,15 +142,25 @@ class Policy:
             return False  # a private module, as a private attribute would be
         return parts[0] in self.allowed_modules
 
-    def check(self, value: Any, where: str) -> Any:
+    def check(self, value: Any, where: Where) -> Any:
         """Return ``value`` if a script may hold it (a door in its guarded form), refuse it
-        otherwise."""
-        if type(value) in _PLAIN:
+        otherwise. ``where`` names how it was reached (a string, or (object, attribute))."""
+        kind = type(value)
+        if kind in _PLAIN:
             return value
+        if kind is BuiltinFunctionType and type(value.__self__) in _PLAIN:
+            # A method of a plain value ("x".upper, [].append): never a door but these two.
+            if value.__name__ in _FORMATTERS and isinstance(value.__self__, str):
+                self.refuse(f"'{_where(where)}' (it can walk attributes; use an f-string)")
+            return value
+        if id(value) in self._refused:
+            self.refuse(f"'{_where(where)}' is not available to scripts")
+        if self._kinds.get(kind) is _KIND_OK:
+            return value  # an instance of a class already found harmless, and no door
         reason = self.refusal(value, where)
         if reason is not None:
             self.refuse(reason)
-        return self.doors.guard(value, where)
+        return self.doors.guard(value, _where(where))
 
     def lend(self, namespace: dict[str, Any]) -> dict[str, Any]:
         """A library's namespace as generated code may use it: a copy without what a script
@@ -142,55 +176,72 @@ class Policy:
         lent.update(self.namespace(_no_print_at_all))
         return lent
 
-    def refusal(self, value: Any, where: str) -> str | None:
+    def refusal(self, value: Any, where: Where) -> str | None:
         """Why a script may not hold ``value`` (None if it may, doors aside).
 
         Decided by ``type(value)``, never ``isinstance``: an object's ``__class__`` may claim
-        anything."""
+        anything. The sandbox's own objects (its guards, classes and module globals) are never
+        a script's, but for the guards it was given and the doors it was handed."""
         kind = type(value)
+        if id(value) in self._builtin_ids:
+            return None  # what the script was given: its builtins (stand-ins too) and guards
         if issubclass(kind, ModuleType):
             if not self.module_allowed(value.__name__):
-                return f"module '{value.__name__}' (reached through {where})"
+                return f"module '{value.__name__}' (reached through {_where(where)})"
             return None
-        if id(value) in self._refused_builtins or id(value) in _REFUSED_TYPE_IDS:
-            return f"'{where}' is not available to scripts"
+        if id(value) in self._refused or id(value) in _REFUSED_TYPE_IDS:
+            return f"'{_where(where)}' is not available to scripts"
         if issubclass(kind, types.FrameType):
-            return f"'{where}' is a frame"
+            return f"'{_where(where)}' is a frame"
         if issubclass(kind, _REFUSED_BASES) or (
             issubclass(kind, type) and issubclass(value, _REFUSED_BASES)
         ):
-            return f"'{where}' unpickles or opens files by path ({_describe(value)})"
+            return f"'{_where(where)}' unpickles or opens files by path ({_describe(value)})"
         if issubclass(kind, BuiltinFunctionType):
             owner = value.__self__
             if type(owner) is ModuleType and not self._owner_allowed(owner.__name__):
-                return f"'{where}' belongs to module '{owner.__name__}'"
+                return f"'{_where(where)}' belongs to module '{owner.__name__}'"
             return None
+        if issubclass(kind, MethodType):
+            function = value.__func__
+            if _sandbox_owned(function):
+                return f"'{_where(where)}' is the sandbox's own"
+            return self.refusal(function, where)
         if issubclass(kind, FunctionType | type):
             owner_name = value.__module__
+            if isinstance(owner_name, str) and owner_name.startswith("sandbox."):
+                if value in self.doors.wrappers:
+                    return None
+                return f"'{_where(where)}' is the sandbox's own"
             if (
                 isinstance(owner_name, str)
                 and not self._owner_allowed(owner_name)
                 and not _made_for_a_script(value, owner_name)
             ):
-                return f"'{where}' belongs to module '{owner_name}'"
+                return f"'{_where(where)}' belongs to module '{owner_name}'"
             if issubclass(kind, type) and issubclass(value, type):
                 # A metaclass builds classes from any namespace: dunders and all.
-                return f"'{where}' is a metaclass"
+                return f"'{_where(where)}' is a metaclass"
             return None
         # An object whose class belongs to a forbidden module (os.environ, a thread, a socket,
-        # a logger handler) is refused like the module itself; so is a wrapped function
-        # (functools.lru_cache) of such a module.
+        # a logger handler), or to the sandbox, is refused like the module itself; so is a
+        # wrapped function (functools.lru_cache) of such a module.
         owner_name = getattr(kind, "__module__", "builtins")
         if (
             isinstance(owner_name, str)
             and kind not in _HARMLESS_TYPES
-            and not self._owner_allowed(owner_name)
+            and (not self._owner_allowed(owner_name) or owner_name.startswith("sandbox."))
             and not _made_for_a_script(kind, owner_name)
         ):
-            return f"'{where}' is a {kind.__name__} of module '{owner_name}'"
-        wrapped = _wrapped_module(value)
-        if wrapped is not None and not self._owner_allowed(wrapped):
-            return f"'{where}' belongs to module '{wrapped}'"
+            return f"'{_where(where)}' is a {kind.__name__} of module '{owner_name}'"
+        if callable(value):
+            wrapped = _wrapped_module(value)
+            if wrapped is not None and (
+                not self._owner_allowed(wrapped) or wrapped.startswith("sandbox.")
+            ):
+                return f"'{_where(where)}' belongs to module '{wrapped}'"
+        elif self.doors.door(value) is None:
+            self._kinds[kind] = _KIND_OK  # what holds for one such instance holds for all
         return None
 
     @staticmethod
@@ -210,34 +261,32 @@ class Policy:
     def guarded_getattr(self, obj: Any, name: Any, default: Any = _MISSING) -> Any:
         """``obj.name`` as a script sees it: no private names, no interpreter internals."""
         name = exact(name)
-        where = f"{_describe(obj)}.{name}"
         if name.startswith("_"):
-            self.refuse(f"attribute '{where}' (names starting with '_' are private)")
-        return self._attribute(obj, name, where, default)
+            self.refuse(f"attribute '{_where((obj, name))}' (names starting with '_' are private)")
+        return self._attribute(obj, name, default)
 
     def template_getattr(self, obj: Any, name: Any) -> Any:
         """Attribute access in code a library generated at run time: its template's dunders
         (``self.__class__.__qualname__``) as well as public names, nothing else."""
         name = exact(name)
-        where = f"{_describe(obj)}.{name}"
         if name.startswith("_") and name not in TEMPLATE_ATTRIBUTES:
-            self.refuse(f"attribute '{where}' in generated code")
-        return self._attribute(obj, name, where, _MISSING)
+            self.refuse(f"attribute '{_where((obj, name))}' in generated code")
+        return self._attribute(obj, name, _MISSING)
 
-    def _attribute(self, obj: Any, name: str, where: str, default: Any) -> Any:
+    def _attribute(self, obj: Any, name: str, default: Any) -> Any:
         if name in REFUSED_ATTRIBUTES:
-            self.refuse(f"attribute '{where}' (interpreter internals)")
-        if name in ("format", "format_map") and (
+            self.refuse(f"attribute '{_where((obj, name))}' (interpreter internals)")
+        if name in _FORMATTERS and (
             isinstance(obj, str | UserString)
             or (isinstance(obj, type) and issubclass(obj, str | UserString))
         ):
-            self.refuse(f"'{where}' (it can walk attributes; use an f-string instead)")
+            self.refuse(f"'{_where((obj, name))}' (it can walk attributes; use an f-string)")
         if type(obj) not in _PLAIN:
             # Nothing is read off what a script may not hold itself (a forbidden module that
             # reached it inside a container, a refused function, a metaclass).
-            self.check(obj, _describe(obj))
+            self.check(obj, (obj, ""))
         value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
-        return self.check(value, where)
+        return self.check(value, (obj, name))
 
     def guarded_hasattr(self, obj: Any, name: Any) -> bool:
         """``hasattr`` that answers through the same guard as attribute access."""
@@ -273,6 +322,8 @@ class Policy:
         level: int = 0,
     ) -> ModuleType:
         """``__import__`` that admits only allowed modules and checks each imported name."""
+        if type(fromlist) is list:
+            return self._library_import(name, fromlist)
         if level != 0:
             self.refuse("relative import")
         name = exact(name, "module name")
@@ -295,49 +346,98 @@ class Policy:
                 self.check(value, f"{name}.{item}")
         return module
 
-    def guarded_call(self, function: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """A call as a script makes it. The callee and every argument are checked like values
-        the script reads (a refused function stays refused however it was reached; a door is
-        called in its guarded form), no module is handed to library code (which could write to
-        it), and what comes back is checked too."""
-        guard = id(function) in self._builtin_ids
-        if not guard and type(function) not in _PLAIN:
-            function = self.check(function, _describe(function))
-            guard = _is_guard(function)
-        if args:
-            args = tuple(
-                value if type(value) in _PLAIN else self._argument(value, function, guard)
-                for value in args
-            )
-        if kwargs:
-            kwargs = {
-                key: value if type(value) in _PLAIN else self._argument(value, function, guard)
-                for key, value in kwargs.items()
-            }
-        result = function(*args, **kwargs)
-        if type(result) in _PLAIN:
-            return result
-        return self.check(result, f"the result of {_describe(function)}()")
+    def _library_import(self, name: Any, fromlist: list[Any]) -> ModuleType:
+        """An import a C extension makes for itself (``PyImport_Import``, which passes a list
+        as ``fromlist``; an ``import`` statement never does) while a script's frame is the
+        current one, and so with the script's ``__import__``: numpy importing its own
+        ``numpy._core.arrayprint`` on first use. What it imports goes to the extension, not to
+        the script; still, nothing outside the allowed libraries and private helpers of the
+        standard library is imported for the first time this way."""
+        name = exact(name, "module name")
+        if fromlist:
+            self.refuse("an import with a list of names")
+        top = name.partition(".")[0]
+        if name not in sys.modules and (
+            top in FORBIDDEN_MODULES
+            or (top not in self.allowed_modules and not top.startswith("_"))
+        ):
+            self.refuse(f"import of module '{name}' (not on the allowed list)")
+        module: ModuleType = __import__(name, None, None, (), 0)
+        return module
 
-    def _argument(self, value: Any, function: Any, guard: bool) -> Any:
-        if not guard and issubclass(type(value), ModuleType):
+    # -- calls (see compiler.Transformer.visit_Call) -------------------------------------------
+
+    def guarded_callee(self, function: Any) -> Any:
+        """``_fn_``: what a script calls, checked like a value it reads."""
+        if id(function) in self._builtin_ids:
+            name = self._stand_ins.get(id(function))
+            if name is not None:
+                self.refuse(f"builtin '{name}()'")  # before its arguments are looked at
+            return function
+        return self.check(function, (function, ""))
+
+    def guarded_argument(self, value: Any) -> Any:
+        """``_arg_``: an argument of a call, checked; no module is handed to library code."""
+        if type(value) in _PLAIN:
+            return value
+        if issubclass(type(value), ModuleType):
             self.refuse(
-                f"passing module '{value.__name__}' to '{_describe(function)}' "
-                "(a module is never handed to library code)"
+                f"passing module '{value.__name__}' as an argument (a module is never handed "
+                "to library code)"
             )
-        return self.check(value, f"an argument of {_describe(function)}()")
+        return self.check(value, (value, ""))
+
+    def guarded_plain_callee(self, function: Any) -> Any:
+        """``_pfn_``: a call by the name of a builtin that takes anything (``len``, ``print``,
+        ``isinstance``), whose arguments the compiler left as they are. The builtin itself is
+        called as it is; anything else bound to that name checks its arguments first."""
+        if id(function) in self._plain_callees:
+            return function
+        return functools.partial(
+            _call_checked, self.guarded_callee(function), self.guarded_argument
+        )
+
+    def guarded_arguments(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``*_args_((*b,))``: ``b`` was unpacked in the script's frame; each item checked."""
+        argument = self.guarded_argument
+        return tuple([argument(value) for value in values])
+
+    def guarded_keywords(self, mapping: dict[Any, Any]) -> dict[str, Any]:
+        """``**_kwargs_({**d})``: ``d`` was copied in the script's frame; keys as exact
+        strings, values checked."""
+        argument = self.guarded_argument
+        return {exact(key, "keyword"): argument(value) for key, value in mapping.items()}
+
+    def guarded_result(self, value: Any) -> Any:
+        """``_ret_``: what a call gave back."""
+        if type(value) in _PLAIN:
+            return value
+        return self.check(value, "the result of a call")
+
+    def guarded_item(self, value: Any) -> Any:
+        """``_item_(a[k])``: what a subscript gave back."""
+        if type(value) in _PLAIN:
+            return value
+        return self.check(value, "an item")
+
+    def guarded_decorated(self, value: Any) -> Any:
+        """``f = _deco_(f)`` right after ``@d def f``: what the decorators made."""
+        if type(value) in _PLAIN:
+            return value
+        return self.check(value, "what a decorator returned")
 
     def guarded_iter(self, iterable: Any) -> Any:
-        """``for`` loops, comprehensions and unpacking: each item is checked as it comes."""
-        iterator = iter(iterable)
-        if isinstance(iterable, _PLAIN_ITEMS):
-            return iterator
-        return self._checked_items(iterator, _describe(iterable))
+        """``for`` loops, comprehensions and unpacking: each item is checked as it comes.
 
-    def _checked_items(self, iterator: Any, where: str) -> Any:
-        check = self.check
-        for item in iterator:
-            yield item if type(item) in _PLAIN else check(item, f"an item of {where}")
+        The items are taken by ``map`` (C), so a library's generator runs with the script's
+        frame as its caller, as it would without the sandbox."""
+        iterator = iter(iterable)
+        if type(iterable) in _PLAIN_ITEMS:
+            return iterator
+        return map(functools.partial(self._checked_item, _describe(iterable)), iterator)
+
+    def _checked_item(self, where: str, item: Any) -> Any:
+        return item if type(item) in _PLAIN else self.check(item, f"an item of {where}")
 
     def check_value(self, value: Any) -> Any:
         """A value bound by ``with ... as``: checked like an attribute."""
@@ -371,12 +471,13 @@ class Policy:
             self.refuse(f"builtin '{name}()'")
 
         refused.__name__ = name
+        self._stand_ins[id(refused)] = name
         return refused
 
     # -- the script's namespace ---------------------------------------------------------------
 
-    def builtins(self) -> dict[str, Any]:
-        """The ``__builtins__`` a script runs with."""
+    def _builtins(self) -> dict[str, Any]:
+        """The ``__builtins__`` a script runs with (made once; each namespace gets a copy)."""
         table: dict[str, Any] = dict(safe_builtins)
         for name in _EXTRA_BUILTINS:
             table[name] = getattr(builtins, name)
@@ -392,20 +493,36 @@ class Policy:
         table["type"] = self.guarded_type
         table["__import__"] = self.guarded_import
         table["_getattr_"] = self.guarded_getattr
-        self._builtin_ids = frozenset(id(value) for value in table.values())
         return table
 
     def namespace(self, print_factory: Callable[..., Any]) -> dict[str, Any]:
         """Globals for one script: builtins plus the hooks RestrictedPython compiles in."""
+        namespace = {"__builtins__": dict(self._table), **self._guards, "_print_": print_factory}
+        self._script_namespaces[id(namespace)] = namespace
+        return namespace
+
+    def is_script_namespace(self, namespace: dict[str, Any]) -> bool:
+        """Whether ``namespace`` is one :meth:`namespace` made (a script's globals)."""
+        return self._script_namespaces.get(id(namespace)) is namespace
+
+    def _guard_table(self) -> dict[str, Any]:
+        """The guards RestrictedPython and :class:`~sandbox.compiler.Transformer` compile in,
+        made once: the same objects in every namespace, so they are known by identity."""
         return {
-            "__builtins__": self.builtins(),
             "__name__": "script",
             "__metaclass__": type,
             "_getattr_": self.guarded_getattr,
             "_gen_getattr_": self.template_getattr,
             "_getitem_": self.guarded_getitem,
             "_getiter_": self.guarded_iter,
-            "_call_": self.guarded_call,
+            "_fn_": self.guarded_callee,
+            "_arg_": self.guarded_argument,
+            "_args_": self.guarded_arguments,
+            "_kwargs_": self.guarded_keywords,
+            "_pfn_": self.guarded_plain_callee,
+            "_ret_": self.guarded_result,
+            "_item_": self.guarded_item,
+            "_deco_": self.guarded_decorated,
             "_check_": self.check_value,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
@@ -414,15 +531,24 @@ class Policy:
             "_aug_attr_": self.augmented_attribute,
             "_aug_item_": self.augmented_item,
             "_apply_": _apply,
-            "_print_": print_factory,
         }
 
 
-def _is_guard(function: Any) -> bool:
-    """The sandbox's own callables (the print collector): they may be given a module."""
-    owner = getattr(type(function), "__module__", "")
-    if isinstance(function, MethodType):
-        owner = getattr(function.__func__, "__module__", "")
+Where = str | tuple[Any, str]
+_KIND_OK = object()
+_FORMATTERS = frozenset({"format", "format_map"})
+
+
+def _where(where: Where) -> str:
+    """How a value was reached, as messages say it (built only when one is needed)."""
+    if isinstance(where, tuple):
+        owner, name = where
+        return f"{_describe(owner)}.{name}" if name else _describe(owner)
+    return where
+
+
+def _sandbox_owned(function: Any) -> bool:
+    owner = getattr(function, "__module__", None)
     return isinstance(owner, str) and owner.startswith("sandbox.")
 
 
@@ -462,6 +588,19 @@ _REFUSED_TYPES = (
     types.AsyncGeneratorType, types.MappingProxyType, types.SimpleNamespace,
 )  # fmt: skip
 _REFUSED_TYPE_IDS = frozenset(id(kind) for kind in _REFUSED_TYPES)
+
+
+# Where the sandbox itself calls what a script chose, the call is made from a namespace that
+# holds nothing: a library function that reads its caller's frame (numpy.bmat looks names up
+# in it) finds only the callee and the arguments the script holds already, never this module.
+_NEUTRAL: dict[str, Any] = {"__builtins__": {}}
+exec(  # noqa: S102 - a constant source, run once when the warm parent imports this module
+    "def call_checked(function, argument, /, *args, **kwargs):\n"
+    "    return function(*[argument(value) for value in args],\n"
+    "                    **{key: argument(value) for key, value in kwargs.items()})\n",
+    _NEUTRAL,
+)
+_call_checked: Callable[..., Any] = _NEUTRAL["call_checked"]
 
 
 def _inplacevar(op: str, target: Any, value: Any) -> Any:

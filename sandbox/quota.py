@@ -8,7 +8,9 @@ and its allocated blocks, so sparse and preallocated files count for what they c
 run that goes past either limit is killed and ends ``disk_limit``. Files that were deleted while
 still open, and unnamed ``O_TMPFILE`` files, still take disk space: inotify reports their
 writes by their old name, and their size is then read from the run's open descriptors
-(``/proc/<pid>/fd``). What a run writes before the pool reads the event is bounded by the
+(``/proc/<pid>/fd``); a deleted file that is still mapped into the run's memory (``mmap``, its
+descriptor closed) counts for the size it had when it was last seen by name, found in
+``/proc/<pid>/maps``. What a run writes before the pool reads the event is bounded by the
 per-file cap; the check at the end of the run sees every event, since a write is queued as an
 event before the run can answer. A file that was deleted and closed between two looks no longer
 takes space and is not counted.
@@ -67,6 +69,7 @@ class Usage:
     on_exceeded: Callable[[str], None]
     folders: dict[int, str] = field(default_factory=dict)  # watch descriptor -> folder
     entries: dict[str, int] = field(default_factory=dict)  # path -> bytes (0 for folders)
+    sizes: dict[int, int] = field(default_factory=dict)  # inode -> bytes, as last seen by name
     unlinked: int = 0  # bytes of files deleted while open, and unnamed ones, at the last scan
     unlinked_pending: bool = False
     exceeded: str | None = None
@@ -210,7 +213,10 @@ class ScratchQuota:
             usage.unlinked_pending = True
             return
         if new or path in usage.entries:
-            usage.entries[path] = _size(info)
+            size = _size(info)
+            usage.entries[path] = size
+            if size:
+                usage.sizes[info.st_ino] = size  # what it holds if it is deleted while mapped
 
     def _forget(self, usage: Usage, path: str) -> bool:
         """Drop ``path`` (and, for a folder, what is under it); True if it held bytes."""
@@ -277,6 +283,10 @@ class ScratchQuota:
             if info.st_ino not in seen:
                 seen.add(info.st_ino)
                 total += _size(info)
+        for inode, extent in _mapped_deleted(usage.pid, usage.root + os.sep):
+            if inode not in seen:
+                seen.add(inode)
+                total += max(usage.sizes.get(inode, 0), extent)
         # The most seen: a run that exits or closes a file has still used the space.
         usage.unlinked = max(usage.unlinked, total)
 
@@ -288,6 +298,29 @@ def _open_files(pid: int) -> Iterable[str]:
     except OSError:
         return ()
     return [os.path.join(folder, name) for name in names]
+
+
+def _mapped_deleted(pid: int, prefix: str) -> Iterable[tuple[int, int]]:
+    """(inode, mapped bytes) of the deleted files under ``prefix`` mapped into ``pid``."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            lines = maps.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return []
+    extents: dict[int, int] = {}
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].endswith(_DELETED) or not fields[5].startswith(prefix):
+            continue
+        start, _, end = fields[0].partition("-")
+        try:
+            inode = int(fields[4])
+            offset = int(fields[2], 16)
+            extent = offset + int(end, 16) - int(start, 16)
+        except ValueError:
+            continue
+        extents[inode] = max(extents.get(inode, 0), extent)
+    return list(extents.items())
 
 
 def _events(data: bytes) -> Iterable[tuple[int, int, str]]:

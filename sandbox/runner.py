@@ -26,8 +26,10 @@ from sandbox.errors import NotSerializable, OutputFlood, PolicyViolation
 from sandbox.isolation import Plan, limit_cpu
 from sandbox.policy import Policy
 from sandbox.protocol import RunRequest, RunResult, frame
+from sandbox.trust import trusted_code
 
 _JSON = msgspec.json.Encoder()
+_TRACEBACK: Any = BaseException.__dict__["__traceback__"]
 _WARM_UP = """
 def execute(ctx):
     total = 0
@@ -104,11 +106,6 @@ class _PrintCollector:
         print(*objects, **kwargs)
 
 
-def _no_print(_getattr_: Any = None) -> _PrintCollector:
-    """``print`` inside strings a library evaluates: the output is dropped."""
-    return _PrintCollector(Capture(0))
-
-
 class Run:
     """One script's run in this process. Only one ever happens per child."""
 
@@ -124,8 +121,9 @@ class Run:
         ours = None
         if self.policy_on:
             ours = hooks.install(
-                self.policy.refuse, lambda: self.policy.namespace(_no_print), self.policy.lend
+                self.policy.refuse, self.policy.lend, self.policy.is_script_namespace
             )
+            self.policy.refuse_builtins_as_they_are()  # the hooked compile, eval and exec
         self.capture = Capture(config.stdout_limit)
         self.timed_out = False
         self.in_script = False
@@ -293,11 +291,15 @@ class Run:
         )
 
 
+@trusted_code
 def _script_traceback(exc: BaseException, source: str) -> str | None:
-    """The traceback of ``exc`` cut down to the script's own frames."""
+    """The traceback of ``exc`` cut down to the script's own frames.
+
+    It may read frames (``tb_frame``), so it reads nothing through the exception's class: a
+    script's exception could say anything was its traceback."""
     lines = source.splitlines()
     frames: list[str] = []
-    tb: TracebackType | None = exc.__traceback__
+    tb: TracebackType | None = _TRACEBACK.__get__(exc)
     while tb is not None:
         code = tb.tb_frame.f_code
         if code.co_filename == FILENAME:

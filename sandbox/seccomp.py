@@ -14,6 +14,10 @@ It refuses, with EPERM:
   ``writev``, ``kcmp``, pidfds, and changing another process's limits, priority, scheduling or
   memory (``prlimit64``, ``setpriority``, ``sched_set*``, ``ioprio_set``, ``migrate_pages``,
   ``move_pages``): with the service's own uid a run could otherwise reach the service;
+- what outlives the run or reaches across runs: System V shared memory, semaphores and message
+  queues, POSIX message queues (they stay on the host after the run, and another run could
+  read them), and Landlock rulesets of the run's own (a rule keeps a deleted file's space
+  allocated, out of the quota's sight; the sandbox's own ruleset is in place by then);
 - namespaces and mounts, kernel modules, kexec, bpf, perf events, keyrings, io_uring, AIO,
   userfaultfd, memory files (``memfd_create``: memory outside the address-space limit), clock
   and host settings, reboot, swap, quotas, syslog, raw port I/O, and file handles.
@@ -106,6 +110,12 @@ _X86_64 = {
         "syslog": 103, "iopl": 172, "ioperm": 173, "open_by_handle_at": 304,
         "name_to_handle_at": 303, "lookup_dcookie": 212, "vhangup": 153, "uselib": 134,
         "personality": 135, "fanotify_init": 300, "seccomp": 317,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65,
+        "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70,
+        "msgctl": 71, "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242,
+        "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
+        "landlock_create_ruleset": 444, "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
     },
 }  # fmt: skip
 

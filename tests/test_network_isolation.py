@@ -10,7 +10,9 @@ nothing could be reached even if a refusal failed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import platform
 import secrets
 import select
 import socket
@@ -443,6 +445,39 @@ def test_seccomp_alone_refuses_memory_files(seccomp_pool: LivePool) -> None:
         """
     )
     assert ok_result(seccomp_pool.run(probe)) == DENIED
+
+
+# System calls that make objects outliving the run (System V IPC, POSIX message queues) or a
+# Landlock ruleset of the run's own (its rules would keep deleted files' space allocated), by
+# x86-64 number, with arguments that would succeed unrefused.
+IPC_CALLS = {
+    "shmget": (29, 0, 4096, 0o1666),  # IPC_PRIVATE, IPC_CREAT | 0666
+    "semget": (64, 0, 1, 0o1666),
+    "msgget": (68, 0, 0o1666),
+    "mq_open": (240, "'/pyexec-probe'", 0o102, 0o600),  # O_CREAT | O_RDWR
+    "landlock_create_ruleset": (444, 0, 0, 1),  # LANDLOCK_CREATE_RULESET_VERSION
+}
+
+
+@pytest.mark.parametrize("name", IPC_CALLS)
+def test_seccomp_alone_refuses_ipc_and_rulesets(seccomp_pool: LivePool, name: str) -> None:
+    """shmget, semget, msgget, mq_open and landlock_create_ruleset fail EPERM: nothing a run
+    makes outlives it or is seen by a later run."""
+    number, *arguments = IPC_CALLS[name]
+    call = ", ".join(
+        f"ctypes.c_char_p(b{value})" if isinstance(value, str) else f"ctypes.c_long({value})"
+        for value in arguments
+    )
+    source = f"""
+        import ctypes
+        def execute(ctx):
+            libc = ctypes.CDLL(None, use_errno=True)
+            result = libc.syscall(ctypes.c_long({number}), {call})
+            return [result, ctypes.get_errno()]
+        """
+    if platform.machine() != "x86_64":
+        pytest.skip("the numbers here are x86-64's")
+    assert ok_result(seccomp_pool.run(source)) == [-1, errno.EPERM]
 
 
 # -- Landlock alone -------------------------------------------------------------------------------

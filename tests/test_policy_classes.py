@@ -13,7 +13,10 @@ shown, with the policy off, in ``test_network_isolation``, ``test_run_separation
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
@@ -381,6 +384,103 @@ REGRESSIONS = [
         """,
         "__fspath__",
     ),
+    # A second attack pass.
+    case(
+        "nltk-getinfo-hands-out-globals",
+        """
+        from nltk import decorators
+        def execute(ctx):
+            return str(decorators.getinfo(getattr)["globals"])[:100]
+        """,
+        "nltk.decorators",
+    ),
+    case(
+        "nltk-update-wrapper-writes-dunders",
+        """
+        import nltk
+        def target():
+            pass
+        def execute(ctx):
+            info = {"dict": {"__array_interface__": {}}, "name": "t", "doc": "", "module": "m",
+                    "defaults": None, "kwonlydefaults": None}
+            nltk.decorators.update_wrapper(target, target, info)
+            return 1
+        """,
+        "nltk.decorators",
+    ),
+    case(
+        "pandas-temp-setattr-sets-dunders",
+        """
+        import pandas as pd
+        class C:
+            pass
+        def execute(ctx):
+            with pd.core.common.temp_setattr(C, "__getattr__", print):
+                return 1
+        """,
+        "pandas.core.common",
+    ),
+    case(
+        "ewm-agg-looks-up-a-dunder-by-name",
+        """
+        import pandas as pd
+        def execute(ctx):
+            return str(pd.Series([1.0, 2.0]).ewm(com=1).agg("__getstate__"))
+        """,
+        "__getstate__",
+    ),
+    case(
+        "groupby-rolling-apply-by-dunder-name",
+        """
+        import pandas as pd
+        def execute(ctx):
+            frame = pd.DataFrame({"k": [1, 1], "v": [1.0, 2.0]})
+            return str(frame.groupby("k").rolling(1).agg("__reduce__"))
+        """,
+        "__reduce__",
+    ),
+    case(
+        "builtin-name-bound-to-a-library-function-gets-a-module",
+        """
+        import numpy, math
+        def execute(ctx):
+            len = numpy.asarray
+            return str(len(math))
+        """,
+        "module 'math'",
+    ),
+    case(
+        "starred-arguments-of-a-builtin-are-checked",
+        """
+        import json
+        def execute(ctx):
+            return str(max(*[json, json]))
+        """,
+        "module 'json'",
+    ),
+    case(
+        "decorator-returns-what-a-script-may-not-hold",
+        """
+        import functools, json
+        def execute(ctx):
+            @functools.partial(lambda module, function: module, json)
+            def hidden():
+                pass
+            return str(hidden)
+        """,
+        "module 'json'",
+    ),
+    case(
+        "a-pydantic-annotation-executes-under-the-rules",
+        """
+        import openai
+        class M(openai.BaseModel):
+            x: "[exec][0]('import os', {}) and int"
+        def execute(ctx):
+            return str(M(x=1))
+        """,
+        "exec",
+    ),
 ]
 
 DOORS = [
@@ -594,3 +694,62 @@ def test_dataclasses_and_namedtuples_of_scripts_still_work(pool: LivePool) -> No
             return [repr(p), p < q, hash(p) == hash(Point(1, 2)), list(Pair(1, 2)), Pair(1, 2).left]
         """
     assert ok_result(pool.run(source)) == ["Point(x=1, y=2)", True, True, [1, 2], 1]
+
+
+# Run in a fresh interpreter: the audit hook, once added, stays for the life of the process.
+TRUST_PROBE = """
+import builtins, functools, operator, sys, types
+from sandbox import audit, hooks
+from sandbox.errors import PolicyViolation
+from sandbox.policy import Policy
+
+policy = Policy(("math",))
+ours = hooks.install(policy.refuse, policy.lend, policy.is_script_namespace)
+policy.refuse_builtins_as_they_are()
+code = (lambda: 1).__code__
+audit.install(policy.refuse, ours)
+out = {}
+
+class Planted:
+    # Not a method: iter() calls it with no arguments, from the guard's own frame.
+    __iter__ = functools.partial(next, map(operator.call, [types.FunctionType], [code], [{}]))
+
+try:
+    policy.guarded_iter(Planted())
+    out["function made under a guard"] = "made"
+except PolicyViolation as exc:
+    out["function made under a guard"] = str(exc)
+for name in ("exec", "eval", "compile"):
+    try:
+        policy.check(getattr(builtins, name), name)
+        out[name] = "held"
+    except PolicyViolation:
+        out[name] = "refused"
+lent = policy.lend(dict(vars(builtins)))
+out["lent"] = sorted(
+    name
+    for name in ("exec", "eval", "compile")
+    for where in (lent, lent["__builtins__"])
+    if where.get(name) is getattr(builtins, name)
+)
+print(out)
+"""
+
+
+def test_the_sandboxs_own_frames_lend_no_trust_to_what_they_call() -> None:
+    """A C function a guard calls for the script (iter() of a planted __iter__) that makes a
+    function is refused: a guard's frame is sandbox code but no trusted compiler. The hooked
+    compile, eval and exec are refused by identity, and a lent namespace holds none of them."""
+    completed = subprocess.run(
+        [sys.executable, "-c", TRUST_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert completed.returncode == 0, completed.stderr
+    found = ast.literal_eval(completed.stdout.strip().splitlines()[-1])
+    assert "making a function" in found["function made under a guard"], found
+    assert [found[name] for name in ("exec", "eval", "compile")] == ["refused"] * 3
+    assert found["lent"] == []

@@ -118,6 +118,33 @@ def test_a_file_deleted_while_open_still_counts(quota_pool: LivePool) -> None:
     assert_disk_limit(quota_pool.run(source), f"more than {LIMIT_MB} MB")
 
 
+def test_a_deleted_file_kept_only_by_a_mapping_still_counts(quota_pool: LivePool) -> None:
+    """Files written, mapped into memory, closed and deleted hold their space while mapped,
+    with no descriptor and no name left to see them by: they count, and the run ends."""
+    source = """
+        import mmap, os, time
+        def execute(ctx):
+            maps = []
+            for index in range(3):
+                name = f"mapped{index}"
+                with open(name, "wb") as handle:
+                    handle.write(b"x" * (3 * 1024 * 1024))
+                with open(name, "r+b") as handle:
+                    maps.append(mmap.mmap(handle.fileno(), 0))
+                for fd in os.listdir("/proc/self/fd"):  # the mapping's own copy of the fd
+                    try:
+                        if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+                            os.close(int(fd))
+                    except OSError:
+                        pass
+                os.remove(name)
+                time.sleep(0.2)
+            time.sleep(1)
+            return "mapped and hidden"
+        """
+    assert_disk_limit(quota_pool.run(source), f"more than {LIMIT_MB} MB")
+
+
 def test_unnamed_temporary_files_count(quota_pool: LivePool) -> None:
     """tempfile.TemporaryFile (O_TMPFILE, never named) counts toward the quota while open."""
     source = """
