@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from sandbox.compiler import (
     ENTRY_POINT,
     FILENAME,
     compile_script,
+    compile_to_marshal,
     compile_unrestricted,
     load_code,
 )
@@ -38,6 +40,10 @@ def execute(ctx):
             total += item
     return {"total": total, "items": sorted(str(i) for i in ctx["warm"])}
 """
+
+
+# Compiled in the warm parent, when this module is imported (before any hook).
+_WARM_UP_CODE = compile_to_marshal(_WARM_UP) or b""
 
 
 class ScriptTimeout(BaseException):
@@ -136,10 +142,17 @@ class Run:
         """Walk the run's code path once before the script arrives.
 
         A forked child shares the warm parent's memory until it writes to it; the first
-        compile, namespace and encode of a run touch (and so copy) many pages. Doing that here,
-        while the child waits, keeps it off the request's path.
+        namespace, exec and encode of a run touch (and so copy) many pages. Doing that here,
+        while the child waits, keeps it off the request's path. The warm-up's code comes
+        compiled, as most scripts' do (the pool's code cache): the compiler's own pages are
+        copied only by a run that compiles.
         """
-        compiled = compile_script(_WARM_UP) if self.policy_on else compile_unrestricted(_WARM_UP)
+        if not self.policy_on:
+            compiled = compile_unrestricted(_WARM_UP)
+        elif _WARM_UP_CODE:
+            compiled = load_code(_WARM_UP_CODE)
+        else:
+            return
         if compiled.code is None:
             return
         namespace = self.policy.namespace(lambda _getattr_=None: _PrintCollector(Capture(16)))
@@ -321,12 +334,18 @@ def _exception_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc))
 
 
+_MT_WORDS = 624  # the state of numpy's legacy generator, MT19937
+
+
 def fresh_randomness() -> None:
     """Random generators start from new entropy in every child (``random`` reseeds itself after
     fork; numpy's legacy global state does not)."""
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        numpy.random.seed()
+        # A whole new Mersenne Twister state from the kernel: what seed() does, without the
+        # seeding algorithm's cost on every run.
+        key = numpy.frombuffer(os.urandom(_MT_WORDS * 4), dtype=numpy.uint32)
+        numpy.random.set_state(("MT19937", key, _MT_WORDS, 0, 0.0))
 
 
 def install_soft_stop(run: Run) -> None:
