@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import marshal
+import re
 import sys
 import traceback
 from collections import OrderedDict
@@ -14,7 +15,6 @@ from types import CodeType
 from typing import Any
 
 from RestrictedPython.transformer import (
-    FORBIDDEN_FUNC_NAMES,
     IOPERATOR_TO_STR,
     RestrictingNodeTransformer,
     copy_locations,
@@ -186,20 +186,37 @@ class Transformer(RestrictingNodeTransformer):
         return statement
 
 
+# The private names the standard library's code generators use in what they generate
+# (dataclasses, namedtuple): nothing else private may be named in generated code, so that
+# ``__builtins__``, ``__import__`` or a guard's name never resolve in a namespace it is given.
+GENERATORS_NAMES = frozenset({
+    "__create_fn__", "_return_type", "_HAS_DEFAULT_FACTORY", "__dataclass_builtins_object__",
+    "__dataclass_self__", "_cls", "_tuple_new", "__init__", "__repr__", "__eq__", "__lt__",
+    "__le__", "__gt__", "__ge__", "__hash__", "__setattr__", "__delattr__",
+})  # fmt: skip
+_GENERATORS_PATTERN = re.compile(r"_(?:type|dflt)_[A-Za-z][A-Za-z0-9_]*\Z")
+
+
+def generators_own(name: str) -> bool:
+    """A private name the code generators use (``_dflt_<field>``, ``_type_<field>``...)."""
+    return name in GENERATORS_NAMES or _GENERATORS_PATTERN.match(name) is not None
+
+
 class GeneratedCode(Transformer):
     """The rules for code a library generates at run time from strings (a dataclass's
     ``__init__``, a namedtuple's ``__new__``, an evaluated annotation).
 
     No module is trusted for what it generates: the strings may hold what a script chose. The
-    code may use private *names* (the generators' own ``__dataclass_self__``,
-    ``_HAS_DEFAULT_FACTORY``), which only ever resolve in the namespace the library gave it,
-    and read the few dunder attributes their templates read (``_gen_getattr_``); every other
-    attribute, item, call and loop goes through the same guards as a script.
+    code may use the generators' own private names (``GENERATORS_NAMES``: ``__create_fn__``,
+    ``_HAS_DEFAULT_FACTORY``, ``_dflt_<field>``...) and no other, and read the few dunder
+    attributes their templates read (``_gen_getattr_``); every other name, attribute, item,
+    call and loop is checked as in a script.
     """
 
     def check_name(self, node: Any, name: str | None, allow_magic_methods: bool = False) -> None:
-        if name is not None and name in FORBIDDEN_FUNC_NAMES:
-            self.error(node, f'"{name}" is a reserved name.')
+        if name is not None and generators_own(name):
+            return
+        super().check_name(node, name, allow_magic_methods)
 
     def visit_Module(self, node: ast.Module) -> Any:  # noqa: N802 - the visitor protocol
         self._refuse_rebinding(node)

@@ -375,7 +375,7 @@ class Doors:
                 continue
             if parameter in FORGED and value is not None:
                 self._refuse(f"'{name}' with {parameter}= (a class says where it was made)")
-            if parameter in WRITE_TARGETS:
+            if parameter in SCRIPTS_OWN:
                 if not _made_by_a_script(value):
                     self._refuse(f"'{name}' on {type(value).__name__} (only on the script's own)")
                 continue
@@ -386,11 +386,12 @@ class Doors:
 
 # Callables that take the names of attributes to read or write, or the namespace of a class they
 # make, by dotted name -> those parameters. Nothing private may be named, and what they write
-# to (WRITE_TARGETS) must be the script's own.
+# to (SCRIPTS_OWN) must be the script's own.
 # Indices count self (methods). (Enum's functional API is a metaclass call: sandbox.hooks.)
 NAMES: dict[str, tuple[tuple[str, int], ...]] = {
-    "functools.update_wrapper": (("wrapper", 0), ("assigned", 2), ("updated", 3)),
-    "functools.wraps": (("assigned", 1), ("updated", 2)),
+    "functools.update_wrapper": (("wrapper", 0), ("wrapped", 1), ("assigned", 2),
+                                 ("updated", 3)),
+    "functools.wraps": (("wrapped", 0), ("assigned", 1), ("updated", 2)),
     "dataclasses.make_dataclass": (("cls_name", 0), ("fields", 1), ("namespace", -1),
                                    ("module", -1)),
     "dataclasses.dataclass": (("cls", 0),),
@@ -404,7 +405,9 @@ NAMES: dict[str, tuple[tuple[str, int], ...]] = {
 # resamplers, EWM), found as its modules are imported.
 PANDAS_BY_NAME = frozenset({"agg", "aggregate", "apply", "transform", "map", "pipe", "applymap"})
 PANDAS_BY_NAME_PARAMETERS = (("func", 1), ("arg", 1))
-WRITE_TARGETS = frozenset({"wrapper", "cls"})
+# What these write to, and what a wrapper says it wraps (``__wrapped__``, which typing, pydantic
+# and inspect follow to a function's globals): the script's own functions and classes only.
+SCRIPTS_OWN = frozenset({"wrapper", "cls", "wrapped"})
 FORGED = frozenset({"module", "qualname"})
 # Names doors whose class takes its module from the caller's frame unless told (module=).
 NAMED_AFTER_CALLER = frozenset({"collections.namedtuple"})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ast
 import builtins
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import CodeType
 from typing import Any, NoReturn
 
@@ -46,7 +46,7 @@ _TREE_LEAVES = frozenset({str, bytes, int, float, complex, bool, type(None), typ
 
 def install(
     refuse: Refuse,
-    lend: Callable[[dict[str, Any]], dict[str, Any]],
+    lend: Callable[[Mapping[str, Any]], dict[str, Any]],
     is_script_namespace: Callable[[dict[str, Any]], bool],
 ) -> Ours:
     """Patch pickle and the compile/eval/exec builtins for the rest of this process; return the
@@ -76,12 +76,14 @@ class CompileHooks:
     def __init__(
         self,
         refuse: Refuse,
-        lend: Callable[[dict[str, Any]], dict[str, Any]],
+        lend: Callable[[Mapping[str, Any]], dict[str, Any]],
         is_script_namespace: Callable[[dict[str, Any]], bool],
     ) -> None:
         self.refuse = refuse
         self.lend = lend
         self.is_script_namespace = is_script_namespace
+        # The names lend() adds: they are not copied back into a library's namespace.
+        self.guard_names = frozenset(lend({}))
         self.real_compile = builtins.compile
         self.real_eval = builtins.eval
         self.real_exec = builtins.exec
@@ -150,14 +152,39 @@ class CompileHooks:
             return real(source, *args)
         if not args:
             refuse("running code without a namespace of its own")
-        namespace = args[0]
-        if type(namespace) is not dict:
-            refuse("running code with a namespace that is not a plain dict")
-        if not self.is_script_namespace(namespace):
-            # A library's namespace (a module's globals, builtins' own, a fresh dict): what the
-            # policy refuses is taken out of a copy, and the guards are lent.
-            args = (self.lend(namespace), *args[1:])
-        return real(source, *args)
+        if len(args) > 2:
+            refuse("running code with more than a globals and a locals namespace")
+        if type(args[0]) is not dict:
+            refuse("running code with globals that are not a plain dict")
+        # Each namespace but a script's own (a module's globals, builtins' own, a fresh dict,
+        # pydantic's mapping of a class's names) is lent: a plain dict copy without what the
+        # policy refuses, with the guards added. The locals too: names resolve there first
+        # (typing passes a module's globals as locals).
+        lent = tuple(
+            namespace
+            if type(namespace) is dict and self.is_script_namespace(namespace)
+            else self.lend(namespace)
+            for namespace in args
+        )
+        if len(args) == 2 and args[1] is args[0]:
+            lent = (lent[0], lent[0])
+        result = real(source, *lent)
+        if mode == "exec" and len(args) == 2 and type(args[1]) is dict and _scratch_locals(args):
+            # What the code defined in a fresh locals dict, where the library reads it back
+            # (dataclasses' __create_fn__): new names only, never into a module's namespace.
+            _copy_back(lent[1], args[1], self.guard_names)
+        return result
+
+
+def _scratch_locals(args: tuple[Any, ...]) -> bool:
+    """Locals of their own, not the globals and not a module's namespace."""
+    return args[1] is not args[0] and "__name__" not in args[1]
+
+
+def _copy_back(lent: dict[str, Any], original: dict[str, Any], guards: frozenset[str]) -> None:
+    for key, value in lent.items():
+        if key not in original and key not in guards:
+            original[key] = value
 
 
 def _plain_source(source: Any, refuse: Refuse) -> Any:

@@ -16,6 +16,7 @@ import math
 import os
 import pwd
 import resource
+import secrets
 import signal
 import stat
 import sys
@@ -227,11 +228,17 @@ def _landlock_status(disabled: set[str]) -> tuple[bool, LayerStatus]:
     return True, LayerStatus("landlock", True, f"Landlock ABI {abi}: {', '.join(have)}{extra}")
 
 
-def scratch_path(plan: Plan, pid: int) -> str:
-    return os.path.join(plan.scratch_root, str(pid))
+def new_scratch_name() -> str:
+    """A run's folder name: random, so that no run can find another's (the root is 0711: it
+    can be passed through, not listed; Landlock leaves stat, inotify and metadata to seccomp)."""
+    return secrets.token_hex(16)
 
 
-def enter(plan: Plan, timings: dict[str, float] | None = None) -> str:
+def scratch_path(plan: Plan, name: str) -> str:
+    return os.path.join(plan.scratch_root, name)
+
+
+def enter(plan: Plan, name: str, timings: dict[str, float] | None = None) -> str:
     """In a freshly forked child: apply the OS layers; return the run's scratch folder.
 
     Raises :class:`~sandbox.errors.SyscallError` (or OSError) if a layer the warm parent
@@ -249,7 +256,7 @@ def enter(plan: Plan, timings: dict[str, float] | None = None) -> str:
 
     layers = plan.layers
     config = plan.config
-    scratch = scratch_path(plan, os.getpid())
+    scratch = scratch_path(plan, name)
     if not os.path.isdir(plan.scratch_root):
         # Removed under us (a temporary-folder cleaner): make it again rather than fail runs.
         os.makedirs(plan.scratch_root, exist_ok=True)

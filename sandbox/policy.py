@@ -12,7 +12,7 @@ import sys
 import types
 import zipfile
 from collections import UserString
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any, NoReturn
 
@@ -162,27 +162,38 @@ class Policy:
             self.refuse(reason)
         return self.doors.guard(value, _where(where))
 
-    def lend(self, namespace: dict[str, Any]) -> dict[str, Any]:
-        """A library's namespace as generated code may use it: a copy without what a script
-        may not hold, doors in their guarded form, and the guards added."""
+    def lend(self, namespace: Mapping[str, Any]) -> dict[str, Any]:
+        """A library's namespace as generated code may use it: a plain dict copy without what
+        a script may not hold, doors in their guarded form, and the guards added."""
         lent: dict[str, Any] = {}
-        for key, value in namespace.items():
+        items = dict.items(namespace) if type(namespace) is dict else namespace.items()
+        for key, value in items:
+            if type(key) is not str:
+                continue  # names only
             if type(value) in _PLAIN:
                 lent[key] = value
                 continue
             door = self.doors.door(value)
             if self.refusal(value, str(key)) is None and (door is None or door.kind != "refused"):
                 lent[key] = self.doors.guard(value, str(key))
-        lent.update(self.namespace(_no_print_at_all))
+        lent.update(self._guards)
+        lent["__builtins__"] = dict(self._table)
+        lent["_print_"] = _no_print_at_all
         return lent
 
-    def refusal(self, value: Any, where: Where) -> str | None:
+    def refusal(self, value: Any, where: Where, depth: int = 0) -> str | None:
         """Why a script may not hold ``value`` (None if it may, doors aside).
 
         Decided by ``type(value)``, never ``isinstance``: an object's ``__class__`` may claim
         anything. The sandbox's own objects (its guards, classes and module globals) are never
-        a script's, but for the guards it was given and the doors it was handed."""
+        a script's, but for the guards it was given and the doors it was handed. A callable
+        that calls another (a partial, a bound method, a property, a cached or static
+        function) is refused with what it calls, and with the object a method is bound to."""
+        if depth > _WRAPPING_LIMIT:
+            return f"'{_where(where)}' wraps callables too deeply to be checked"
         kind = type(value)
+        if self._kinds.get(kind) is _KIND_OK:
+            return None
         if id(value) in self._builtin_ids:
             return None  # what the script was given: its builtins (stand-ins too) and guards
         if issubclass(kind, ModuleType):
@@ -199,14 +210,20 @@ class Policy:
             return f"'{_where(where)}' unpickles or opens files by path ({_describe(value)})"
         if issubclass(kind, BuiltinFunctionType):
             owner = value.__self__
-            if type(owner) is ModuleType and not self._owner_allowed(owner.__name__):
-                return f"'{_where(where)}' belongs to module '{owner.__name__}'"
-            return None
+            if type(owner) is ModuleType:
+                if not self._owner_allowed(owner.__name__):
+                    return f"'{_where(where)}' belongs to module '{owner.__name__}'"
+                return None
+            if owner is None or type(owner) in _PLAIN:
+                return None
+            return self.refusal(owner, where, depth + 1)  # a method of what it is bound to
         if issubclass(kind, MethodType):
             function = value.__func__
             if _sandbox_owned(function):
                 return f"'{_where(where)}' is the sandbox's own"
-            return self.refusal(function, where)
+            return self.refusal(function, where, depth + 1) or self.refusal(
+                value.__self__, where, depth + 1
+            )
         if issubclass(kind, FunctionType | type):
             owner_name = value.__module__
             if isinstance(owner_name, str) and owner_name.startswith("sandbox."):
@@ -234,13 +251,19 @@ class Policy:
             and not _made_for_a_script(kind, owner_name)
         ):
             return f"'{_where(where)}' is a {kind.__name__} of module '{owner_name}'"
+        inner = _called_by(value, kind)
+        if inner:
+            for called in inner:
+                reason = None if type(called) in _PLAIN else self.refusal(called, where, depth + 1)
+                if reason is not None:
+                    return reason
         if callable(value):
             wrapped = _wrapped_module(value)
             if wrapped is not None and (
                 not self._owner_allowed(wrapped) or wrapped.startswith("sandbox.")
             ):
                 return f"'{_where(where)}' belongs to module '{wrapped}'"
-        elif self.doors.door(value) is None:
+        elif not inner and self.doors.door(value) is None:
             self._kinds[kind] = _KIND_OK  # what holds for one such instance holds for all
         return None
 
@@ -550,6 +573,38 @@ def _where(where: Where) -> str:
 def _sandbox_owned(function: Any) -> bool:
     owner = getattr(function, "__module__", None)
     return isinstance(owner, str) and owner.startswith("sandbox.")
+
+
+_WRAPPING_LIMIT = 16
+# Read through the base classes' own descriptors: a subclass could answer anything.
+_PARTIAL_PARTS = (functools.partial.func, functools.partial.args, functools.partial.keywords)
+_PROPERTY_PARTS: tuple[Any, ...] = (property.fget, property.fset, property.fdel)
+_FUNC_OF: Any = staticmethod.__func__
+_CLASSMETHOD_FUNC: Any = classmethod.__func__
+
+
+def _called_by(value: Any, kind: type) -> list[Any]:
+    """What a wrapper calls when it is called (or read, for a property): its function, and
+    for a partial the arguments it adds."""
+    if issubclass(kind, functools.partial):
+        func, args, keywords = (part.__get__(value) for part in _PARTIAL_PARTS)
+        return [func, *args, *dict.values(keywords)]
+    if issubclass(kind, functools.partialmethod):
+        return [value.__dict__.get("func")]
+    if issubclass(kind, property):
+        return [part.__get__(value) for part in _PROPERTY_PARTS]
+    if issubclass(kind, staticmethod):
+        return [_FUNC_OF.__get__(value)]
+    if issubclass(kind, classmethod):
+        return [_CLASSMETHOD_FUNC.__get__(value)]
+    if callable(value) and not issubclass(kind, FunctionType | type):
+        try:
+            attributes = object.__getattribute__(value, "__dict__")
+        except AttributeError:
+            return []
+        if type(attributes) is dict and "__wrapped__" in attributes:
+            return [dict.__getitem__(attributes, "__wrapped__")]  # functools.lru_cache, wraps
+    return []
 
 
 def _wrapped_module(value: Any) -> str | None:

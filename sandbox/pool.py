@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import msgspec
 from sandbox import protocol
 from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
 from sandbox.broker import Broker, RunNetwork
+from sandbox.cleanup import remove_tree
 from sandbox.compiler import CodeCache, code_format, compile_to_marshal
 from sandbox.config import PoolConfig
 from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
@@ -41,6 +41,7 @@ class _Child:
     """A forked child waiting for its one run."""
 
     pid: int
+    folder: str
     sock: socket.socket
     pidfd: int
     exited: asyncio.Future[int] = field(repr=False)
@@ -146,7 +147,7 @@ class Pool:
         await self._start_parent()
         if any(layer.name == "limits" and layer.active for layer in self.layers):
             self._quota = ScratchQuota()
-            asyncio.get_running_loop().add_reader(self._quota.fd, self._quota.read)
+            asyncio.get_running_loop().add_reader(self._quota.fd, self._read_quota)
         return self
 
     async def close(self) -> None:
@@ -217,6 +218,16 @@ class Pool:
         loop.add_reader(ours.fileno(), self._on_control)
         self._spawn(self.config.warm_children)
 
+    def _read_quota(self) -> None:
+        """The scratch quota's events; if they cannot be taken in, no run goes on unwatched."""
+        quota = self._quota
+        if quota is None:
+            return
+        try:
+            quota.read()
+        except Exception:  # noqa: BLE001 - fail closed, whatever went wrong
+            quota.fail("the run's scratch folder could not be accounted for")
+
     def _stop_parent(self) -> None:
         if self._control is not None:
             with contextlib.suppress(ValueError, RuntimeError):
@@ -233,7 +244,7 @@ class Pool:
                 self._parent.wait()
             self._parent = None
         if self._scratch_root:
-            shutil.rmtree(self._scratch_root, ignore_errors=True)
+            remove_tree(self._scratch_root)
             self._scratch_root = ""
 
     def _drop(self, child: _Child) -> None:
@@ -273,7 +284,9 @@ class Pool:
             if isinstance(message, protocol.Ready) and len(fds) == 2:
                 exited: asyncio.Future[int] = loop.create_future()
                 self._exits[message.pid] = exited
-                child = _Child(message.pid, socket.socket(fileno=fds[0]), fds[1], exited)
+                child = _Child(
+                    message.pid, message.folder, socket.socket(fileno=fds[0]), fds[1], exited
+                )
                 if self._closed:
                     child.release()
                 else:
@@ -292,11 +305,12 @@ class Pool:
             self._quick_losses += 1
         else:
             self._quick_losses = 0
+        # The restart is scheduled first: nothing in the clean-up may keep the pool without one.
+        if not self._closed and self._restarting is None:
+            self._restarting = asyncio.get_running_loop().create_task(self._restart())
         self._stop_parent()
         while not self._ready.empty():
             self._drop(self._ready.get_nowait())
-        if not self._closed and self._restarting is None:
-            self._restarting = asyncio.get_running_loop().create_task(self._restart())
 
     async def _restart(self) -> None:
         try:
@@ -361,7 +375,7 @@ class Pool:
         """Account for the child's scratch folder; past a limit the child is killed."""
         if self._quota is None:
             return None
-        folder = os.path.join(self._scratch_root, str(child.pid))
+        folder = os.path.join(self._scratch_root, child.folder)
         return self._quota.watch(
             folder, child.pid, self._limits, lambda _reason: child.signal(signal.SIGKILL)
         )

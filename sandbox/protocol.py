@@ -57,6 +57,8 @@ class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"
     """Warm parent to pool: a child waits; attached are its socket and its pidfd."""
 
     pid: int
+    folder: str
+    """The name of its scratch folder under the pool's scratch root."""
 
 
 class Exited(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="exited"):

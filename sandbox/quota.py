@@ -82,6 +82,12 @@ class Usage:
     def files(self) -> int:
         return len(self.entries)
 
+    def fail(self, reason: str) -> None:
+        """End the run: its folder cannot be accounted for (reported once)."""
+        if self.exceeded is None:
+            self.exceeded = reason
+            self.on_exceeded(reason)
+
     def check(self) -> None:
         """Compare with the limits; the first excess is remembered and reported once."""
         if self.exceeded is not None:
@@ -231,30 +237,41 @@ class ScratchQuota:
         return held
 
     def _add_folder(self, usage: Usage, path: str, *, counted: bool) -> None:
-        """Watch a folder, then take in what it already holds (made before the watch)."""
-        if counted:
-            usage.entries[path] = 0
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), _WATCHED)
-        if wd < 0:
-            code = ctypes.get_errno()
-            if code == errno.ENOENT and path != usage.root:
-                usage.entries.pop(path, None)  # a folder removed since its event
+        """Watch a folder, then take in what it already holds (made before the watch), folders
+        inside it included, however deep: one folder at a time, without recursion."""
+        pending = [(path, counted)]
+        while pending and usage.exceeded is None:
+            folder, count = pending.pop()
+            if count:
+                usage.entries[folder] = 0
+            if usage.files > usage.limits.max_files:
+                usage.check()  # past the limit already: no need to look further
                 return
-            # Fail closed: a folder that cannot be watched cannot be accounted for.
-            usage.exceeded = f"the run's scratch folder could not be watched ({os.strerror(code)})"
-            usage.on_exceeded(usage.exceeded)
-            return
-        usage.folders[wd] = path
-        self._by_watch[wd] = usage
-        with contextlib.suppress(OSError), os.scandir(path) as listing:
-            for entry in listing:
-                child = os.path.join(path, entry.name)
-                if child in usage.entries:
+            wd = _libc.inotify_add_watch(self.fd, os.fsencode(folder), _WATCHED)
+            if wd < 0:
+                code = ctypes.get_errno()
+                if code == errno.ENOENT and folder != usage.root:
+                    usage.entries.pop(folder, None)  # a folder removed since its event
                     continue
-                if entry.is_dir(follow_symlinks=False):
-                    self._add_folder(usage, child, counted=True)
-                else:
-                    self._update(usage, child, new=True)
+                # Fail closed: a folder that cannot be watched cannot be accounted for.
+                usage.fail(f"the run's scratch folder could not be watched ({os.strerror(code)})")
+                return
+            usage.folders[wd] = folder
+            self._by_watch[wd] = usage
+            with contextlib.suppress(OSError), os.scandir(folder) as listing:
+                for entry in listing:
+                    child = os.path.join(folder, entry.name)
+                    if child in usage.entries:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((child, True))
+                    else:
+                        self._update(usage, child, new=True)
+
+    def fail(self, reason: str) -> None:
+        """Every run being accounted for ends: the quota can no longer be kept."""
+        for usage in list(self._runs):
+            usage.fail(reason)
 
     def _rescan(self, usage: Usage) -> None:
         """Account for a run from its folder as it is now (after the event queue overflowed)."""

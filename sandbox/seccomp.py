@@ -18,6 +18,12 @@ It refuses, with EPERM:
   queues, POSIX message queues (they stay on the host after the run, and another run could
   read them), and Landlock rulesets of the run's own (a rule keeps a deleted file's space
   allocated, out of the quota's sight; the sandbox's own ruleset is in place by then);
+- what Landlock does not mediate: inotify (it would show another run's file names as they are
+  made), changing modes, owners, times and extended attributes (of another run's files, or of
+  the service's own in the image), ``fallocate`` but in its plain mode (``FALLOC_FL_KEEP_SIZE``
+  allocates past ``RLIMIT_FSIZE``), and ``fcntl``/``ioctl`` commands that make the kernel signal
+  a process of the run's choosing (``F_SETOWN``, ``F_SETSIG``, ``F_SETOWN_EX``, ``FIOSETOWN``,
+  ``SIOCSPGRP``) or watch another folder (``F_NOTIFY``);
 - namespaces and mounts, kernel modules, kexec, bpf, perf events, keyrings, io_uring, AIO,
   userfaultfd, memory files (``memfd_create``: memory outside the address-space limit), clock
   and host settings, reboot, swap, quotas, syslog, raw port I/O, and file handles.
@@ -116,10 +122,27 @@ _X86_64 = {
         "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
         "landlock_create_ruleset": 444, "landlock_add_rule": 445,
         "landlock_restrict_self": 446,
+        "inotify_init": 253, "inotify_init1": 294, "inotify_add_watch": 254,
+        "inotify_rm_watch": 255,
+        "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452, "chown": 92,
+        "fchown": 93, "lchown": 94, "fchownat": 260, "utime": 132, "utimes": 235,
+        "futimesat": 261, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
+        "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199,
     },
+    "fcntl": 72,
+    "fallocate": 285,
 }  # fmt: skip
+# In the table but newer than the kernel headers some build hosts have.
+NEWER_THAN_HEADERS = frozenset({"fchmodat2"})
+# fcntl commands that make the kernel signal a process of the caller's choice (F_SETOWN,
+# F_SETSIG, F_SETOWN_EX) or report another folder's changes (F_NOTIFY).
+FCNTL_SIGNALS = (8, 10, 15, 1026)
+# ioctls that set which process an open file signals (FIOSETOWN, SIOCSPGRP).
+OWNER_IOCTLS = (0x8901, 0x8902)
 
 _TABLES = {"x86_64": _X86_64}
+# Calls with a rule of their own on their arguments.
+SINGLE_RULES = ("clone", "clone3", "socket", "sendto", "ioctl", "fcntl", "fallocate")
 
 
 def supported() -> str | None:
@@ -198,7 +221,7 @@ def _program() -> tuple[bytes, tuple[int, ...]]:
         asm.emit(JEQ_K, number, "eperm", 0)
     own_pid: dict[str, int] = table["own_pid"]  # type: ignore[assignment]
     which_who: dict[str, int] = table["own_which_who"]  # type: ignore[assignment]
-    single = ("clone", "clone3", "socket", "sendto", "ioctl")
+    single = SINGLE_RULES
     rules = {
         **{int(table[name]): name for name in single},  # type: ignore[call-overload]
         **{number: f"pid:{name}" for name, number in own_pid.items()},
@@ -213,6 +236,7 @@ def _program() -> tuple[bytes, tuple[int, ...]]:
     asm.ret(EPERM)
     _processes(asm)
     _network(asm)
+    _files(asm)
     _other_processes(asm, own_pid, which_who)
     program = asm.assemble()
     placeholder = struct.pack("<I", PID_PLACEHOLDER)
@@ -258,12 +282,31 @@ def _network(asm: _Assembler) -> None:
     asm.label("sendto_no")
     asm.ret(EPERM)
 
-    asm.label("ioctl")  # no interface, route or device-private socket ioctls
+    asm.label("ioctl")  # no interface, route or device-private socket ioctls, no owners
     asm.load(arg_low(1))
+    for request in OWNER_IOCTLS:
+        asm.emit(JEQ_K, request, "ioctl_no", 0)
     asm.emit(JGE_K, SOCKET_IOCTLS.start, 0, 2)
     asm.emit(JGE_K, SOCKET_IOCTLS.stop, 1, 0)
+    asm.label("ioctl_no")
     asm.ret(EPERM)
     asm.ret(RET_ALLOW)
+
+
+def _files(asm: _Assembler) -> None:
+    asm.label("fcntl")  # no signals to a process of the run's choosing
+    asm.load(arg_low(1))
+    for command in FCNTL_SIGNALS:
+        asm.emit(JEQ_K, command, "fcntl_no", 0)
+    asm.ret(RET_ALLOW)
+    asm.label("fcntl_no")
+    asm.ret(EPERM)
+
+    asm.label("fallocate")  # mode 0 only: it grows the file, within RLIMIT_FSIZE
+    asm.load(arg_low(1))
+    asm.emit(JEQ_K, 0, 0, 1)
+    asm.ret(RET_ALLOW)
+    asm.ret(EPERM)
 
 
 def _other_processes(asm: _Assembler, own_pid: dict[str, int], which_who: dict[str, int]) -> None:

@@ -13,7 +13,6 @@ import gc
 import importlib
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -24,6 +23,7 @@ from typing import NoReturn
 import msgspec
 
 from sandbox import isolation, protocol, seccomp
+from sandbox.cleanup import remove_tree
 from sandbox.compiler import code_format
 from sandbox.doors import door_table
 from sandbox.errors import ProtocolError
@@ -63,32 +63,33 @@ def probe(plan: Plan, statuses: list[LayerStatus]) -> tuple[Plan, list[LayerStat
     return narrowed, [by_name[name] for name in LAYERS if name in by_name]
 
 
-def _in_throwaway_child(plan: Plan, work: Callable[[], bytes]) -> bytes:
+def _in_throwaway_child(plan: Plan, work: Callable[[str], bytes]) -> bytes:
     """Run ``work`` in a forked child that is discarded afterwards; return what it answered."""
+    folder = isolation.new_scratch_name()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
         answer = b""
         with contextlib.suppress(BaseException):
-            answer = work()
+            answer = work(folder)
         os.write(write, answer)
         os._exit(0)
     os.close(write)
     with os.fdopen(read, "rb") as answer_pipe:
         answer = answer_pipe.read()
     os.waitpid(pid, 0)
-    shutil.rmtree(isolation.scratch_path(plan, pid), ignore_errors=True)
+    remove_tree(isolation.scratch_path(plan, folder))
     return answer
 
 
 def _time_child(plan: Plan) -> dict[str, float]:
     """What one child spends on each step before and during a trivial run."""
 
-    def work() -> bytes:
+    def work(folder: str) -> bytes:
         timings: dict[str, float] = {}
         with contextlib.suppress(Exception):
-            scratch = isolation.enter(plan, timings)
+            scratch = isolation.enter(plan, folder, timings)
             started = time.perf_counter()
             run = Run(plan, scratch)
             timings["prepare the run (policy, guards, warm path)"] = _ms(started)
@@ -113,9 +114,9 @@ def _ms(started: float) -> float:
 def _try_isolation(plan: Plan) -> str | None:
     """None if the plan's layers apply in a child, otherwise what failed."""
 
-    def work() -> bytes:
+    def work(folder: str) -> bytes:
         try:
-            isolation.enter(plan)
+            isolation.enter(plan, folder)
         except Exception as exc:  # noqa: BLE001 - the probe reports whatever failed
             return repr(exc).encode()[:500]
         return b"ok"
@@ -130,7 +131,7 @@ class WarmParent:
     def __init__(self, control: socket.socket, plan: Plan) -> None:
         self.control = control
         self.plan = plan
-        self.children: set[int] = set()
+        self.children: dict[int, str] = {}  # pid -> its scratch folder's name
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
 
@@ -171,17 +172,18 @@ class WarmParent:
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        folder = isolation.new_scratch_name()
         pid = os.fork()
         if pid == 0:
             ours.close()
-            self._become_child(theirs)
+            self._become_child(theirs, folder)
         theirs.close()
-        self.children.add(pid)
+        self.children[pid] = folder
         pidfd = os.pidfd_open(pid)
         try:
             socket.send_fds(
                 self.control,
-                [protocol.encode_control(protocol.Ready(pid=pid))],
+                [protocol.encode_control(protocol.Ready(pid=pid, folder=folder))],
                 [ours.fileno(), pidfd],
             )
         except OSError:
@@ -198,8 +200,9 @@ class WarmParent:
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
-            shutil.rmtree(isolation.scratch_path(self.plan, pid), ignore_errors=True)
+            folder = self.children.pop(pid, None)
+            if folder is not None:
+                remove_tree(isolation.scratch_path(self.plan, folder))
             message = protocol.Exited(pid=pid, returncode=os.waitstatus_to_exitcode(status))
             with contextlib.suppress(OSError):
                 self.control.send(protocol.encode_control(message))
@@ -211,10 +214,10 @@ class WarmParent:
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        shutil.rmtree(self.plan.scratch_root, ignore_errors=True)
+        remove_tree(self.plan.scratch_root)
         os._exit(0)
 
-    def _become_child(self, sock: socket.socket) -> NoReturn:
+    def _become_child(self, sock: socket.socket, folder: str) -> NoReturn:
         """In the forked child: shed the parent's state, then serve exactly one run."""
         code = 70
         try:
@@ -231,7 +234,7 @@ class WarmParent:
             os.dup2(devnull, 2)
             os.close(devnull)
             try:
-                scratch = isolation.enter(self.plan)
+                scratch = isolation.enter(self.plan, folder)
             except Exception:  # noqa: BLE001 - never run a script less isolated than promised
                 code = isolation.ISOLATION_FAILED_EXIT
             else:

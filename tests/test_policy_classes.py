@@ -14,6 +14,7 @@ shown, with the policy off, in ``test_network_isolation``, ``test_run_separation
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from sandbox.api import Outcome
 from sandbox.config import PoolConfig
 from sandbox.doors import Doors
 from sandbox.errors import PolicyViolation
+from sandbox.policy import Policy
 from tests.pools import LivePool, live, ok_result
 
 
@@ -139,7 +141,7 @@ GENERATED = [
             f.register(g)
             return 1
         """,
-        "os",
+        "__import__",
     ),
     case(
         "openpyxl-metaclass",
@@ -327,7 +329,7 @@ REGRESSIONS = [
             functools.update_wrapper(target, getattr, assigned=(), updated=("__globals__",))
             return 1
         """,
-        "__globals__",
+        "only on the script's own",
     ),
     case(
         "numpy-as-strided-memory",
@@ -469,6 +471,33 @@ REGRESSIONS = [
             return str(hidden)
         """,
         "module 'json'",
+    ),
+    # A third attack pass.
+    case(
+        "update-wrapper-points-wrapped-at-a-library-function",
+        """
+        import functools
+        import numpy as np
+        def target(x: "int"):
+            return x
+        def execute(ctx):
+            functools.update_wrapper(target, np.bmat, assigned=(), updated=())
+            functools.singledispatch(len).register(target)
+            return 1
+        """,
+        "only on the script's own",
+    ),
+    case(
+        "generated-code-names-the-builtins",
+        """
+        import functools
+        def target(x: "[__builtins__][0] and int"):
+            return x
+        def execute(ctx):
+            functools.singledispatch(len).register(target)
+            return 1
+        """,
+        "__builtins__",
     ),
     case(
         "a-pydantic-annotation-executes-under-the-rules",
@@ -725,6 +754,11 @@ for name in ("exec", "eval", "compile"):
         out[name] = "held"
     except PolicyViolation:
         out[name] = "refused"
+try:
+    leaked = eval(compile("secret", "<probe>", "eval"), {}, {"secret": sys})
+    out["locals"] = "leaked" if leaked is sys else repr(leaked)
+except NameError:
+    out["locals"] = "lent"
 lent = policy.lend(dict(vars(builtins)))
 out["lent"] = sorted(
     name
@@ -753,3 +787,36 @@ def test_the_sandboxs_own_frames_lend_no_trust_to_what_they_call() -> None:
     assert "making a function" in found["function made under a guard"], found
     assert [found[name] for name in ("exec", "eval", "compile")] == ["refused"] * 3
     assert found["lent"] == []
+    assert found["locals"] == "lent", found  # a locals mapping is lent like the globals
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        lambda: functools.partial(os.system, "true"),
+        lambda: functools.partial(print, os.system),  # a refused argument it would pass
+        lambda: property(os.getcwd),
+        lambda: staticmethod(os.system),
+        lambda: classmethod(os.system),
+        lambda: functools.lru_cache(os.getcwd),
+        lambda: os.environ.get,  # a harmless method of a refused object
+        lambda: functools.partial(functools.partial(os.system)),
+    ],
+    ids=[
+        "partial",
+        "partial-argument",
+        "property",
+        "staticmethod",
+        "classmethod",
+        "lru-cache",
+        "bound-method",
+        "nested-partial",
+    ],
+)
+def test_a_wrapper_is_refused_with_what_it_calls(wrapper: Any) -> None:
+    """A callable that calls another (or is bound to an object) is refused with it: a refused
+    function inside a partial or a cached wrapper is as refused as on its own."""
+    policy = Policy(("functools",))
+    with pytest.raises(PolicyViolation):
+        policy.check(wrapper(), "value")
+    assert policy.check(functools.partial(print, "fine"), "value") is not None

@@ -213,3 +213,31 @@ def test_the_first_run_of_a_pool_is_counted_too(scratch_base: Path) -> None:
     for _ in range(3):
         with live(config) as pool:
             assert_disk_limit(pool.run(source), f"more than {LIMIT_MB} MB")
+
+
+def test_a_deep_folder_tree_is_counted_and_removed(scratch_base: Path) -> None:
+    """Regression: a tree deeper than Python's recursion limit, moved after it was made, broke
+    the pool's count (it walked folders recursively) and the warm parent's clean-up
+    (``shutil.rmtree`` recurses): bytes written at the bottom went uncounted, the warm parent
+    died and the pool never got a new one. Now the run ends disk_limit, its folder goes, and the
+    pool serves on."""
+    config = only("limits", scratch_base, scratch_limit_mb=LIMIT_MB, scratch_files=5000)
+    source = """
+        import os
+        def execute(ctx):
+            path = "a"
+            os.mkdir(path)
+            for _ in range(1500):
+                path = os.path.join(path, "d")
+                os.mkdir(path)
+            os.rename("a", "b")
+            for index in range(4):  # each under the per-file cap, 8 MB in all
+                with open(os.path.join("b", path[2:], f"data{index}"), "wb") as handle:
+                    handle.write(b"x" * (2 * 1024 * 1024))
+            return "written"
+        """
+    with live(config) as pool:
+        assert_disk_limit(pool.run(source, timeout=30), f"more than {LIMIT_MB} MB")
+        assert ok_result(pool.run("def execute(ctx):\n    return 'next'\n")) == "next"
+        root = Path(pool.pool._scratch_root)
+        assert eventually(lambda: len(list(root.iterdir())) <= config.warm_children)

@@ -6,6 +6,7 @@ The memory and disk checks run with the policy layer off, so the script reads it
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,74 @@ def test_a_run_cannot_read_a_concurrent_runs_scratch_folder(scratch_base: Path) 
         seen = ok_result(pool.run(reader, path=str(folder / "note.txt")))
         assert ok_result(pending.result(30)) == str(folder / "note.txt")
     assert seen == "PermissionError"
+
+
+def test_a_run_cannot_find_another_runs_folder(scratch_base: Path) -> None:
+    """Folders have random names, not pids, and the scratch root cannot be listed: with every
+    layer but the policy on, a run sees its own folder's name and nothing of the others'."""
+    source = """
+        import os
+        def execute(ctx):
+            root, name = os.path.split(os.getcwd())
+            try:
+                listing = os.listdir(root)
+            except OSError as exc:
+                listing = type(exc).__name__
+            return [name, str(os.getpid()), listing]
+        """
+    config = PoolConfig(scratch_dir=str(scratch_base), disabled_layers=("policy",))
+    with live(config) as pool:
+        name, pid, listing = ok_result(pool.run(source))
+    assert re.fullmatch("[0-9a-f]{32}", name), name  # 128 random bits
+    assert pid not in name
+    assert listing == "PermissionError"
+
+
+# What Landlock does not mediate, seccomp refuses: watching folders, changing modes, owners,
+# times and extended attributes, allocating past the file-size limit, and having the kernel
+# signal a process of the run's choosing. Each would otherwise reach another run's files (or
+# the service's, which share the runs' uid in the image) or another process.
+METADATA_CALLS = {
+    "inotify": "check(libc.inotify_init1(0))",
+    "chmod": "os.chmod('mine', 0o777)",
+    "fchmod": "os.fchmod(os.open('mine', os.O_RDONLY), 0o777)",
+    "chown": "os.chown('mine', os.getuid(), os.getgid())",
+    "utime": "os.utime('mine', (0, 0))",
+    "setxattr": "os.setxattr('mine', 'user.note', b'x')",
+    # FALLOC_FL_KEEP_SIZE allocates past the end, outside RLIMIT_FSIZE: 1 GiB here.
+    "fallocate keeping the size": "check(libc.fallocate(os.open('mine', os.O_RDWR), 1, "
+    "ctypes.c_long(0), ctypes.c_long(1 << 30)))",
+    "F_SETOWN": "fcntl.fcntl(os.open('mine', os.O_RDONLY), fcntl.F_SETOWN, 1)",
+    "F_SETSIG": "fcntl.fcntl(os.open('mine', os.O_RDONLY), 10, 9)",  # F_SETSIG, SIGKILL
+}
+
+
+@pytest.fixture(scope="module")
+def seccomp_pool(scratch_base: Path) -> Iterator[LivePool]:
+    with live(only("seccomp", scratch_base)) as pool:
+        yield pool
+
+
+@pytest.mark.parametrize("name", METADATA_CALLS)
+def test_seccomp_refuses_what_landlock_leaves_open(seccomp_pool: LivePool, name: str) -> None:
+    """With seccomp alone (the policy off), each of these fails with EPERM on the run's own
+    file: nothing of it is possible on another's."""
+    source = f"""
+        import ctypes, fcntl, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        def check(result):
+            if result < 0:
+                raise OSError(ctypes.get_errno(), "refused")
+        def execute(ctx):
+            with open("mine", "wb") as handle:
+                handle.write(b"x")
+            try:
+                {METADATA_CALLS[name]}
+            except PermissionError as exc:
+                return ["refused", exc.errno]
+            return ["done", None]
+        """
+    assert ok_result(seccomp_pool.run(source)) == ["refused", 1], name
 
 
 RANDOM = """
