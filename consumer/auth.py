@@ -1,4 +1,10 @@
-"""Signed API keys: the canonical string, signing, and checking with a replay cache."""
+"""Signed API keys: the request and reply canonical strings, signing, and checking requests.
+
+A request is checked by :class:`Verifier` (signature, clock window, a per-replica replay cache);
+the fleet-wide replay store is :mod:`consumer.nonces`. Replies and completions to a verified
+request are signed with the caller's own key (:func:`sign_reply`), so that a caller can check
+that an answer came from a holder of its key and belongs to its request (:func:`verify_reply`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from consumer.config import Keyring
 from consumer.errors import Overloaded, Unauthorized
@@ -18,8 +25,10 @@ TIMESTAMP_HEADER = "Pyexec-Timestamp"
 NONCE_HEADER = "Pyexec-Nonce"
 SIGNATURE_HEADER = "Pyexec-Signature"
 SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
+REPLY_SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
 WINDOW_SECONDS = 60
 
+_CANONICAL_NAMES = {name.lower(): name for name in SIGNATURE_HEADERS}
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 _NONCE = re.compile(r"^(?:[0-9a-f]{2}){16,64}$")
 _SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
@@ -34,6 +43,41 @@ def canonical(subject: str, timestamp: str, nonce: str, body: bytes) -> bytes:
 
 def signature(secret: bytes, subject: str, timestamp: str, nonce: str, body: bytes) -> str:
     return hmac.new(secret, canonical(subject, timestamp, nonce, body), hashlib.sha256).hexdigest()
+
+
+def reply_canonical(request_subject: str, request_nonce: str, timestamp: str, body: bytes) -> bytes:
+    """The bytes a reply's signature covers: it names the request it answers (its subject and
+    nonce), the time it was signed and the reply body's SHA-256."""
+    digest = hashlib.sha256(body).hexdigest()
+    return f"v1-reply\n{request_subject}\n{request_nonce}\n{timestamp}\n{digest}".encode()
+
+
+def reply_signature(
+    secret: bytes, request_subject: str, request_nonce: str, timestamp: str, body: bytes
+) -> str:
+    message = reply_canonical(request_subject, request_nonce, timestamp, body)
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def verify_reply(
+    secret: bytes,
+    key_id: str,
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    *,
+    request_subject: str,
+    request_nonce: str,
+) -> bool:
+    """Whether a reply (or completion) is signed by ``key_id``'s secret for the request sent on
+    ``request_subject`` with ``request_nonce``. The caller's side of :func:`sign_reply`."""
+    found = {name.lower(): value for name, value in (headers or {}).items()}
+    given_key = found.get(KEY_ID_HEADER.lower())
+    stamp = found.get(TIMESTAMP_HEADER.lower(), "")
+    given = found.get(SIGNATURE_HEADER.lower(), "")
+    if given_key != key_id or not _TIMESTAMP.fullmatch(stamp) or not _SIGNATURE.fullmatch(given):
+        return False
+    expected = reply_signature(secret, request_subject, request_nonce, stamp, body)
+    return hmac.compare_digest(expected, given)
 
 
 def sign(
@@ -54,6 +98,39 @@ def sign(
         NONCE_HEADER: nonce,
         SIGNATURE_HEADER: signature(secret, subject, stamp, nonce, body),
     }
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who signed a verified request, and what a reply to it is signed with."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+    subject: str  # the subject the request was signed for
+    nonce: str
+
+    def sign_reply(self, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
+        """The three headers that sign ``body`` as this request's answer."""
+        stamp = str(int(time.time()) if timestamp is None else timestamp)
+        return {
+            KEY_ID_HEADER: self.key_id,
+            TIMESTAMP_HEADER: stamp,
+            SIGNATURE_HEADER: reply_signature(self.secret, self.subject, self.nonce, stamp, body),
+        }
+
+
+def sign_reply(
+    key_id: str,
+    secret: bytes,
+    request_subject: str,
+    request_nonce: str,
+    body: bytes,
+    *,
+    timestamp: int | None = None,
+) -> dict[str, str]:
+    """The reply signature headers for ``body`` answering the request named."""
+    caller = Caller(key_id, secret, request_subject, request_nonce)
+    return caller.sign_reply(body, timestamp=timestamp)
 
 
 class Verifier:
@@ -91,6 +168,28 @@ class Verifier:
         remember: bool = True,
     ) -> str:
         """Return the key id that signed the message, or raise :class:`Unauthorized`."""
+        caller = self.check(subject, headers, body, reference_time=reference_time)
+        if remember:
+            self.remember(caller.nonce)
+        return caller.key_id
+
+    def check(
+        self,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        body: bytes,
+        *,
+        reference_time: float | None = None,
+    ) -> Caller:
+        """The verified signer of a message (its nonce not yet spent), or :class:`Unauthorized`.
+
+        The clock window is symmetric in whole seconds: the executor's clock is truncated to
+        a whole second, as callers' timestamps are, before the two are compared.
+        """
+        repeated = sorted(getattr(headers, "repeated", ()))
+        if repeated:
+            name = _CANONICAL_NAMES.get(repeated[0], repeated[0])
+            raise Unauthorized("repeated_header", f"the {name} header appears more than once")
         found = {name.lower(): value for name, value in (headers or {}).items()}
         values = []
         for name in SIGNATURE_HEADERS:
@@ -114,14 +213,16 @@ class Verifier:
         if not hmac.compare_digest(expected, given):
             raise Unauthorized("bad_signature", "the signature does not match")
         now = self._clock() if reference_time is None else reference_time
-        if abs(now - int(stamp)) > self._window:
+        if abs(int(now) - int(stamp)) > self._window:
             raise Unauthorized(
                 "stale_timestamp",
                 f"the timestamp is more than {self._window} s from the executor's clock",
             )
-        if remember:
-            self._remember(nonce)
-        return key_id
+        return Caller(key_id, secret, subject, nonce)
+
+    def remember(self, nonce: str) -> None:
+        """Spend ``nonce`` on this replica (raises :class:`Unauthorized` if it was spent)."""
+        self._remember(nonce)
 
     def _remember(self, nonce: str) -> None:
         now = self._monotonic()

@@ -1,4 +1,11 @@
-"""A small async Python client for the backend: sign a request, send it, get a typed reply."""
+"""A small async Python client for the backend: sign a request, send it, get a typed reply.
+
+Every reply and completion is checked against the request it answers: it must be signed with
+the client's own key for that request's subject and nonce (``v1-reply``), or the client raises
+:class:`ClientError`. The one exception is a refusal of the request's own signature
+(``rejected`` / ``unauthorized``), which the executor cannot sign. Job ids are computed here,
+before a job is submitted, with the contract's formula.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from consumer import protocol
-from consumer.auth import sign
+from consumer.auth import NONCE_HEADER, sign, verify_reply
 from consumer.errors import ClientError
+from consumer.jobs import MSG_ID, job_id_for
 from consumer.protocol import Encoding, Reply
 
 # Seconds the client waits past the script's own timeout for the reply to arrive.
@@ -50,6 +58,9 @@ class Client:
         self.prefix = prefix
         self.encoding: Encoding = encoding
         self._owns_connection = owns_connection
+        # job id -> (subject, nonce) of every request sent for it: its completion is signed for
+        # the one that stored it, which may be any of them (a retry after a lost reply).
+        self._jobs: dict[str, list[tuple[str, str]]] = {}
 
     @classmethod
     async def connect(
@@ -86,6 +97,32 @@ class Client:
         """The signature headers for ``body`` on ``subject``."""
         return sign(self.key_id, self._secret, subject, body)
 
+    def job_id(self, request_id: str) -> str:
+        """The job id the executor gives ``request_id`` under this client's key."""
+        return job_id_for(self._secret, request_id)
+
+    def check(
+        self, reply: Reply, headers: dict[str, str] | None, body: bytes, subject: str, nonce: str
+    ) -> Reply:
+        """``reply`` if it is signed by this client's key for the request sent on ``subject``
+        with ``nonce``; raises :class:`ClientError` otherwise."""
+        if verify_reply(
+            self._secret,
+            self.key_id,
+            headers,
+            body,
+            request_subject=subject,
+            request_nonce=nonce,
+        ):
+            return reply
+        error = reply.error
+        if reply.status == "rejected" and error is not None and error.code == "unauthorized":
+            return reply  # the executor could not verify the request, so it cannot sign
+        raise ClientError(
+            f"the answer to the request on '{subject}' is not signed with this client's key "
+            "for that request; it was not sent by the executor"
+        )
+
     async def execute_code(
         self,
         code: str,
@@ -116,11 +153,17 @@ class Client:
         ctx: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
-        job_id: str | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Store a job in the jobs stream (JetStream); return its job id."""
-        request = protocol.CodeRequest(code=code, ctx=ctx, timeout=timeout, mode="async")
-        return await self.submit(f"{self.prefix}.jobs.code", request, job_id)
+        request = protocol.CodeRequest(
+            code=code,
+            ctx=ctx,
+            timeout=timeout,
+            mode="async",
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        return await self.submit(f"{self.prefix}.jobs.code", request)
 
     async def submit_named(
         self,
@@ -128,30 +171,46 @@ class Client:
         ctx: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
-        job_id: str | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Store a job that runs the installed script ``name``; return its job id."""
-        request = protocol.NamedRequest(name=name, ctx=ctx, timeout=timeout, mode="async")
-        return await self.submit(f"{self.prefix}.jobs.named", request, job_id)
+        request = protocol.NamedRequest(
+            name=name,
+            ctx=ctx,
+            timeout=timeout,
+            mode="async",
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        return await self.submit(f"{self.prefix}.jobs.named", request)
 
-    async def submit(
-        self, subject: str, request: protocol.Request, job_id: str | None = None
-    ) -> str:
-        """Sign and publish a job; the PubAck is the receipt. A repeated job id is stored once."""
-        job_id = job_id or uuid.uuid4().hex
+    async def submit(self, subject: str, request: protocol.Request) -> str:
+        """Sign and publish a job straight into the jobs stream; the PubAck is the receipt.
+        The job id follows from the key and the request id, so a retry is the same job."""
+        if request.request_id is None:
+            request = msgspec.structs.replace(request, request_id=str(uuid.uuid4()))
+        assert request.request_id is not None
+        job_id = self.job_id(request.request_id)
         body = protocol.encode(request, self.encoding)
         headers = self.sign(subject, body)
-        headers["Nats-Msg-Id"] = job_id
+        headers[MSG_ID] = job_id
         if self.encoding == protocol.MSGPACK:
             headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
         try:
             await self.nc.jetstream().publish(subject, body, headers=headers, timeout=5)
         except (NatsError, TimeoutError) as exc:
             raise ClientError(f"the job could not be stored: {exc!r}") from None
+        self._sent(job_id, subject, headers[NONCE_HEADER])
         return job_id
 
+    def _sent(self, job_id: str, subject: str, nonce: str) -> None:
+        self._jobs.setdefault(job_id, []).append((subject, nonce))
+
     async def wait(self, job_id: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
-        """The completion of ``job_id`` from the results stream, waiting up to ``timeout``."""
+        """The completion of ``job_id`` from the results stream, waiting up to ``timeout``.
+
+        A job this client submitted is checked against its request's signature; for a job
+        submitted elsewhere (its request's nonce unknown here) the completion is returned as
+        it is."""
         js = self.nc.jetstream()
         subscription = await js.subscribe(f"{self.prefix}.results.{job_id}", ordered_consumer=True)
         try:
@@ -160,7 +219,24 @@ class Client:
             raise ClientError(f"no completion for job {job_id} within {timeout:g} s") from None
         finally:
             await subscription.unsubscribe()
-        return _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+        return self._completion(msg.data, msg.headers)
+
+    def _completion(self, data: bytes, headers: dict[str, str] | None) -> Reply:
+        reply = _decode(data, (headers or {}).get("Content-Type"))
+        sent = self._jobs.get(reply.job_id or "")
+        if not sent:
+            return reply
+        for subject, nonce in sent[:-1]:
+            if verify_reply(
+                self._secret,
+                self.key_id,
+                headers,
+                data,
+                request_subject=subject,
+                request_nonce=nonce,
+            ):
+                return reply
+        return self.check(reply, headers, data, *sent[-1])
 
     async def completions(self, durable: str) -> AsyncIterator[Reply]:
         """Every completion, once each, through a durable consumer named by the caller."""
@@ -172,7 +248,7 @@ class Client:
             except NatsTimeout:
                 continue
             for msg in messages:
-                reply = _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+                reply = self._completion(msg.data, msg.headers)
                 await msg.ack()
                 yield reply
 
@@ -181,7 +257,14 @@ class Client:
     ) -> Reply:
         """Encode, sign and send one request; decode the reply."""
         body = protocol.encode(request, self.encoding)
-        return await self.send_raw(subject, body, timeout=timeout)
+        headers = self.sign(subject, body)
+        if self.encoding == protocol.MSGPACK:
+            headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        if request.mode == "async" and request.request_id is not None:
+            # Known before sending: the completion may answer this request even if its reply
+            # is lost on the way.
+            self._sent(self.job_id(request.request_id), subject, headers[NONCE_HEADER])
+        return await self.send_raw(subject, body, timeout=timeout, headers=headers)
 
     async def send_raw(
         self,
@@ -191,11 +274,13 @@ class Client:
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> Reply:
-        """Send ``body`` as it is, signed unless ``headers`` are given, and decode the reply."""
+        """Send ``body`` as it is, signed unless ``headers`` are given, decode the reply and
+        check its signature (see :meth:`check`)."""
         if headers is None:
             headers = self.sign(subject, body)
             if self.encoding == protocol.MSGPACK:
                 headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        nonce = protocol.header(headers, NONCE_HEADER) or ""
         wait = (DEFAULT_TIMEOUT if timeout is None else timeout) + REPLY_MARGIN
         try:
             msg = await self.nc.request(subject, body, timeout=wait, headers=headers)
@@ -203,7 +288,18 @@ class Client:
             raise ClientError(f"no executor is listening on '{subject}'") from None
         except NatsTimeout:
             raise ClientError(f"no reply on '{subject}' within {wait:g} s") from None
-        return _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+        reply = self.check(
+            _decode(msg.data, (msg.headers or {}).get("Content-Type")),
+            msg.headers,
+            msg.data,
+            subject,
+            nonce,
+        )
+        if reply.status == "accepted" and reply.job_id:
+            known = self._jobs.setdefault(reply.job_id, [])
+            if (subject, nonce) not in known:
+                known.append((subject, nonce))
+        return reply
 
 
 def _decode(data: bytes, content_type: str | None) -> Reply:

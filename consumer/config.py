@@ -19,6 +19,11 @@ DEFAULT_SCRIPTS_DIR = Path(__file__).parent / "scripts"
 KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
 MIN_SECRET_LENGTH = 16
+# Room a request's headers take in a message (signature, trace context, content type, message
+# id): NATS counts headers toward max_payload, so the default body limit leaves this much of the
+# default server's 1 MiB for them.
+HEADER_ROOM = 8 * 1024
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 - HEADER_ROOM
 
 
 class Keyring:
@@ -88,7 +93,7 @@ class Settings:
     max_job_timeout: float = 3600.0
     memory_mb: int = 512
     stdout_limit: int = 65536
-    max_request_bytes: int = 1024 * 1024
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_ctx_depth: int = 32
     scripts_dir: Path = DEFAULT_SCRIPTS_DIR
     queue_limit: int = 64
@@ -116,6 +121,7 @@ class Settings:
     job_ack_wait: float = 30.0
     job_share: float = 0.5
     results_max_age: float = 86400.0
+    jobs_duplicate_window: float = 120.0
     stream_replicas: int = 1
 
     @property
@@ -127,7 +133,9 @@ class Settings:
         return f"{self.prefix}.{kind}"
 
     def stream(self, base: str) -> str:
-        """``PYEXEC_JOBS`` for the default prefix; ``PYEXEC_JOBS_STAGING`` for ``staging``."""
+        """``PYEXEC_JOBS`` for the default prefix; otherwise the prefix is appended with every
+        character that is not a letter or digit made ``_``: ``PYEXEC_JOBS_STAGING`` for
+        ``staging``, ``PYEXEC_JOBS_STAGING_PYEXEC`` for ``staging.pyexec``. Buckets likewise."""
         if self.prefix == "pyexec":
             return base
         return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', self.prefix).upper()}"
@@ -218,7 +226,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         memory_mb=_int(env, "EXECUTOR_MEMORY_MB", 512, low=16, high=1024 * 1024),
         stdout_limit=_int(env, "EXECUTOR_STDOUT_LIMIT", 65536, low=0, high=64 * 1024 * 1024),
         max_request_bytes=_int(
-            env, "EXECUTOR_MAX_REQUEST_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024
+            env,
+            "EXECUTOR_MAX_REQUEST_BYTES",
+            DEFAULT_MAX_REQUEST_BYTES,
+            low=1024,
+            high=64 * 1024 * 1024,
         ),
         max_ctx_depth=_int(env, "EXECUTOR_MAX_CTX_DEPTH", 32, low=1, high=1000),
         scripts_dir=scripts_dir,
@@ -238,6 +250,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         job_ack_wait=_float(env, "EXECUTOR_JOB_ACK_WAIT", 30.0),
         job_share=_share(env),
         results_max_age=_float(env, "EXECUTOR_RESULTS_MAX_AGE", 86400.0),
+        jobs_duplicate_window=_float(env, "EXECUTOR_JOBS_DUPLICATE_WINDOW", 120.0),
         stream_replicas=_int(env, "EXECUTOR_STREAM_REPLICAS", 1, low=1, high=5),
         **_isolation(env),
     )

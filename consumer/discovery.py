@@ -18,6 +18,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from consumer.replies import refused_reply_subject
+
 SERVICE_NAME = "pyexec"
 PING_TYPE = "io.nats.micro.v1.ping_response"
 INFO_TYPE = "io.nats.micro.v1.info_response"
@@ -60,6 +62,8 @@ class Discovery:
     description: str
     metadata: dict[str, str]
     endpoints: dict[str, EndpointStats]
+    prefix: str = "pyexec"
+    on_refused: Any = None  # called for a control request with a refused reply subject
     started: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     )
@@ -114,8 +118,13 @@ class Discovery:
         for verb, answer in answers.items():
 
             async def respond(msg: Msg, answer: Any = answer) -> None:
-                if msg.reply:
-                    await msg.respond(json.dumps(answer()).encode())
+                if not msg.reply:
+                    return
+                if refused_reply_subject(msg.reply, self.prefix):
+                    if self.on_refused is not None:
+                        self.on_refused(msg.subject, msg.reply)
+                    return
+                await msg.respond(json.dumps(answer()).encode())
 
             for subject in (
                 f"$SRV.{verb}",

@@ -11,6 +11,7 @@ AuthFailure = Literal[
     "bad_signature",
     "stale_timestamp",
     "replayed_nonce",
+    "repeated_header",
 ]
 
 
@@ -63,6 +64,17 @@ class Overloaded(Rejected):
 
     code = "overloaded"
     http = 503
+
+
+class Conflict(Rejected):
+    """The same key and request id were submitted before with a different body."""
+
+    code = "conflict"
+    http = 409
+
+
+class StoreUnavailable(ConsumerError):
+    """A shared JetStream store (the job ledger) could not be read or written in time."""
 
 
 class ClientError(ConsumerError):

@@ -1,45 +1,65 @@
-"""One request from bytes to reply bytes: verify, decode, run, encode. Knows no NATS objects."""
+"""One request from bytes to a reply: verify, decide (reject, run, submit), answer.
+
+Knows no NATS objects. Request-reply messages come in through :meth:`Handler.handle`; jobs the
+job worker took from the jobs stream and admitted come in through :meth:`Handler.run_job`. The
+reply bytes, their headers and their signature come from :mod:`consumer.replies`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import msgspec
 import structlog
 
 from consumer import protocol, tracing
 from consumer.admission import Admission
-from consumer.auth import KEY_ID_HEADER, Verifier
+from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded, Rejected, Unauthorized
 from consumer.metrics import Metrics
+from consumer.nonces import NonceStore
 from consumer.protocol import Encoding, ErrorBody, Reply
+from consumer.replies import Replies, Response, from_outcome
 from sandbox import Job, Outcome, Pool, PoolError
 
 log = structlog.get_logger("pyexec.request")
 
-SERVICE_ERROR_HEADER = "Nats-Service-Error"
-SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-# Room left in a message for the reply's own fields and headers around the result.
-REPLY_OVERHEAD = 16 * 1024
+
+@dataclass(frozen=True)
+class Submission:
+    """A verified ``mode: "async"`` request to store as a job."""
+
+    kind: str
+    body: bytes
+    headers: Mapping[str, str]
+    caller: Caller
+    request_id: str
+    generated_id: bool  # the executor made the request id: the body carries none
+    trace: dict[str, str]
+
+
+# Stores the job (or finds it stored before) and returns its job id; raises Rejected.
+Submit = Callable[[Submission], Awaitable[str]]
 
 
 @dataclass(frozen=True)
-class Response:
-    """What goes back on the reply subject, plus what the service counts and logs."""
+class AdmittedJob:
+    """A job taken from the jobs stream whose signature and job id the job worker checked."""
 
-    data: bytes
-    headers: dict[str, str] | None
-    reply: Reply
-    auth_failure: str | None = None
-    wait_ms: float = 0.0
-    handling_ms: float = 0.0
-    ran: bool = False  # a script ran (its wait and run times are real)
+    subject: str
+    headers: Mapping[str, str] | None
+    kind: str
+    caller: Caller
+    request_id: str
+    job_id: str
+    encoding: Encoding
+    request: protocol.Request | None  # None: the body is invalid (``invalid``)
+    invalid: Rejected | None = None
 
 
 class Handler:
@@ -48,58 +68,65 @@ class Handler:
     def __init__(
         self,
         settings: Settings,
+        *,
         verifier: Verifier,
+        nonces: NonceStore,
         catalog: Catalog,
         pool: Pool,
-        *,
-        max_payload: int,
+        replies: Replies,
         metrics: Metrics,
         admission: Admission,
+        submit: Submit | None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
+        self.nonces = nonces
         self.catalog = catalog
         self.pool = pool
-        self.max_payload = max_payload
+        self.replies = replies
         self.metrics = metrics
         self.admission = admission
-        self._kinds = {
-            settings.subject("code"): ("code", False),
-            settings.subject("named"): ("named", False),
-            settings.subject("jobs.code"): ("code", True),
-            settings.subject("jobs.named"): ("named", True),
-        }
-        self.submit: Submit | None = None
+        self.submit = submit
+        self._kinds = {settings.subject("code"): "code", settings.subject("named"): "named"}
+        # Set when a stopping replica's grace period is over: sync runs still going are cut
+        # and answered 'worker_lost'.
+        self.cut = asyncio.Event()
 
     async def handle(
+        self, subject: str, headers: Mapping[str, str] | None, body: bytes
+    ) -> Response:
+        """Answer one request-reply message; never raises for anything a caller sends."""
+        return await self._observed(
+            subject,
+            headers,
+            lambda trace, started: self._request(subject, headers, body, trace, started),
+        )
+
+    async def run_job(self, job: AdmittedJob) -> Response:
+        """Run an admitted job and return its completion."""
+        return await self._observed(
+            job.subject, job.headers, lambda trace, started: self._job(job, started)
+        )
+
+    async def _observed(
         self,
         subject: str,
         headers: Mapping[str, str] | None,
-        body: bytes,
-        *,
-        stored_at: float | None = None,
-        job_id: str | None = None,
+        answer: Callable[[tracing.Trace, float], Awaitable[Response]],
     ) -> Response:
-        """Answer one request, or run one job taken from the jobs stream (``job_id`` set,
-        ``stored_at`` the time the stream stored it); never raises for anything a caller sends.
-
-        Every request is counted, logged in one canonical line, and answered with the
-        ``traceparent`` of the executor's span.
-        """
+        """Count, log in one canonical line, and answer with the ``traceparent`` of the
+        executor's span."""
         started = time.perf_counter()
         trace = tracing.continue_from(headers)
         structlog.contextvars.bind_contextvars(**trace.log_fields())
-        response = await self._handle(
-            subject, headers, body, stored_at=stored_at, job_id=job_id, trace=trace, started=started
-        )
-        response = dataclasses.replace(
-            response, headers={**(response.headers or {}), **trace.headers()}
-        )
+        response = await answer(trace, started)
+        response = replace(response, headers={**(response.headers or {}), **trace.headers()})
         reply = response.reply
         code = reply.error.code if reply.error else None
         structlog.contextvars.bind_contextvars(request_id=reply.request_id)
+        known = subject in self._kinds or subject.startswith(self.settings.subject("jobs."))
         self.metrics.request(
-            subject=subject if subject in self._kinds else "other",
+            subject=subject if known else "other",
             status=reply.status,
             code=code,
             key_id=protocol.header(headers, KEY_ID_HEADER),
@@ -127,14 +154,11 @@ class Handler:
         )
         return response
 
-    async def _handle(
+    async def _request(
         self,
         subject: str,
         headers: Mapping[str, str] | None,
         body: bytes,
-        *,
-        stored_at: float | None,
-        job_id: str | None,
         trace: tracing.Trace,
         started: float,
     ) -> Response:
@@ -142,16 +166,23 @@ class Handler:
         # The reply's encoding; whether the request's Content-Type is acceptable is checked
         # after the signature, so that an unsigned request is always 'unauthorized'.
         encoding = protocol.reply_encoding(content_type)
+        caller: Caller | None = None
         request_id: str | None = None
         try:
-            # A job may be delivered again: its replay protection is the job id, not the nonce.
-            self.verifier.verify(
-                subject, headers, body, reference_time=stored_at, remember=job_id is None
-            )
+            verified = self.verifier.check(subject, headers, body)
+            try:
+                self.verifier.remember(verified.nonce)  # this replica's cheap first line
+                await self.nonces.claim(verified.key_id, verified.nonce)  # the fleet's
+            except Overloaded:
+                caller = verified  # signed, but cannot be checked for a replay now
+                raise
+            # A replay is answered unsigned: a signed refusal naming the original request
+            # could be shown to its caller as if it were the answer.
+            caller = verified
             protocol.encoding_of(content_type)
-            if subject not in self._kinds:
+            kind = self._kinds.get(subject)
+            if kind is None:
                 raise InvalidRequest(f"subject '{subject}' is not served here")
-            kind, is_job = self._kinds[subject]
             request = protocol.decode_request(
                 kind,
                 body,
@@ -161,62 +192,96 @@ class Handler:
             )
             request_id = request.request_id or str(uuid.uuid4())
             structlog.contextvars.bind_contextvars(request_id=request_id)
-            if request.mode == "async" and not is_job:
-                if self.submit is None:
-                    raise InvalidRequest("mode 'async' is not enabled on this executor")
-                self._job(request, self.settings.max_job_timeout)  # refuse now what would fail
-                new_job = job_id_for(request.request_id)
-                structlog.contextvars.bind_contextvars(job_id=new_job)
-                await self.submit(kind, body, content_type, new_job, trace.headers())
-                self.metrics.jobs_submitted.inc()
-                accepted = Reply(request_id=request_id, job_id=new_job, status="accepted")
-                return self._respond(accepted, encoding, None, started)
-            cap = self.settings.max_job_timeout if is_job else self.settings.max_timeout
-            job = self._job(request, cap)
-            self.metrics.runs_in_flight.inc()
-            try:
-                async with self.admission.slot(job=is_job) as waited:
-                    outcome = await self.pool.run(job)
-            except PoolError as exc:
-                raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
-            finally:
-                self.metrics.runs_in_flight.dec()
+            if request.mode == "async":
+                job_id = await self._submit(
+                    kind, body, headers, request, caller=caller, request_id=request_id, trace=trace
+                )
+                accepted = Reply(request_id=request_id, job_id=job_id, status="accepted")
+                return self.replies.respond(accepted, encoding, caller=caller, started=started)
+            outcome, waited = await self._run(self._job_of(request, self.settings.max_timeout))
         except Rejected as exc:
-            if request_id is None and len(body) <= self.settings.max_request_bytes:
-                # Echo the caller's id where the body carries a usable one.
-                request_id = protocol.request_id_of(body, encoding)
-            reply = Reply(
-                request_id=request_id or str(uuid.uuid4()),
-                job_id=job_id,
-                status="rejected",
-                error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
+            return self._rejected(
+                exc,
+                body,
+                encoding,
+                request_id=request_id,
+                job_id=None,
+                caller=caller,
+                started=started,
             )
-            failure = exc.reason if isinstance(exc, Unauthorized) else None
-            return self._respond(reply, encoding, exc.http, started, failure)
-        except Exception:
-            # A defect of ours, not of the request: log it, and still answer the caller.
-            log.exception("request failed inside the executor")
-            reply = Reply(
-                request_id=request_id or str(uuid.uuid4()),
-                job_id=job_id,
-                status="error",
-                error=ErrorBody(
-                    code="worker_lost",
-                    type="InternalError",
-                    message="the executor failed while handling the request; see its logs",
-                ),
-            )
-            return self._respond(reply, encoding, None, started)
-        return self._respond(
-            self._reply(request_id, outcome, job_id),
+        except Exception:  # noqa: BLE001 - a defect of ours: log it, and still answer
+            return self._failed(request_id, None, encoding, caller, started)
+        if outcome is None:
+            return self._cut(request_id, encoding, caller, started)
+        return self.replies.respond(
+            from_outcome(request_id, outcome),
             encoding,
-            None,
-            started,
+            caller=caller,
+            started=started,
             wait_ms=waited * 1000 + outcome.wait_ms,
             ran=True,
         )
 
-    def _job(self, request: protocol.Request, cap: float) -> Job:
+    async def _submit(
+        self,
+        kind: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        request: protocol.Request,
+        *,
+        caller: Caller,
+        request_id: str,
+        trace: tracing.Trace,
+    ) -> str:
+        if self.submit is None:
+            raise InvalidRequest("mode 'async' is not enabled on this executor")
+        self._job_of(request, self.settings.max_job_timeout)  # refuse now what would fail
+        job_id = await self.submit(
+            Submission(
+                kind=kind,
+                body=body,
+                headers=headers or {},
+                caller=caller,
+                request_id=request_id,
+                generated_id=request.request_id is None,
+                trace=trace.headers(),
+            )
+        )
+        structlog.contextvars.bind_contextvars(job_id=job_id)
+        self.metrics.jobs_submitted.inc()
+        return job_id
+
+    async def _job(self, job: AdmittedJob, started: float) -> Response:
+        caller, encoding = job.caller, job.encoding
+        try:
+            if job.request is None:
+                raise job.invalid or InvalidRequest("the job's body is not a valid request")
+            outcome, waited = await self._run(
+                self._job_of(job.request, self.settings.max_job_timeout), is_job=True
+            )
+        except Rejected as exc:
+            return self._rejected(
+                exc,
+                b"",
+                encoding,
+                request_id=job.request_id,
+                job_id=job.job_id,
+                caller=caller,
+                started=started,
+            )
+        except Exception:  # noqa: BLE001 - a defect of ours: log it, and still complete
+            return self._failed(job.request_id, job.job_id, encoding, caller, started)
+        assert outcome is not None  # a job is never cut: it is handed back instead
+        return self.replies.respond(
+            from_outcome(job.request_id, outcome, job.job_id),
+            encoding,
+            caller=caller,
+            started=started,
+            wait_ms=waited * 1000 + outcome.wait_ms,
+            ran=True,
+        )
+
+    def _job_of(self, request: protocol.Request, cap: float) -> Job:
         timeout = self.settings.default_timeout if request.timeout is None else request.timeout
         if timeout > cap:
             raise InvalidRequest(f"timeout {timeout:g} s is over the limit of {cap:g} s")
@@ -228,105 +293,93 @@ class Handler:
             source, ctx = script.source, script.check(request.name, ctx)
         return Job(source=source, ctx=ctx, timeout=timeout)
 
-    @staticmethod
-    def _reply(request_id: str, outcome: Outcome, job_id: str | None = None) -> Reply:
-        error = None
-        if outcome.error is not None:
-            error = ErrorBody(
-                code=outcome.error.code,
-                type=outcome.error.type,
-                message=outcome.error.message,
-                traceback=outcome.error.traceback,
-            )
-        return Reply(
-            request_id=request_id,
-            job_id=job_id,
-            status=outcome.status,
-            result=outcome.result,
-            error=error,
-            stdout=outcome.stdout,
-            duration_ms=round(outcome.duration_ms, 3),
-        )
-
-    def _respond(
-        self,
-        reply: Reply,
-        encoding: Encoding,
-        http: int | None,
-        started: float,
-        auth_failure: str | None = None,
-        *,
-        wait_ms: float = 0.0,
-        ran: bool = False,
-    ) -> Response:
-        if reply.status == "rejected" and http is None:
-            http = 400
+    async def _run(self, job: Job, *, is_job: bool = False) -> tuple[Outcome | None, float]:
+        """Run ``job`` when a worker is free: its outcome and the seconds waited. A sync run
+        still going when :attr:`cut` is set is stopped (its child killed): outcome None."""
+        self.metrics.runs_in_flight.inc()
         try:
-            data = protocol.encode(reply, encoding)
-        except (OverflowError, TypeError, ValueError) as exc:
-            reply = _replaced(
-                reply, "result_not_serializable", f"the result cannot be encoded: {exc}"
-            )
-            data = protocol.encode(reply, encoding)
-        if len(data) + REPLY_OVERHEAD > self.max_payload:
-            size = len(data)
-            reply = _replaced(
-                reply,
-                "output_limit",
-                f"the reply would be {size} bytes, over the connection's limit of "
-                f"{self.max_payload} bytes; return less data",
-            )
-            data = protocol.encode(reply, encoding)
-            if len(data) + REPLY_OVERHEAD > self.max_payload:
-                reply = msgspec.structs.replace(reply, stdout="[stdout dropped: too large]")
-                data = protocol.encode(reply, encoding)
-        headers = None
-        if reply.status == "rejected" and reply.error is not None:
-            headers = {
-                SERVICE_ERROR_HEADER: _header_value(reply.error.message),
-                SERVICE_ERROR_CODE_HEADER: str(http),
-            }
-        if encoding == protocol.MSGPACK:
-            headers = {**(headers or {}), "Content-Type": protocol.MSGPACK_CONTENT_TYPE}
-        return Response(
-            data=data,
-            headers=headers,
-            reply=reply,
-            auth_failure=auth_failure,
-            wait_ms=wait_ms,
-            handling_ms=(time.perf_counter() - started) * 1000,
-            ran=ran,
+            async with self.admission.slot(job=is_job) as waited:
+                running = asyncio.ensure_future(self.pool.run(job))
+                if is_job:
+                    return await running, waited
+                cut = asyncio.ensure_future(self.cut.wait())
+                try:
+                    await asyncio.wait({running, cut}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    cut.cancel()
+                if not running.done():
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
+                    return None, waited
+                return running.result(), waited
+        except PoolError as exc:
+            raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
+        finally:
+            self.metrics.runs_in_flight.dec()
+
+    def _rejected(
+        self,
+        exc: Rejected,
+        body: bytes,
+        encoding: Encoding,
+        *,
+        request_id: str | None,
+        job_id: str | None,
+        caller: Caller | None,
+        started: float,
+    ) -> Response:
+        if request_id is None and body and len(body) <= self.settings.max_request_bytes:
+            # Echo the caller's id where the body carries a usable one.
+            request_id = protocol.request_id_of(body, encoding)
+        reply = Reply(
+            request_id=request_id or str(uuid.uuid4()),
+            job_id=job_id,
+            status="rejected",
+            error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
+        )
+        return self.replies.respond(
+            reply,
+            encoding,
+            caller=caller,
+            started=started,
+            http=exc.http,
+            auth_failure=exc.reason if isinstance(exc, Unauthorized) else None,
         )
 
+    def _failed(
+        self,
+        request_id: str | None,
+        job_id: str | None,
+        encoding: Encoding,
+        caller: Caller | None,
+        started: float,
+    ) -> Response:
+        log.exception("request failed inside the executor")
+        reply = Reply(
+            request_id=request_id or str(uuid.uuid4()),
+            job_id=job_id,
+            status="error",
+            error=ErrorBody(
+                code="worker_lost",
+                type="InternalError",
+                message="the executor failed while handling the request; see its logs",
+            ),
+        )
+        return self.replies.respond(reply, encoding, caller=caller, started=started)
 
-# kind ("code"/"named"), body, Content-Type, job id, trace headers: store the job or raise.
-Submit = Callable[[str, bytes, str | None, str, dict[str, str]], Awaitable[None]]
-_JOB_NAMESPACE = uuid.UUID("6f1c3a52-9d8e-4b7a-a1c4-2f5e8d9b0c31")
-
-
-def job_id_for(request_id: str | None) -> str:
-    """A job id that is a plain subject token: the same for a retried request id."""
-    if request_id is None:
-        return uuid.uuid4().hex
-    return uuid.uuid5(_JOB_NAMESPACE, request_id).hex
-
-
-def _header_value(text: str, limit: int = 512) -> str:
-    """Text safe for a NATS header value: one line, printable, bounded."""
-    flat = "".join(ch if ch.isprintable() else " " for ch in text)
-    return flat[:limit]
-
-
-_ERROR_TYPES = {"output_limit": "OutputLimit", "result_not_serializable": "NotSerializable"}
-
-
-def _replaced(reply: Reply, code: str, message: str) -> Reply:
-    """The same reply turned into an error without its result; stdout is kept."""
-    return Reply(
-        request_id=reply.request_id,
-        job_id=reply.job_id,
-        status="error",
-        error=ErrorBody(code=code, type=_ERROR_TYPES[code], message=message),
-        stdout=reply.stdout,
-        duration_ms=reply.duration_ms,
-    )
+    def _cut(
+        self, request_id: str, encoding: Encoding, caller: Caller | None, started: float
+    ) -> Response:
+        log.warning("run cut short: the replica is stopping")
+        reply = Reply(
+            request_id=request_id,
+            status="error",
+            error=ErrorBody(
+                code="worker_lost",
+                type="WorkerLost",
+                message="the replica stopped before the script finished; nothing was kept, "
+                "send the request again",
+            ),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return self.replies.respond(reply, encoding, caller=caller, started=started)

@@ -198,6 +198,19 @@ class Metrics:
             "Jobs completed as worker_lost after too many deliveries.",
             registry=reg,
         )
+        self.jobs_refused = Counter(
+            "pyexec_jobs_refused",
+            "Job messages acknowledged without running or answering: not signed, a message id "
+            "that is not the job id, a conflicting or duplicate submission.",
+            ["reason"],
+            registry=reg,
+        )
+        self.refused_reply_subjects = Counter(
+            "pyexec_refused_reply_subjects",
+            "Requests dropped unanswered because their reply subject lies under the executor's "
+            "prefix or a system prefix ($JS, $KV, $O, $SRV, $SYS).",
+            registry=reg,
+        )
         self.jobs_in_flight = Gauge(
             "pyexec_jobs_in_flight", "Jobs this replica is running now.", registry=reg
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
@@ -137,26 +139,41 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def check_ctx(ctx: dict[str, Any], max_depth: int) -> None:
-    """Refuse a ctx nested deeper than ``max_depth`` (ctx itself is level 1) or holding
-    anything but JSON values (MessagePack can carry binary, extension types and
-    non-string keys)."""
+    """Make ``ctx`` what a JSON caller would have sent, in place, or refuse it.
+
+    The one rule for MessagePack ``ctx``: binary values become base64 strings (standard
+    alphabet, padded) and MessagePack timestamps ISO-8601 strings (``isoformat()``, UTC offset
+    ``+00:00``); any other extension type, a map key that is not a string, and nesting deeper
+    than ``max_depth`` levels (ctx itself is level 1) are ``invalid_request``. A JSON body can
+    hold none of these, so for JSON this only checks the depth.
+    """
     stack: list[tuple[Any, int]] = [(ctx, 1)]
     while stack:
         item, depth = stack.pop()
-        children: Iterable[Any]
         if isinstance(item, dict):
             if not all(isinstance(key, str) for key in item):
                 raise InvalidRequest("ctx holds an object key that is not a string")
-            children = item.values()
+            slots: Iterable[tuple[Any, Any]] = item.items()
         elif isinstance(item, list):
-            children = item
-        elif isinstance(item, _SCALARS):
-            continue
+            slots = enumerate(item)
         else:
-            raise InvalidRequest(f"ctx holds a {type(item).__name__} value, which is not JSON")
+            continue
         if depth > max_depth:
             raise InvalidRequest(f"ctx is nested deeper than {max_depth} levels")
-        stack.extend((child, depth + 1) for child in children)
+        for slot, value in list(slots):
+            if isinstance(value, _SCALARS):
+                continue
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1))
+            elif isinstance(value, bytes):
+                item[slot] = base64.b64encode(value).decode("ascii")
+            elif isinstance(value, dt.datetime):
+                item[slot] = value.isoformat()
+            else:
+                name = "extension type" if isinstance(value, msgspec.msgpack.Ext) else "value"
+                raise InvalidRequest(
+                    f"ctx holds a MessagePack {name} ({type(value).__name__}) with no JSON form"
+                )
 
 
 def request_id_of(body: bytes, encoding: Encoding) -> str | None:

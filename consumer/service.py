@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import signal
 import time
 import uuid
@@ -14,30 +13,33 @@ from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.aio.client import Server
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import SlowConsumerError
 
 from consumer.admission import Admission
 from consumer.auth import Verifier
 from consumer.catalog import Catalog
-from consumer.config import Settings
+from consumer.config import HEADER_ROOM, Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError
-from consumer.handler import REPLY_OVERHEAD, Handler
-from consumer.jobs import JobWorker, Submitter, wait_within
+from consumer.handler import Handler
+from consumer.jobs.admit import Admission as JobAdmission
+from consumer.jobs.submit import Submitter
+from consumer.jobs.worker import JobWorker, wait_within
+from consumer.ledger import Ledger
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
+from consumer.nonces import SharedNonces
+from consumer.replies import REPLY_OVERHEAD, Replies, refused_reply_subject
+from consumer.streams import STORE_TIMEOUT, ensure_buckets, ensure_streams
+from consumer.transport import connect
 from sandbox import LayerStatus, Pool
 
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
 DRAIN_STEP_TIMEOUT = 5.0
-# Reconnection delays in seconds: first try, base of the doubling, and its cap.
-RECONNECT_FIRST = 0.1
-RECONNECT_BASE = 0.25
-RECONNECT_CAP = 5.0
+# Seconds the requests cut at the end of the grace period get to send their worker_lost reply.
+CUT_REPLY_TIMEOUT = 5.0
 T = TypeVar("T")
 
 
@@ -46,60 +48,6 @@ def package_version() -> str:
         return version("pyexec")
     except PackageNotFoundError:
         return "0.0.0"
-
-
-async def connect(
-    settings: Settings, urls: list[str], *, name: str, metrics: Metrics | None = None
-) -> NatsClient:
-    """A connection that keeps reconnecting for as long as it takes."""
-
-    async def on_error(exc: Exception) -> None:
-        if metrics is not None:
-            if isinstance(exc, SlowConsumerError):
-                metrics.nats_slow_consumers.inc()
-            else:
-                metrics.nats_errors.inc()
-        log.warning("nats error", error=repr(exc))
-
-    client = NatsClient()
-
-    async def on_disconnected() -> None:
-        if client.is_closed or client.is_draining:
-            log.info("nats connection closed")  # our own stop, not a fault
-            return
-        if metrics is not None:
-            metrics.nats_disconnects.inc()
-        log.warning("nats disconnected")
-
-    async def on_reconnected() -> None:
-        if metrics is not None:
-            metrics.nats_reconnects.inc()
-        log.info("nats reconnected")
-
-    await client.connect(
-        servers=urls,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        reconnect_to_server_handler=reconnect_backoff,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-    )
-    return client
-
-
-def reconnect_backoff(servers: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:
-    """Where and when to try reconnecting: the server tried least, after a delay that doubles
-    with every round of failures up to RECONNECT_CAP, with jitter so that replicas that lost the
-    same server do not all come back at the same instant. The first try is almost immediate,
-    so a failover to another cluster node is quick."""
-    chosen = min(servers, key=lambda server: server.reconnects)
-    rounds = chosen.reconnects  # every server has failed at least this many times in a row
-    if rounds == 0:
-        return chosen, random.uniform(0, RECONNECT_FIRST)  # noqa: S311 - jitter, not secrets
-    ceiling = min(RECONNECT_CAP, RECONNECT_BASE * 2 ** min(rounds, 16))
-    return chosen, random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrets
 
 
 class Replica:
@@ -214,27 +162,10 @@ class Replica:
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
             check_isolation(self.settings, pool.layers)
-            catalog = Catalog(self.settings.scripts_dir)
-            admission = Admission(
-                self.settings.workers,
-                queue_limit=self.settings.queue_limit,
-                max_wait=self.settings.queue_wait,
-            )
-            self.metrics.runs_waiting.set_function(lambda: float(admission.waiting))
-            handler = Handler(
-                self.settings,
-                Verifier(self.settings.keys, capacity=self.settings.nonce_cache_size),
-                catalog,
-                pool,
-                max_payload=nc.max_payload,
-                metrics=self.metrics,
-                admission=admission,
-            )
-            discovery = self._discovery(service_id, catalog)
+            handler, jobs = await self._wire(nc, pool)
+            discovery = self._discovery(service_id, handler.catalog)
             await discovery.start(nc)
-            jobs = JobWorker(nc, self.settings, handler, self.metrics)
             await jobs.start()
-            handler.submit = Submitter(jobs.js, self.settings)
             await self._subscribe(nc, handler, discovery)
             log.info(
                 "replica ready",
@@ -247,7 +178,7 @@ class Replica:
             self.started.set()
             await self._stop.wait()
             log.info("stopping", in_flight=len(self._tasks), jobs_in_flight=jobs.in_flight)
-            await self._drain(nc, discovery, jobs)
+            await self._drain(nc, handler, discovery, jobs)
         finally:
             if pool is not None:
                 await pool.close()
@@ -256,8 +187,50 @@ class Replica:
 
     async def _connect(self, name: str) -> NatsClient:
         """Connect, making the connection visible to readiness as soon as it exists."""
-        self._nc = await connect(self.settings, self.urls, name=name, metrics=self.metrics)
+        self._nc = await connect(self.urls, name=name, metrics=self.metrics)
         return self._nc
+
+    async def _wire(self, nc: NatsClient, pool: Pool) -> tuple[Handler, JobWorker]:
+        """Every part of a serving replica, built once, each given what it uses."""
+        settings = self.settings
+        if settings.max_request_bytes + HEADER_ROOM > nc.max_payload:
+            log.warning(
+                "EXECUTOR_MAX_REQUEST_BYTES leaves less room for headers than requests need",
+                max_request_bytes=settings.max_request_bytes,
+                server_max_payload=nc.max_payload,
+                largest_body=nc.max_payload - HEADER_ROOM,
+            )
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        stores = await ensure_buckets(nc.jetstream(timeout=STORE_TIMEOUT), settings)
+        ledger = Ledger(stores.job_ids, timeout=STORE_TIMEOUT)
+        verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
+        replies = Replies(nc.max_payload)
+        admission = Admission(
+            settings.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
+        )
+        self.metrics.runs_waiting.set_function(lambda: float(admission.waiting))
+        handler = Handler(
+            settings,
+            verifier=verifier,
+            nonces=SharedNonces(stores.nonces, timeout=STORE_TIMEOUT),
+            catalog=Catalog(settings.scripts_dir),
+            pool=pool,
+            replies=replies,
+            metrics=self.metrics,
+            admission=admission,
+            submit=Submitter(js, settings, ledger),
+        )
+        jobs = JobWorker(
+            nc,
+            settings,
+            handler=handler,
+            admission=JobAdmission(settings, verifier, self.metrics),
+            ledger=ledger,
+            replies=replies,
+            metrics=self.metrics,
+        )
+        return handler, jobs
 
     def _discovery(self, service_id: str, catalog: Catalog) -> Discovery:
         endpoints = {
@@ -268,12 +241,30 @@ class Replica:
             )
             for kind in ("code", "named")
         }
+        settings = self.settings
         return Discovery(
             service_id=service_id,
             version=package_version(),
             description="Runs sandboxed Python scripts",
-            metadata={"scripts": ",".join(s.name for s in catalog.scripts())},
+            metadata={
+                "prefix": settings.prefix,
+                "default_timeout": f"{settings.default_timeout:g}",
+                "max_timeout": f"{settings.max_timeout:g}",
+                "max_job_timeout": f"{settings.max_job_timeout:g}",
+                "memory_mb": str(settings.memory_mb),
+                "max_request_bytes": str(settings.max_request_bytes),
+                "workers": str(settings.workers),
+                "scripts": ",".join(s.name for s in catalog.scripts()),
+            },
             endpoints=endpoints,
+            prefix=settings.prefix,
+            on_refused=self._refused_reply,
+        )
+
+    def _refused_reply(self, subject: str, reply: str) -> None:
+        self.metrics.refused_reply_subjects.inc()
+        log.warning(
+            "request dropped: its reply subject is refused", subject=subject, reply=reply[:200]
         )
 
     async def _subscribe(self, nc: NatsClient, handler: Handler, discovery: Discovery) -> None:
@@ -296,6 +287,11 @@ class Replica:
     ) -> None:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
+        if msg.reply and refused_reply_subject(msg.reply, self.settings.prefix):
+            # Answering there could plant a message in the executor's own streams (a forged
+            # completion) or call a server API in the replica's name: nothing runs.
+            self._refused_reply(msg.subject, msg.reply)
+            return
         try:
             response = await handler.handle(msg.subject, msg.headers, msg.data)
             if msg.reply:
@@ -311,9 +307,12 @@ class Replica:
             error.message if reply.status == "rejected" and error else None,
         )
 
-    async def _drain(self, nc: NatsClient, discovery: Discovery, jobs: JobWorker) -> None:
-        """Stop taking requests and jobs at once, give in-flight ones one grace period, hand
-        unfinished jobs back, then drain NATS.
+    async def _drain(
+        self, nc: NatsClient, handler: Handler, discovery: Discovery, jobs: JobWorker
+    ) -> None:
+        """Stop taking requests and jobs at once, give in-flight ones one grace period, answer
+        the sync requests still running ``worker_lost``, hand unfinished jobs back, then drain
+        NATS.
 
         Every step that talks to the server is bounded: with the server gone, a drain would
         wait for a reconnection that may never come.
@@ -327,7 +326,9 @@ class Replica:
         )
         await jobs.hand_back()
         if self._tasks:
-            log.warning("grace period over; abandoning in-flight requests", count=len(self._tasks))
+            log.warning("grace period over; cutting in-flight requests", count=len(self._tasks))
+            handler.cut.set()
+            await wait_within(set(self._tasks), CUT_REPLY_TIMEOUT)
             for task in self._tasks:
                 task.cancel()
         await _bounded(nc.drain(), "connection drain")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
-Status = Literal["ok", "error", "timeout", "rejected"]
+Status = Literal["ok", "error", "timeout"]
 ErrorCode = Literal[
     "policy_violation",
     "syntax_error",
@@ -17,7 +17,7 @@ ErrorCode = Literal[
     "result_not_serializable",
     "worker_lost",
     "timeout",
-    "invalid_request",
+    "missing_entry_point",
 ]
 
 

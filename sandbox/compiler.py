@@ -444,9 +444,9 @@ def _parse(source: str) -> ast.Module | Compiled:
         return _error("syntax_error", type(exc).__name__, f"the script cannot be parsed: {exc}")
     if not _defines_entry_point(tree):
         return Compiled(
-            status="rejected",
+            status="error",
             error=ErrorInfo(
-                code="invalid_request",
+                code="missing_entry_point",
                 type="MissingEntryPoint",
                 message=f"the script must define a top-level function '{ENTRY_POINT}(ctx)'",
             ),

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from sandbox import audit, hooks, netstub
-from sandbox.api import ErrorCode, ErrorInfo, Status
+from sandbox.api import ErrorCode, ErrorInfo
 from sandbox.compiler import (
     ENTRY_POINT,
     FILENAME,
@@ -191,8 +191,7 @@ class Run:
         else:
             compiled = compile_unrestricted(source)
         if compiled.code is None:
-            status: Status = "rejected" if compiled.status == "rejected" else "error"
-            return RunResult(status=status, error=compiled.error)
+            return RunResult(status="error", error=compiled.error)
 
         namespace = (
             self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))

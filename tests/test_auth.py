@@ -18,9 +18,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from consumer.auth import Verifier, canonical, signature
+from consumer.auth import Verifier, canonical, sign_reply, signature, verify_reply
 from consumer.config import Keyring
 from consumer.errors import Overloaded, Unauthorized
+from consumer.transport import Headers, repeated_names
 from tests.conftest import (
     KEY_ID,
     OLD_KEY_ID,
@@ -446,6 +447,67 @@ def unit_headers(
     return hmac_headers(
         UNIT_KEY_ID, UNIT_SECRET, UNIT_SUBJECT, body, timestamp=str(timestamp), nonce=nonce
     )
+
+
+@pytest.mark.parametrize("offset", [-60, 60])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.999])
+def test_the_clock_window_is_symmetric_in_whole_seconds(offset: int, fraction: float) -> None:
+    """With the executor's clock between whole seconds, 60 s ahead and 60 s behind are both
+    accepted and 61 s either way is not: the clock is truncated before comparing."""
+    clock = FakeClock()
+    clock.wall += fraction
+    verifier = make_verifier(clock)
+    assert verifier.verify(UNIT_SUBJECT, unit_headers(timestamp=NOW + offset), b"{}")
+    step = 1 if offset > 0 else -1
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(UNIT_SUBJECT, unit_headers(timestamp=NOW + offset + step), b"{}")
+    assert caught.value.reason == "stale_timestamp"
+
+
+def test_a_repeated_pyexec_header_in_the_raw_block_is_found() -> None:
+    """The replica's connection marks Pyexec-* names a raw header block repeats, in any case;
+    other repeated names and single ones are not marked."""
+    raw = (
+        b"NATS/1.0\r\nPyexec-Nonce: aa\r\npyexec-nonce: bb\r\nPyexec-Key-Id: k\r\n"
+        b"X-Other: 1\r\nX-Other: 2\r\n\r\n"
+    )
+    assert repeated_names(raw) == frozenset({"pyexec-nonce"})
+    headers = Headers({"Pyexec-Nonce": "bb"})
+    headers.repeated = repeated_names(raw)
+    verifier = make_verifier(FakeClock())
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(UNIT_SUBJECT, headers, b"{}")
+    assert caught.value.reason == "repeated_header"
+    assert str(caught.value) == "the Pyexec-Nonce header appears more than once"
+
+
+def test_a_reply_signature_binds_the_request_and_the_body() -> None:
+    """sign_reply / verify_reply: the reply verifies for its request's subject and nonce with
+    the caller's key only; another nonce, subject, body, key id or key does not."""
+    secret = UNIT_SECRET.encode()
+    nonce = secrets.token_hex(16)
+    body = b'{"status":"ok"}'
+    headers = sign_reply(UNIT_KEY_ID, secret, UNIT_SUBJECT, nonce, body)
+
+    def valid(**changed: Any) -> bool:
+        args: dict[str, Any] = {
+            "secret": secret,
+            "key_id": UNIT_KEY_ID,
+            "headers": headers,
+            "body": body,
+            "request_subject": UNIT_SUBJECT,
+            "request_nonce": nonce,
+        }
+        args.update(changed)
+        return verify_reply(**args)
+
+    assert valid()
+    assert not valid(request_nonce=secrets.token_hex(16))
+    assert not valid(request_subject="pyexec.named")
+    assert not valid(body=body + b" ")
+    assert not valid(key_id="other")
+    assert not valid(secret=b"another-secret-0123456789abcdef")
+    assert not valid(headers={k: v for k, v in headers.items() if k != "Pyexec-Signature"})
 
 
 @pytest.mark.parametrize("offset", [-60, 0, 60])

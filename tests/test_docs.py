@@ -12,6 +12,7 @@ import pytest
 
 from consumer import auth, errors, protocol
 from consumer.config import Keyring
+from consumer.jobs import job_id_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
@@ -119,7 +120,11 @@ def test_example_body_is_the_same_in_every_snippet() -> None:
     """Every snippet of protocol.md that carries the example body carries it byte for byte."""
     ex = worked_example()
     blocks = re.findall(r"^```[a-z]*\n(.*?)^```$", protocol_text(), re.DOTALL | re.MULTILINE)
-    with_body = [block for block in blocks if "doc-example-1" in block]
+    with_body = [
+        block
+        for block in blocks
+        if "doc-example-1" in block and "v1-reply" not in block and "reply_key_id" not in block
+    ]
     assert len(with_body) >= 4
     for block in with_body:
         assert ex["body"] in block
@@ -165,6 +170,7 @@ def test_micro_header_numbers_match_the_code() -> None:
         errors.InvalidRequest,
         errors.UnknownScript,
         errors.Overloaded,
+        errors.Conflict,
     )
     assert documented == {cls.code: cls.http for cls in rejections}
 
@@ -199,3 +205,50 @@ def test_every_alert_has_a_runbook_section() -> None:
     for alert in alerts:
         assert alert in headings, alert
         assert f"docs/operations.md#{alert.lower()}" in rules, alert
+
+
+def reply_example() -> dict[str, str]:
+    """The ``name: value`` lines of the fenced block that starts with ``reply_key_id:``."""
+    found = re.search(
+        r"^```text\n(reply_key_id: .*?)\n```$", protocol_text(), re.DOTALL | re.MULTILINE
+    )
+    assert found, "docs/protocol.md has no fenced block starting with 'reply_key_id: '"
+    return dict(line.partition(": ")[::2] for line in found.group(1).splitlines())
+
+
+def test_reply_example_matches_an_independent_computation_and_the_executor() -> None:
+    """The documented reply signature and job id follow from the documented inputs, computed
+    here from the rule and by the executor's own code; the reply answers the request example."""
+    ex, request = reply_example(), worked_example()
+    secret = request["secret"].encode()
+    body = ex["reply_body"].encode()
+    assert ex["reply_key_id"] == request["key_id"]
+    assert ex["reply_request_subject"] == request["subject"]
+    assert ex["reply_request_nonce"] == request["nonce"]
+    digest = hashlib.sha256(body).hexdigest()
+    assert digest == ex["reply_body_sha256"]
+    parts = ["v1-reply", ex["reply_request_subject"], ex["reply_request_nonce"]]
+    canonical = "\n".join([*parts, ex["reply_timestamp"], digest])
+    assert canonical == ex["reply_canonical"].replace("\\n", "\n")
+    mac = hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()
+    assert mac == ex["reply_signature"]
+    headers = auth.sign_reply(
+        ex["reply_key_id"],
+        secret,
+        ex["reply_request_subject"],
+        ex["reply_request_nonce"],
+        body,
+        timestamp=int(ex["reply_timestamp"]),
+    )
+    assert headers[auth.SIGNATURE_HEADER] == ex["reply_signature"]
+    assert auth.verify_reply(
+        secret,
+        ex["reply_key_id"],
+        headers,
+        body,
+        request_subject=ex["reply_request_subject"],
+        request_nonce=ex["reply_request_nonce"],
+    )
+    job = hmac.new(secret, b"v1-job\ndoc-example-1", hashlib.sha256).hexdigest()[:32]
+    assert job == ex["job_id_of_doc_example_1"]
+    assert job_id_for(secret, "doc-example-1") == job

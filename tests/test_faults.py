@@ -405,7 +405,7 @@ def test_reconnect_backoff_grows_to_a_cap_with_jitter() -> None:
 
     from nats.aio.client import Server
 
-    from consumer.service import RECONNECT_CAP, reconnect_backoff
+    from consumer.transport import RECONNECT_CAP, reconnect_backoff
 
     def delays(rounds: int) -> list[float]:
         servers = [

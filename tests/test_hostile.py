@@ -10,6 +10,7 @@ must answer each and keep serving without a traceback in its log.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import math
@@ -28,6 +29,7 @@ import structlog
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
+from nats.aio.msg import Msg as NatsMsg
 
 from consumer import config, protocol
 from consumer.admission import Admission
@@ -43,9 +45,13 @@ from consumer.auth import (
 from consumer.catalog import Catalog
 from consumer.config import Keyring, Settings
 from consumer.errors import InvalidRequest, Unauthorized
-from consumer.handler import REPLY_OVERHEAD, Handler, Response
+from consumer.handler import Handler, Submission
+from consumer.jobs import MSG_ID, job_id_for
+from consumer.jobs.admit import Admission as JobAdmission
+from consumer.jobs.admit import Refused
 from consumer.metrics import Metrics
 from consumer.protocol import Encoding, Reply, header
+from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from sandbox import Pool
 from tests.conftest import (
     KEY_ID,
@@ -88,7 +94,8 @@ HANG_LIMIT = 10.0  # seconds a reply may take before the request counts as hung
 PREFIX = "pyexec"
 CODE, NAMED = f"{PREFIX}.code", f"{PREFIX}.named"
 JOBS_CODE, JOBS_NAMED = f"{PREFIX}.jobs.code", f"{PREFIX}.jobs.named"
-SERVED = (CODE, NAMED, JOBS_CODE, JOBS_NAMED)
+# Served by request-reply; the jobs subjects are served only from the jobs stream (run_job).
+SERVED = (CODE, NAMED)
 KEYS = {KEY_ID: SECRET, OLD_KEY_ID: OLD_SECRET}
 ENVIRON = {
     "EXECUTOR_API_KEYS": ",".join(f"{key}:{secret}" for key, secret in KEYS.items()),
@@ -237,28 +244,34 @@ class Service:
         settings = self.settings
         result_limit = MAX_PAYLOAD - REPLY_OVERHEAD - 4 * settings.stdout_limit
         async with Pool(settings.pool_config(result_limit)) as pool:
+            verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
+            metrics = Metrics(version="test", longest_timeout=settings.max_job_timeout)
             handler = Handler(
                 settings,
-                Verifier(settings.keys, capacity=settings.nonce_cache_size),
-                Catalog(settings.scripts_dir),
-                pool,
-                max_payload=MAX_PAYLOAD,
-                metrics=Metrics(version="test", longest_timeout=settings.max_job_timeout),
+                verifier=verifier,
+                # The fleet-wide replay store needs JetStream; in-process, the replica's own
+                # cache is the replay check (the shared store is tested in test_trust.py).
+                nonces=_NoFleet(),
+                catalog=Catalog(settings.scripts_dir),
+                pool=pool,
+                replies=Replies(MAX_PAYLOAD),
+                metrics=metrics,
                 admission=Admission(
                     settings.workers,
                     queue_limit=settings.queue_limit,
                     max_wait=settings.queue_wait,
                 ),
+                submit=self._submit,  # so that mode "async" can be accepted
             )
-            handler.submit = self._submit  # so that mode "async" can be accepted
+            self.jobs = JobAdmission(settings, verifier, metrics)
             self.handler = handler
             self._ready.set()
             await self._stop.wait()
 
-    async def _submit(
-        self, kind: str, body: bytes, content_type: str | None, job_id: str, trace: dict[str, str]
-    ) -> None:
+    async def _submit(self, submission: Submission) -> str:
+        job_id = job_id_for(submission.caller.secret, submission.request_id)
         self.submitted.append(job_id)
+        return job_id
 
     def call(self, coroutine: Callable[[], Coroutine[Any, Any, Response]]) -> Response:
         assert self._loop is not None
@@ -271,23 +284,34 @@ class Service:
             future.cancel()
             pytest.fail(f"no reply within {HANG_LIMIT:g} s: the request hung")
 
-    def handle(
-        self,
-        subject: str,
-        headers: Mapping[str, str] | None,
-        body: bytes,
-        *,
-        stored_at: float | None = None,
-        job_id: str | None = None,
-    ) -> Reply:
+    def handle(self, subject: str, headers: Mapping[str, str] | None, body: bytes) -> Reply:
         """Send one request; check that the reply follows the contract and nothing failed
         inside the executor; return the reply."""
         handler = self.handler
         assert handler is not None
+        return self._checked(headers, lambda: handler.handle(subject, headers, body))
+
+    def run_job(self, subject: str, headers: dict[str, str], body: bytes) -> Reply | str:
+        """Admit a job message as the job worker would (a real ``Msg`` with JetStream delivery
+        metadata, stored now) and run it: its completion, or the reason it was refused."""
+        handler = self.handler
+        assert handler is not None
+        stored_ns = time.time_ns()
+        ack = f"$JS.ACK.PYEXEC_JOBS.pyexec-workers.1.7.7.{stored_ns}.0"
+        msg = NatsMsg(_client=None, subject=subject, reply=ack, data=body, headers=headers)  # type: ignore[arg-type]
+        try:
+            job = self.jobs.admit(msg)
+        except Refused as refused:
+            return refused.reason
+        return self._checked(headers, lambda: handler.run_job(job))
+
+    def _checked(
+        self,
+        headers: Mapping[str, str] | None,
+        answer: Callable[[], Coroutine[Any, Any, Response]],
+    ) -> Reply:
         seen = len(self.logs)
-        response = self.call(
-            lambda: handler.handle(subject, headers, body, stored_at=stored_at, job_id=job_id)
-        )
+        response = self.call(answer)
         encoding = protocol.reply_encoding(header(headers, "Content-Type"))
         reply = assert_contract(response.data, response.headers, encoding)
         assert reply.status == response.reply.status
@@ -300,6 +324,13 @@ class Service:
         assert not failures, failures
         assert all(secret not in repr(new) for secret in KEYS.values())
         return reply
+
+
+class _NoFleet:
+    """No fleet-wide replay store (in-process, without JetStream)."""
+
+    async def claim(self, key_id: str, nonce: str) -> None:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +524,12 @@ msgpack_leaves = st.one_of(
     st.floats(),
     st.text(max_size=30),
     st.binary(max_size=30),
-    st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=12)),
+    # (Type -1 is MessagePack's timestamp, drawn as a datetime below.)
+    st.builds(
+        msgspec.msgpack.Ext,
+        st.integers(-128, 127).filter(lambda c: c != -1),
+        st.binary(max_size=12),
+    ),
     st.datetimes(timezones=st.just(datetime.UTC)),
 )
 msgpack_keys = st.one_of(
@@ -539,9 +575,14 @@ def for_msgpack(value: Any) -> Any:
 
 
 def json_view(value: Any) -> Any:
-    """``value`` after the executor's conversion: non-finite floats become null."""
+    """``value`` after the executor's conversions: binary becomes base64 and a timestamp an
+    ISO-8601 string on the way in, a non-finite float null on the way out."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
     if isinstance(value, list):
         return [json_view(item) for item in value]
     if isinstance(value, dict):
@@ -559,12 +600,13 @@ def depth(value: Any) -> int:
 
 
 def json_only(value: Any) -> bool:
-    """Whether ``value`` holds only what JSON can: string-keyed maps, arrays, scalars."""
+    """Whether ``value`` has a JSON form by the MessagePack ctx rule: string-keyed maps,
+    arrays, scalars, binary and timestamps (no other extension type)."""
     if isinstance(value, list):
         return all(json_only(item) for item in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and json_only(v) for k, v in value.items())
-    return value is None or isinstance(value, bool | int | float | str)
+    return value is None or isinstance(value, bool | int | float | str | bytes | datetime.datetime)
 
 
 # -- in-process: any bytes, any headers ----------------------------------------------------------
@@ -773,7 +815,19 @@ def test_ctx_depth_limit_holds_for_any_nesting(
 ) -> None:
     """A ctx up to EXECUTOR_MAX_CTX_DEPTH levels runs; any deeper is invalid_request."""
     body, levels = case
-    reply = service.handle(subject, signed(subject, body), body)
+    headers = signed(subject, body)
+    if subject == CODE:
+        reply = service.handle(subject, headers, body)
+    else:
+        headers[MSG_ID] = job_id_for(SECRET.encode(), "deep")
+        answer = service.run_job(subject, headers, body)
+        if isinstance(answer, str):
+            # Deeper than Python's recursion limit, a body whose id comes after ctx cannot be
+            # read for it: the job is refused unanswered.
+            assert answer == "no_request_id"
+            assert levels > 500
+            return
+        reply = answer
     if levels <= MAX_CTX_DEPTH:
         assert reply.status == "ok", reply
         assert reply.result == 1
@@ -809,7 +863,8 @@ def test_any_msgpack_shape_gets_a_msgpack_contract_reply(
 def test_msgpack_ctx_is_run_if_and_only_if_json_can_hold_it(
     service: Service, ctx: dict[str, Any]
 ) -> None:
-    """A MessagePack ctx runs iff it holds only JSON values (no bin, ext, non-string keys)."""
+    """A MessagePack ctx runs iff it has a JSON form (no extension type but timestamps, no
+    non-string keys), and the script sees binary as base64 and timestamps as ISO strings."""
     body = msgspec.msgpack.encode({"code": ECHO, "ctx": ctx})
     reply = service.handle(CODE, signed(CODE, body, content_type=MSGPACK), body)
     if json_only(ctx) and depth(ctx) <= MAX_CTX_DEPTH:
@@ -842,16 +897,23 @@ def test_msgpack_length_bombs_are_refused_at_once(
 @given(
     subject=st.sampled_from([JOBS_CODE, JOBS_NAMED]),
     value=st.one_of(requests_json, json_values),
-    job_id=st.uuids().map(lambda u: u.hex),
 )
 def test_any_job_body_gets_a_completion_carrying_its_job_id(
-    service: Service, subject: str, value: Any, job_id: str
+    service: Service, subject: str, value: Any
 ) -> None:
-    """A job of any shape taken from the stream completes by the contract, with its job id."""
+    """A signed job of any shape whose Nats-Msg-Id is its job id completes by the contract,
+    with that job id; one without a request_id is refused (acknowledged, never answered)."""
     body = as_json(value)
+    request_id = protocol.request_id_of(body, protocol.JSON)
     headers = signed(subject, body)
-    reply = service.handle(subject, headers, body, stored_at=time.time(), job_id=job_id)
-    assert reply.job_id == job_id
+    if request_id is not None:
+        headers[MSG_ID] = job_id_for(SECRET.encode(), request_id)
+    reply = service.run_job(subject, headers, body)
+    if request_id is None:
+        assert reply == "no_request_id"
+        return
+    assert isinstance(reply, Reply)
+    assert reply.job_id == headers[MSG_ID]
     assert reply.status != "accepted"  # a job runs; it is never submitted again
 
 

@@ -93,27 +93,32 @@ def test_a_retried_submission_runs_once(server: NatsServer) -> None:
 
 
 def test_direct_jetstream_submission_and_a_bad_signature(server: NatsServer) -> None:
-    """A job published straight to the jobs stream runs; one with a bad signature completes
-    rejected/unauthorized instead of being redelivered forever."""
+    """A job published straight to the jobs stream runs; one with a bad signature is
+    acknowledged and never run or answered (no completion), instead of being redelivered
+    forever or completing on a subject its sender chose."""
     worker = replica(server)
 
-    async def scenario() -> tuple[Reply, Reply]:
+    async def scenario() -> tuple[Reply, str, list[bytes]]:
         async with await connect(server) as client:
-            good = await client.submit_code(SLOW, {"seconds": 0, "n": 7}, job_id="direct-good")
+            good = await client.submit_code(SLOW, {"seconds": 0, "n": 7}, request_id="direct-good")
             forged = Client(client.nc, KEY_ID, "x" * 64, prefix=PREFIX)
-            bad = await forged.submit_code(SLOW, {"seconds": 0, "n": 7}, job_id="direct-bad")
-            return await client.wait(good, timeout=30), await client.wait(bad, timeout=30)
+            bad = await forged.submit_code(SLOW, {"seconds": 0, "n": 7}, request_id="direct-bad")
+            done = await client.wait(good, timeout=30)
+        worker.wait_for("job refused; acknowledged without running", timeout=30)
+        return done, bad, await all_completions(server, bad)
 
     try:
-        good, bad = asyncio.run(scenario())
+        good, bad, bad_completions = asyncio.run(scenario())
     finally:
         worker.stop()
     assert good.status == "ok"
     assert good.result == 70
-    assert bad.status == "rejected"
-    assert bad.error is not None
-    assert bad.error.code == "unauthorized"
-    assert bad.job_id == "direct-bad"
+    assert bad_completions == []
+    refusal = next(
+        r for r in worker.records() if r.get("event") == "job refused; acknowledged without running"
+    )
+    assert refusal["reason"] == "unauthorized"
+    assert refusal["job_id"] == bad
 
 
 def _descendants(pid: int) -> list[int]:
@@ -147,7 +152,7 @@ def test_a_killed_replica_loses_no_job(server: NatsServer) -> None:
     async def submit() -> list[str]:
         async with await connect(server) as client:
             return [
-                await client.submit_code(SLOW, {"seconds": 2, "n": n}, job_id=f"kill-{n}")
+                await client.submit_code(SLOW, {"seconds": 2, "n": n}, request_id=f"kill-{n}")
                 for n in range(4)
             ]
 
@@ -180,7 +185,7 @@ def test_too_many_deliveries_complete_as_worker_lost(server: NatsServer) -> None
 
     async def submit() -> str:
         async with await connect(server) as client:
-            return await client.submit_code(SLOW, {"seconds": 30, "n": 1}, job_id="doomed")
+            return await client.submit_code(SLOW, {"seconds": 30, "n": 1}, request_id="doomed")
 
     async def wait(job_id: str) -> Reply:
         async with await connect(server) as client:
@@ -238,7 +243,7 @@ def test_jobs_survive_a_nats_server_restart(server: NatsServer) -> None:
     async def submit() -> list[str]:
         async with await connect(server) as client:
             return [
-                await client.submit_code(SLOW, {"seconds": 0, "n": n}, job_id=f"restart-{n}")
+                await client.submit_code(SLOW, {"seconds": 0, "n": n}, request_id=f"restart-{n}")
                 for n in range(3)
             ]
 
@@ -267,7 +272,7 @@ def test_a_busy_replica_takes_no_more_jobs_than_it_can_start(server: NatsServer)
     async def scenario() -> tuple[int, int]:
         async with await connect(server) as client:
             for n in range(3):
-                await client.submit_code(SLOW, {"seconds": 3, "n": n}, job_id=f"busy-{n}")
+                await client.submit_code(SLOW, {"seconds": 3, "n": n}, request_id=f"busy-{n}")
             await asyncio.sleep(1.5)
             info = await client.nc.jetstream().consumer_info("PYEXEC_JOBS", "pyexec-workers")
             return info.num_ack_pending, info.num_pending
@@ -287,7 +292,7 @@ def test_completions_reach_a_durable_reader_once_each(server: NatsServer) -> Non
     async def scenario() -> dict[str, object]:
         async with await connect(server) as client:
             ids = [
-                await client.submit_code(SLOW, {"seconds": 0, "n": n}, job_id=f"reader-{n}")
+                await client.submit_code(SLOW, {"seconds": 0, "n": n}, request_id=f"reader-{n}")
                 for n in range(3)
             ]
             seen: dict[str, object] = {}
@@ -304,7 +309,8 @@ def test_completions_reach_a_durable_reader_once_each(server: NatsServer) -> Non
         seen = asyncio.run(scenario())
     finally:
         worker.stop()
-    assert seen == {"reader-0": 0, "reader-1": 10, "reader-2": 20}
+    job_ids = [Client(None, KEY_ID, SECRET).job_id(f"reader-{n}") for n in range(3)]  # type: ignore[arg-type]
+    assert seen == dict(zip(job_ids, [0, 10, 20], strict=True))
 
 
 def test_a_stopping_replica_hands_its_job_back(server: NatsServer) -> None:
@@ -313,7 +319,7 @@ def test_a_stopping_replica_hands_its_job_back(server: NatsServer) -> None:
 
     async def submit() -> str:
         async with await connect(server) as client:
-            return await client.submit_code(SLOW, {"seconds": 4, "n": 5}, job_id="handed-back")
+            return await client.submit_code(SLOW, {"seconds": 4, "n": 5}, request_id="handed-back")
 
     async def wait(job_id: str) -> tuple[Reply, int]:
         async with await connect(server) as client:
@@ -341,17 +347,16 @@ def test_a_redelivered_job_with_a_stored_completion_is_not_run_again(server: Nat
     acknowledged without running the script a second time; the one completion stays."""
     first = replica(server)
     first.stop()
-    stored = b'{"request_id":"before","job_id":"done-once","status":"ok","result":"first run"}'
+    job_id = Client(None, KEY_ID, SECRET).job_id("done-once")  # type: ignore[arg-type]
+    stored = b'{"request_id":"done-once","status":"ok","result":"first run"}'
 
     async def prepare() -> None:
         nc = await nats.connect(server.url)
         try:
             js = nc.jetstream()
-            await js.publish(
-                f"{PREFIX}.results.done-once", stored, headers={"Nats-Msg-Id": "done-once"}
-            )
+            await js.publish(f"{PREFIX}.results.{job_id}", stored, headers={"Nats-Msg-Id": job_id})
             async with await connect(server) as client:
-                await client.submit_code(SLOW, {"seconds": 0, "n": 2}, job_id="done-once")
+                await client.submit_code(SLOW, {"seconds": 0, "n": 2}, request_id="done-once")
             # Take the job as a replica would, then give it back: the next delivery is the 2nd.
             puller = await js.pull_subscribe(
                 f"{PREFIX}.jobs.>", durable="pyexec-workers", stream="PYEXEC_JOBS"
@@ -367,7 +372,7 @@ def test_a_redelivered_job_with_a_stored_completion_is_not_run_again(server: Nat
         second.wait_for("job already completed; acknowledged", timeout=30)
     finally:
         second.stop()
-    assert asyncio.run(all_completions(server, "done-once")) == [stored]
+    assert asyncio.run(all_completions(server, job_id)) == [stored]
     assert not any(
-        r.get("event") == "request" and r.get("job_id") == "done-once" for r in second.records()
+        r.get("event") == "request" and r.get("job_id") == job_id for r in second.records()
     )

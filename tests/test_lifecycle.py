@@ -180,33 +180,35 @@ def test_after_sigterm_new_requests_are_not_taken(nats_server: NatsServer) -> No
 
 
 def test_second_sigterm_stops_without_waiting(nats_server: NatsServer) -> None:
-    """A second SIGTERM in the grace period exits before the in-flight script could finish."""
+    """A second SIGTERM in the grace period ends it at once: the in-flight script is stopped and
+    its caller answered worker_lost right away, long before the script could have finished."""
     replica = start_replica(nats_server.url, EXECUTOR_SHUTDOWN_GRACE="30")
     try:
 
-        async def go() -> tuple[int, bool]:
+        async def go() -> tuple[int, Reply, float]:
             async with await Client.connect(
                 nats_server.url, KEY_ID, SECRET, prefix=replica.prefix
             ) as client:
                 call = asyncio.create_task(client.execute_code(busy_script(9.0), timeout=10))
                 await asyncio.sleep(0.5)  # let the request reach a worker
+                started = time.monotonic()
                 replica.process.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(replica.wait_for, "stopping")
                 replica.process.send_signal(signal.SIGTERM)
                 code = await asyncio.to_thread(replica.process.wait, 30)
-                answered = call.done()
-                if not answered:
-                    call.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await call
-                return code, answered
+                reply = await call
+                return code, reply, time.monotonic() - started
 
-        code, answered = asyncio.run(go())
-        assert not answered, "the in-flight request was answered, so the stop waited for it"
+        code, reply, waited = asyncio.run(go())
+        assert reply.status == "error"
+        assert reply.error is not None
+        assert reply.error.code == "worker_lost"
+        assert "replica stopped" in reply.error.message
+        assert waited < 9, "the stop waited for the script"
         assert code == 0
         assert replica.wait_for("stopping")["in_flight"] == 1
-        abandoned = replica.wait_for("grace period over; abandoning in-flight requests")
-        assert abandoned["count"] == 1
+        cut = replica.wait_for("grace period over; cutting in-flight requests")
+        assert cut["count"] == 1
         assert "stopped" in [record.get("event") for record in replica.records()]
     finally:
         stop_all(replica)

@@ -21,7 +21,7 @@ from nats.js.api import StreamInfo
 from consumer.client import Client
 from consumer.embedded import server_binary
 from consumer.errors import ClientError
-from consumer.jobs import DURABLE
+from consumer.jobs.worker import DURABLE
 from consumer.protocol import CodeRequest, Reply
 from tests.conftest import (
     KEY_ID,

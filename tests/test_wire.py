@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import uuid
 from collections.abc import Iterator
@@ -458,3 +459,33 @@ def test_result_far_larger_than_max_payload_is_output_limit(caller: Caller) -> N
     assert raw.reply.error is not None
     assert raw.reply.error.code == "output_limit"
     assert_still_serving(caller)
+
+
+def test_msgpack_ctx_binary_and_timestamps_arrive_as_json_would(caller: Caller) -> None:
+    """The one rule for MessagePack ctx: binary arrives as base64, timestamps as ISO-8601."""
+    when = datetime.datetime(2026, 12, 1, 8, 30, tzinfo=datetime.UTC)
+    raw = send_msgpack(
+        caller,
+        "code",
+        {"code": ECHO_SOURCE, "ctx": {"blob": b"\x00\xffpy", "at": when, "list": [b"a"]}},
+    )
+    decoded = msgspec.msgpack.decode(raw.data)
+    assert decoded["status"] == "ok", decoded
+    assert decoded["result"] == {
+        "blob": "AP9weQ==",
+        "at": "2026-12-01T08:30:00+00:00",
+        "list": ["YQ=="],
+    }
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [{"ext": msgspec.msgpack.Ext(7, b"raw")}, {"nested": {1: "int key"}}],
+    ids=["extension type", "non-string key"],
+)
+def test_msgpack_ctx_without_a_json_form_is_invalid(caller: Caller, ctx: dict[str, Any]) -> None:
+    """Other extension types and non-string map keys are invalid_request, in MessagePack."""
+    raw = send_msgpack(caller, "code", {"code": ECHO_SOURCE, "ctx": ctx})
+    decoded = msgspec.msgpack.decode(raw.data)
+    assert decoded["status"] == "rejected"
+    assert decoded["error"]["code"] == "invalid_request"

@@ -1,11 +1,9 @@
-"""Durable async jobs over JetStream: the streams, submission, and the shared pull consumer.
+"""The shared job worker: fetch a job when a job slot is free, admit it, run it, store its
+completion, acknowledge it.
 
-``PYEXEC_JOBS`` (work-queue retention) holds submitted jobs on ``<prefix>.jobs.code`` and
-``<prefix>.jobs.named``; ``PYEXEC_RESULTS`` holds one completion per job on
-``<prefix>.results.<job_id>``, deduplicated by job id. Replicas share one durable pull
-consumer, fetch a job only when they have a free job slot, keep long jobs alive with progress
-acks, and acknowledge a job only after its completion is stored. A job delivered more often
-than ``EXECUTOR_JOB_MAX_DELIVER`` completes as ``worker_lost`` without running again.
+Replicas share one durable pull consumer and keep long jobs alive with progress acks; a job is
+acknowledged only after its completion is stored in ``PYEXEC_RESULTS``. A job delivered more
+often than ``EXECUTOR_JOB_MAX_DELIVER`` completes as ``worker_lost`` without running again.
 """
 
 from __future__ import annotations
@@ -13,116 +11,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 import time
 
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from consumer import protocol, tracing
-from consumer.auth import sign
+from consumer import tracing
 from consumer.config import Settings
-from consumer.handler import Handler, job_id_for
+from consumer.errors import Conflict, StoreUnavailable
+from consumer.handler import AdmittedJob, Handler
+from consumer.jobs import MSG_ID
+from consumer.jobs.admit import Admission, Refused
+from consumer.ledger import Ledger, digest_of
 from consumer.metrics import Metrics
 from consumer.protocol import ErrorBody, Reply
+from consumer.replies import Replies
+from consumer.streams import JOBS_STREAM, RESULTS_STREAM
 
 log = structlog.get_logger("pyexec.jobs")
 
-JOBS_STREAM = "PYEXEC_JOBS"
-RESULTS_STREAM = "PYEXEC_RESULTS"
 DURABLE = "pyexec-workers"
 FETCH_TIMEOUT = 1.0
 BACKLOG_INTERVAL = 5.0
 # Seconds between attempts to store a completion (about a minute in all).
 STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-MSG_ID = "Nats-Msg-Id"
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create both streams if they are missing; leave existing ones as operators set them."""
-    wanted = (
-        StreamConfig(
-            name=settings.stream(JOBS_STREAM),
-            subjects=[settings.subject("jobs.>")],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            num_replicas=settings.stream_replicas,
-            duplicate_window=120.0,
-        ),
-        StreamConfig(
-            name=settings.stream(RESULTS_STREAM),
-            subjects=[settings.subject("results.>")],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            num_replicas=settings.stream_replicas,
-            max_age=settings.results_max_age,
-            # A job's completion may be published again after a redelivery, at most the job
-            # timeout cap (times the deliveries) later: keep its id long enough to drop it.
-            # (JetStream wants the window no longer than the maximum age.)
-            duplicate_window=min(
-                settings.results_max_age,
-                max(120.0, settings.max_job_timeout * (settings.job_max_deliver + 1)),
-            ),
-        ),
-    )
-    for config in wanted:
-        try:
-            await js.stream_info(config.name or "")
-        except NotFoundError:
-            await js.add_stream(config)
-            log.info("stream created", stream=config.name)
-
-
-class Submitter:
-    """Stores a job from ``mode: "async"`` in the jobs stream, signed by this replica."""
-
-    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
-        self.js = js
-        self.settings = settings
-        key_id = settings.keys.ids[0]
-        secret = settings.keys.secret(key_id)
-        assert secret is not None
-        self._key = (key_id, secret)
-
-    async def __call__(
-        self,
-        kind: str,
-        body: bytes,
-        content_type: str | None,
-        job_id: str,
-        trace: dict[str, str],
-    ) -> None:
-        subject = self.settings.subject(f"jobs.{kind}")
-        headers = {**trace, **sign(self._key[0], self._key[1], subject, body)}
-        headers[MSG_ID] = job_id
-        if content_type:
-            headers["Content-Type"] = content_type
-        await self.js.publish(subject, body, headers=headers, timeout=5)
+# Seconds before a job is offered again when the ledger could not be reached.
+LEDGER_RETRY_DELAY = 2.0
 
 
 class JobWorker:
     """Takes jobs from the shared pull consumer while this replica has free job slots."""
 
     def __init__(
-        self, nc: NatsClient, settings: Settings, handler: Handler, metrics: Metrics
+        self,
+        nc: NatsClient,
+        settings: Settings,
+        *,
+        handler: Handler,
+        admission: Admission,
+        ledger: Ledger,
+        replies: Replies,
+        metrics: Metrics,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
         self.handler = handler
+        self.admission = admission
+        self.ledger = ledger
+        self.replies = replies
         self.metrics = metrics
         self.slots = max(1, math.floor(settings.workers * settings.job_share))
         self._free = asyncio.Semaphore(self.slots)
@@ -133,7 +73,6 @@ class JobWorker:
         self._fetching = False
 
     async def start(self) -> None:
-        await ensure_streams(self.js, self.settings)
         self._sub = await self.js.pull_subscribe(
             self.settings.subject("jobs.>"),
             durable=DURABLE,
@@ -213,39 +152,61 @@ class JobWorker:
     async def _process(self, msg: Msg) -> None:
         structlog.contextvars.clear_contextvars()
         meta = msg.metadata
-        job_id = _job_id(msg)
-        structlog.contextvars.bind_contextvars(job_id=job_id)
+        given = (msg.headers or {}).get(MSG_ID, "")
+        structlog.contextvars.bind_contextvars(job_id=given[:64])
+        try:
+            job = self.admission.admit(msg)
+            claim = await self.ledger.claim(
+                job.job_id, job.caller.key_id, digest_of(job.kind, msg.data), meta.sequence.stream
+            )
+        except Refused as refused:
+            await self._refuse(msg, refused.reason, str(refused))
+            return
+        except Conflict as exc:
+            await self._refuse(msg, "conflict", str(exc))
+            return
+        except StoreUnavailable as exc:
+            log.warning("the job ledger cannot be reached; job handed back", error=str(exc))
+            await self._settle(msg, nak=True, delay=LEDGER_RETRY_DELAY)
+            return
+        if claim == "duplicate":
+            await self._refuse(msg, "duplicate", "another message owns this job id")
+            return
         log.info("job started", deliveries=meta.num_delivered, subject=msg.subject)
         alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
         try:
             if meta.num_delivered > 1:
                 self.metrics.jobs_redelivered.inc()
-                if await self._completed_before(job_id):
+                if await self._completed_before(job.job_id):
                     # Its completion was stored but the acknowledgement was lost: do not run
                     # the script a second time.
                     await self._settle(msg, nak=False)
+                    await self.ledger.done(job.job_id)
                     log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
                     return
             if meta.num_delivered > self.settings.job_max_deliver:
-                data, headers = self._worker_lost(job_id, meta.num_delivered, msg.headers)
+                data, headers = self._worker_lost(job, meta.num_delivered)
                 status = "error"
                 self.metrics.jobs_lost.inc()
             else:
-                stored = meta.timestamp.timestamp() if meta.timestamp else None
-                response = await self.handler.handle(
-                    msg.subject, msg.headers, msg.data, stored_at=stored, job_id=job_id
-                )
+                response = await self.handler.run_job(job)
                 data, headers = response.data, dict(response.headers or {})
                 status = response.reply.status
-            headers[MSG_ID] = job_id
-            if not await self._store_completion(job_id, data, headers):
+            headers[MSG_ID] = job.job_id
+            if not await self._store_completion(job.job_id, data, headers):
                 await self._settle(msg, nak=True)
                 return
             await self._settle(msg, nak=False)
+            await self.ledger.done(job.job_id)
             self.metrics.jobs_completed.labels(status=status).inc()
             log.info("job completed", status=status, deliveries=meta.num_delivered)
         finally:
             alive.cancel()
+
+    async def _refuse(self, msg: Msg, reason: str, message: str) -> None:
+        self.metrics.jobs_refused.labels(reason=reason).inc()
+        log.warning("job refused; acknowledged without running", reason=reason, detail=message)
+        await self._settle(msg, nak=False)
 
     async def _completed_before(self, job_id: str) -> bool:
         """Whether the results stream already holds this job's completion."""
@@ -282,20 +243,18 @@ class JobWorker:
         return False
 
     @staticmethod
-    async def _settle(msg: Msg, *, nak: bool) -> None:
+    async def _settle(msg: Msg, *, nak: bool, delay: float | None = None) -> None:
         """Acknowledge (or hand back) a job; a lost acknowledgement only means the job comes
         back, and its stored completion is then found instead of running it again."""
         try:
-            await (msg.nak() if nak else msg.ack())
+            await (msg.nak(delay=delay) if nak else msg.ack())
         except Exception as exc:  # noqa: BLE001 - disconnected: JetStream redelivers it
             log.warning("settling the job failed", nak=nak, error=repr(exc))
 
-    def _worker_lost(
-        self, job_id: str, deliveries: int, headers: dict[str, str] | None
-    ) -> tuple[bytes, dict[str, str]]:
+    def _worker_lost(self, job: AdmittedJob, deliveries: int) -> tuple[bytes, dict[str, str]]:
         reply = Reply(
-            request_id=job_id,
-            job_id=job_id,
+            request_id=job.request_id,
+            job_id=job.job_id,
             status="error",
             error=ErrorBody(
                 code="worker_lost",
@@ -304,9 +263,12 @@ class JobWorker:
                 "the replicas running it were lost",
             ),
         )
-        trace = tracing.continue_from(headers)
+        trace = tracing.continue_from(job.headers)
         log.warning("job lost", deliveries=deliveries, **trace.log_fields())
-        return protocol.encode(reply, protocol.JSON), trace.headers()
+        response = self.replies.respond(
+            reply, job.encoding, caller=job.caller, started=time.perf_counter()
+        )
+        return response.data, {**(response.headers or {}), **trace.headers()}
 
     async def stop_fetching(self) -> None:
         """Take no more jobs; those running go on."""
@@ -337,7 +299,7 @@ class JobWorker:
             task.cancel()
             with contextlib.suppress(Exception):
                 await message.nak()
-            log.info("job handed back", job_id=_job_id(message))
+            log.info("job handed back", job_id=(message.headers or {}).get(MSG_ID, "")[:64])
 
 
 async def wait_within(
@@ -360,10 +322,3 @@ async def _keep_alive(msg: Msg, ack_wait: float) -> None:
         await asyncio.sleep(ack_wait / 3)
         with contextlib.suppress(Exception):
             await msg.in_progress()
-
-
-def _job_id(msg: Msg) -> str:
-    given = (msg.headers or {}).get(MSG_ID)
-    if given and _TOKEN.match(given):
-        return given
-    return job_id_for(given or str(msg.metadata.sequence.stream))

@@ -1,0 +1,118 @@
+"""What the shared stores cost: the fleet-wide replay check and the job ledger, per request.
+
+Starts a nats-server of its own (file storage, as in production) and measures, from one client:
+
+- ``nonce``: one ``create`` of a new ``<key id>.<nonce>`` key in a bucket shaped like
+  ``PYEXEC_NONCES`` (the fleet-wide replay check every signed request pays), one at a time and
+  with 16 in flight;
+- ``local``: the replica's own replay cache for the same nonces (what it cost before);
+- ``ledger``: what an async submission pays on top of storing the job (registering a new job
+  id in a bucket shaped like ``PYEXEC_JOB_IDS``, then noting the message that owns it), and
+  what the worker pays (its claim, then marking the job done).
+
+Usage: ``python benchmarks/trust_cost.py [N]`` (default 2000 per measurement).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+
+from consumer.auth import Verifier
+from consumer.config import Keyring, Settings
+from consumer.embedded import EmbeddedNats
+from consumer.ledger import Ledger, Record, digest_of
+from consumer.nonces import SharedNonces
+from consumer.streams import STORE_TIMEOUT, ensure_buckets
+
+
+def summary(name: str, samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p50 = statistics.median(ordered) * 1e6
+    p99 = ordered[int(len(ordered) * 0.99) - 1] * 1e6
+    return f"{name:<28} p50 {p50:8.1f} us   p99 {p99:8.1f} us   n={len(ordered)}"
+
+
+async def measure(url: str, runs: int) -> None:
+    nc = await nats.connect(url)
+    try:
+        settings = Settings(
+            keys=Keyring({"bench": secrets.token_hex(32)}),
+            nats_urls=(url,),
+            workers=1,
+            warm_children=1,
+        )
+        stores = await ensure_buckets(nc.jetstream(timeout=STORE_TIMEOUT), settings)
+        nonces = SharedNonces(stores.nonces, timeout=STORE_TIMEOUT)
+        ledger = Ledger(stores.job_ids, timeout=STORE_TIMEOUT)
+        for _ in range(200):  # warm-up
+            await nonces.claim("bench", secrets.token_hex(16))
+
+        one_at_a_time = []
+        for _ in range(runs):
+            nonce = secrets.token_hex(16)
+            started = time.perf_counter()
+            await nonces.claim("bench", nonce)
+            one_at_a_time.append(time.perf_counter() - started)
+        print(summary("nonce create, 1 in flight", one_at_a_time))
+
+        async def timed(nonce: str) -> float:
+            started = time.perf_counter()
+            await nonces.claim("bench", nonce)
+            return time.perf_counter() - started
+
+        started = time.perf_counter()
+        parallel: list[float] = []
+        for _ in range(runs // 16):
+            parallel += await asyncio.gather(*(timed(secrets.token_hex(16)) for _ in range(16)))
+        elapsed = time.perf_counter() - started
+        print(
+            summary("nonce create, 16 in flight", parallel), f"  {len(parallel) / elapsed:,.0f}/s"
+        )
+
+        verifier = Verifier(settings.keys, capacity=runs + 10)
+        local = []
+        for _ in range(runs):
+            nonce = secrets.token_hex(16)
+            started = time.perf_counter()
+            verifier.remember(nonce)
+            local.append(time.perf_counter() - started)
+        print(summary("local replay cache", local))
+
+        register, read = [], []
+        for n in range(runs):
+            job_id = secrets.token_hex(16)
+            digest = digest_of("code", b"%d" % n)
+            started = time.perf_counter()
+            _, revision = await ledger.register(job_id, "bench", digest)
+            await ledger.owned_by(job_id, Record(key_id="bench", digest=digest), revision, n + 1)
+            register.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await ledger.claim(job_id, "bench", digest, n + 1)
+            await ledger.done(job_id)
+            read.append(time.perf_counter() - started)
+        print(summary("ledger: submission", register))
+        print(summary("ledger: worker claim + done", read))
+    finally:
+        await nc.close()
+
+
+def main() -> None:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="pyexec-trust-bench-")), port=0)
+    server.start()
+    try:
+        asyncio.run(measure(server.url, runs))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

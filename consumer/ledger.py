@@ -1,0 +1,169 @@
+"""The idempotency ledger: one record per job id, kept for as long as completions are.
+
+A job id is per key (``consumer.jobs.job_id_for``), so a record belongs to one caller. It holds
+the digest of the submitted body, the stream sequence of the job message that owns the job, and
+whether the job is done. With it:
+
+- a submission repeated with the same body is answered ``accepted`` and not stored again, at
+  any time while the record lives (not only inside the stream's short duplicate window);
+- the same key and request id with a different body is a :class:`Conflict`;
+- a job message that is not the owner (a late duplicate published straight into the stream) is
+  acknowledged without running.
+
+Records are written with compare-and-set on their revision, so two replicas never both take a
+job. The bucket's TTL equals ``EXECUTOR_RESULTS_MAX_AGE`` and a record is written again when its
+job completes, so it lives at least as long as the completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Literal
+
+import msgspec
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from consumer.errors import Conflict, Overloaded, StoreUnavailable
+from consumer.streams import patiently
+
+Claim = Literal["run", "duplicate"]
+ATTEMPTS = 5
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    digest: str
+    seq: int = 0  # stream sequence of the job message that owns the job; 0 until known
+    done: bool = False
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Record)
+
+
+def digest_of(kind: str, body: bytes) -> str:
+    """What "the same submission" means: the same kind and byte-identical body."""
+    return hashlib.sha256(kind.encode() + b"\n" + body).hexdigest()
+
+
+class Ledger:
+    """Job records in the ``PYEXEC_JOB_IDS`` bucket."""
+
+    def __init__(self, bucket: KeyValue, *, timeout: float) -> None:
+        self._bucket = bucket
+        self._timeout = timeout  # for a whole operation
+        self._step = timeout / 2  # for one read or write in it
+
+    async def register(self, job_id: str, key_id: str, digest: str) -> tuple[Record | None, int]:
+        """Record a new submission. Returns (None, its revision) when it is new, else the
+        record of the same submission made before and its revision; raises :class:`Conflict`
+        for a different body and :class:`Overloaded` when the ledger cannot be reached."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                for _ in range(ATTEMPTS):
+                    revision = await self._create(job_id, Record(key_id=key_id, digest=digest))
+                    if revision:
+                        return None, revision
+                    found = await self._read(job_id)
+                    if found is None:
+                        continue  # expired between the two calls: try creating again
+                    record, revision = found
+                    _same(record, key_id, digest)
+                    return record, revision
+        except (TimeoutError, NatsError) as exc:
+            raise Overloaded(f"the job ledger cannot be reached ({exc!r}); retry shortly") from None
+        raise Overloaded("the job ledger is changing too fast; retry shortly")
+
+    async def owned_by(self, job_id: str, record: Record, revision: int, seq: int) -> None:
+        """Note which stream message owns the job, if the record is still at ``revision``
+        (best effort: a worker claims the job anyway)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._update(job_id, msgspec.structs.replace(record, seq=seq), revision)
+        except (TimeoutError, NatsError, KeyWrongLastSequenceError):
+            return
+
+    async def forget(self, job_id: str) -> None:
+        """Drop the record of a submission that could not be stored."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await patiently(lambda: self._bucket.delete(job_id), within=self._step)
+        except (TimeoutError, NatsError):
+            return
+
+    async def claim(self, job_id: str, key_id: str, digest: str, seq: int) -> Claim:
+        """Whether the job message at stream sequence ``seq`` is the one to run ("run") or a
+        duplicate of a job owned by another message ("duplicate"). Raises :class:`Conflict`
+        for a different body under the same job id, :class:`StoreUnavailable` if the ledger
+        cannot be reached (the job is then handed back)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                mine = Record(key_id=key_id, digest=digest, seq=seq)
+                for _ in range(ATTEMPTS):
+                    # Most jobs were registered by the replica that stored them: read first.
+                    found = await self._read(job_id)
+                    if found is None:
+                        if await self._create(job_id, mine):
+                            return "run"
+                        continue  # created meanwhile by another replica: read it
+                    record, revision = found
+                    _same(record, key_id, digest)
+                    if record.seq == seq:
+                        return "run"
+                    if record.seq != 0:
+                        return "duplicate"
+                    try:
+                        await self._update(job_id, mine, revision)
+                    except KeyWrongLastSequenceError:
+                        continue  # another replica claimed it meanwhile: read again
+                    return "run"
+        except (TimeoutError, NatsError) as exc:
+            raise StoreUnavailable(repr(exc)) from None
+        raise StoreUnavailable("the record kept changing")
+
+    async def done(self, job_id: str) -> None:
+        """Mark the job done, which also restarts the record's time to live."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                found = await self._read(job_id)
+                if found is not None:
+                    data = _encoder.encode(msgspec.structs.replace(found[0], done=True))
+                    await patiently(lambda: self._bucket.put(job_id, data), within=self._step)
+        except (TimeoutError, NatsError):
+            return
+
+    async def _create(self, job_id: str, record: Record) -> int:
+        """The new record's revision, or 0 if the key exists (perhaps written by a retry whose
+        answer was lost: the caller reads it)."""
+        data = _encoder.encode(record)
+        try:
+            return await patiently(lambda: self._bucket.create(job_id, data), within=self._step)
+        except KeyWrongLastSequenceError:
+            return 0
+
+    async def _update(self, job_id: str, record: Record, revision: int) -> None:
+        data = _encoder.encode(record)
+        await patiently(lambda: self._bucket.update(job_id, data, last=revision), within=self._step)
+
+    async def _read(self, job_id: str) -> tuple[Record, int] | None:
+        try:
+            entry = await patiently(lambda: self._bucket.get(job_id), within=self._step)
+        except KeyNotFoundError:
+            return None
+        try:
+            record = _decoder.decode(entry.value or b"")
+        except msgspec.DecodeError:
+            # Not written by a replica: treat it as a record nothing can match.
+            record = Record(key_id="", digest="")
+        return record, entry.revision or 0
+
+
+def _same(record: Record, key_id: str, digest: str) -> None:
+    if record.key_id != key_id or record.digest != digest:
+        raise Conflict(
+            "this request_id was already submitted with a different body; "
+            "use a new request_id for a different job"
+        )
