@@ -51,6 +51,7 @@ EXPECTED_ALERTS = {
     "PyexecJobsBacklogGrowing",
     "PyexecReplicaDown",
     "PyexecJobsLost",
+    "PyexecForgedTraffic",
 }
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|cc|c\+\+|build-essential|make|cpp)\b")
 ISOLATION_VARIABLE = "EXECUTOR_REQUIRE_ISOLATION"

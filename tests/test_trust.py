@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 
@@ -397,6 +398,31 @@ def test_replies_and_completions_are_signed_for_their_request(fleet: Fleet) -> N
     headers = dict(done.headers or {})
     assert reply_signed(OLD_SECRET, accepted.subject, accepted.nonce, headers, done.data)
     assert not reply_signed(SECRET, accepted.subject, accepted.nonce, headers, done.data)
+
+
+def test_a_messagepack_job_completes_in_messagepack(fleet: Fleet) -> None:
+    """A MessagePack async request is accepted in MessagePack and its completion comes in
+    MessagePack too (Content-Type set), signed for that request."""
+    subject = f"{PREFIX}.code"
+    body = msgspec.msgpack.encode({"code": ECHO, "ctx": {"blob": b"\x01"}, "mode": "async"})
+    headers = {
+        **sign(KEY_ID, SECRET.encode(), subject, body),
+        "Content-Type": "application/msgpack",
+    }
+
+    async def scenario(nc: nats.NATS) -> tuple[Any, Any]:
+        accepted = await nc.request(subject, body, headers=headers, timeout=30)
+        job_id = msgspec.msgpack.decode(accepted.data)["job_id"]
+        return accepted, await completion(nc, job_id)
+
+    accepted, done = run(scenario, fleet.url)
+    assert accepted.headers["Content-Type"] == "application/msgpack"
+    assert msgspec.msgpack.decode(accepted.data)["status"] == "accepted"
+    assert done.headers["Content-Type"] == "application/msgpack"
+    finished = msgspec.msgpack.decode(done.data)
+    assert finished["status"] == "ok"
+    assert finished["result"] == {"blob": "AQ=="}
+    assert reply_signed(SECRET, subject, headers["Pyexec-Nonce"], dict(done.headers), done.data)
 
 
 def test_a_refused_signature_gets_an_unsigned_reply(fleet: Fleet) -> None:
