@@ -28,7 +28,7 @@ SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HE
 REPLY_SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
 WINDOW_SECONDS = 60
 
-_CANONICAL_NAMES = {name.lower(): name for name in SIGNATURE_HEADERS}
+_CANONICAL_NAMES = {name.lower(): name for name in (*SIGNATURE_HEADERS, "Nats-Msg-Id")}
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 _NONCE = re.compile(r"^(?:[0-9a-f]{2}){16,64}$")
 _SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
@@ -117,6 +117,21 @@ class Caller:
             TIMESTAMP_HEADER: stamp,
             SIGNATURE_HEADER: reply_signature(self.secret, self.subject, self.nonce, stamp, body),
         }
+
+    def answered_by(self, headers: Mapping[str, str] | None, body: bytes) -> bool:
+        """Whether ``body`` with ``headers`` is signed as this request's answer."""
+        return _caller_signed(self, headers, body)
+
+
+def _caller_signed(caller: Caller, headers: Mapping[str, str] | None, body: bytes) -> bool:
+    return verify_reply(
+        caller.secret,
+        caller.key_id,
+        headers,
+        body,
+        request_subject=caller.subject,
+        request_nonce=caller.nonce,
+    )
 
 
 def sign_reply(

@@ -9,6 +9,7 @@ before a job is submitted, with the contract's formula.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -208,25 +209,47 @@ class Client:
     async def wait(self, job_id: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
         """The completion of ``job_id`` from the results stream, waiting up to ``timeout``.
 
-        A job this client submitted is checked against its request's signature; for a job
-        submitted elsewhere (its request's nonce unknown here) the completion is returned as
-        it is."""
+        The completion is the first message on the job's results subject whose body names the
+        job and, for a job this client submitted, that is signed with this client's key for
+        one of the requests that stored it; anything else found there is skipped. For a job
+        submitted elsewhere (its requests' nonces unknown here) the signature cannot be
+        checked: the first message naming the job is returned."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         js = self.nc.jetstream()
         subscription = await js.subscribe(f"{self.prefix}.results.{job_id}", ordered_consumer=True)
+        skipped = 0
         try:
-            msg = await subscription.next_msg(timeout=timeout)
-        except NatsTimeout:
-            raise ClientError(f"no completion for job {job_id} within {timeout:g} s") from None
+            while True:
+                try:
+                    msg = await subscription.next_msg(timeout=max(deadline - loop.time(), 0.001))
+                except NatsTimeout:
+                    note = (
+                        f" ({skipped} message(s) there were not its completion)" if skipped else ""
+                    )
+                    raise ClientError(
+                        f"no completion for job {job_id} within {timeout:g} s{note}"
+                    ) from None
+                reply = self._completion(job_id, msg.data, msg.headers)
+                if reply is not None:
+                    return reply
+                skipped += 1
         finally:
             await subscription.unsubscribe()
-        return self._completion(msg.data, msg.headers)
 
-    def _completion(self, data: bytes, headers: dict[str, str] | None) -> Reply:
-        reply = _decode(data, (headers or {}).get("Content-Type"))
-        sent = self._jobs.get(reply.job_id or "")
+    def _completion(self, job_id: str, data: bytes, headers: dict[str, str] | None) -> Reply | None:
+        """The completion of ``job_id`` in ``data``, or None if it is not that (another job's
+        body, undecodable, or not signed for a request of this client that stored the job)."""
+        try:
+            reply = _decode(data, (headers or {}).get("Content-Type"))
+        except ClientError:
+            return None
+        if reply.job_id != job_id:
+            return None
+        sent = self._jobs.get(job_id)
         if not sent:
             return reply
-        for subject, nonce in sent[:-1]:
+        for subject, nonce in sent:
             if verify_reply(
                 self._secret,
                 self.key_id,
@@ -236,10 +259,12 @@ class Client:
                 request_nonce=nonce,
             ):
                 return reply
-        return self.check(reply, headers, data, *sent[-1])
+        return None
 
     async def completions(self, durable: str) -> AsyncIterator[Reply]:
-        """Every completion, once each, through a durable consumer named by the caller."""
+        """Every completion, once each, through a durable consumer named by the caller; a
+        message that is not the completion of the job its subject names (see :meth:`wait`) is
+        acknowledged and skipped."""
         js = self.nc.jetstream()
         subscription = await js.pull_subscribe(f"{self.prefix}.results.>", durable=durable)
         while True:
@@ -248,9 +273,10 @@ class Client:
             except NatsTimeout:
                 continue
             for msg in messages:
-                reply = self._completion(msg.data, msg.headers)
+                reply = self._completion(msg.subject.rsplit(".", 1)[-1], msg.data, msg.headers)
                 await msg.ack()
-                yield reply
+                if reply is not None:
+                    yield reply
 
     async def send(
         self, subject: str, request: protocol.Request, timeout: float | None = None

@@ -86,6 +86,7 @@ class Settings:
     keys: Keyring = field(repr=True)
     prefix: str = "pyexec"
     queue_group: str = "pyexec"
+    inbox_prefix: str = "_PYEXEC_INBOX"
     workers: int
     warm_children: int
     default_timeout: float = 30.0
@@ -193,6 +194,12 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "pyexec").strip()
     if not SUBJECT_TOKEN.fullmatch(prefix):
         raise ConfigError("EXECUTOR_SUBJECT_PREFIX must be subject tokens such as 'pyexec'")
+    inbox_prefix = env.get("EXECUTOR_INBOX_PREFIX", "").strip() or "_PYEXEC_INBOX"
+    if not SUBJECT_TOKEN.fullmatch(inbox_prefix) or inbox_prefix.split(".")[0] == "_INBOX":
+        raise ConfigError(
+            "EXECUTOR_INBOX_PREFIX must be subject tokens (letters, digits, _ and -, joined by "
+            f"dots) outside _INBOX, not '{inbox_prefix}'"
+        )
     queue_group = env.get("EXECUTOR_QUEUE_GROUP", "pyexec").strip()
     if not SUBJECT_TOKEN.fullmatch(queue_group):
         raise ConfigError("EXECUTOR_QUEUE_GROUP must be a name such as 'pyexec'")
@@ -218,6 +225,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         keys=keys,
         prefix=prefix,
         queue_group=queue_group,
+        inbox_prefix=inbox_prefix,
         workers=workers,
         warm_children=_int(env, "EXECUTOR_WARM_CHILDREN", workers, low=1, high=1024),
         default_timeout=default_timeout,

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from consumer.replies import refused_reply_subject
+from consumer.subjects import ReplySubjects
 
 SERVICE_NAME = "pyexec"
 PING_TYPE = "io.nats.micro.v1.ping_response"
@@ -62,7 +62,7 @@ class Discovery:
     description: str
     metadata: dict[str, str]
     endpoints: dict[str, EndpointStats]
-    prefix: str = "pyexec"
+    reply_subjects: ReplySubjects | None = None  # refuses answering into streams and APIs
     on_refused: Any = None  # called for a control request with a refused reply subject
     started: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -120,7 +120,7 @@ class Discovery:
             async def respond(msg: Msg, answer: Any = answer) -> None:
                 if not msg.reply:
                     return
-                if refused_reply_subject(msg.reply, self.prefix):
+                if self.reply_subjects is not None and self.reply_subjects.refused(msg.reply):
                     if self.on_refused is not None:
                         self.on_refused(msg.subject, msg.reply)
                     return

@@ -131,18 +131,6 @@ class Replies:
         return data, reply
 
 
-# Reply subjects a request may not name: the executor's own subjects and the server's APIs.
-SYSTEM_PREFIXES = ("$JS.", "$KV.", "$O.", "$SRV.", "$SYS.")
-
-
-def refused_reply_subject(subject: str, prefix: str) -> bool:
-    """Whether an answer published on ``subject`` could land in the executor's own streams or
-    in a server API (a reply subject under ``<prefix>.`` or a system prefix)."""
-    return (
-        subject == prefix or subject.startswith(prefix + ".") or subject.startswith(SYSTEM_PREFIXES)
-    )
-
-
 def _header_value(text: str, limit: int = 512) -> str:
     """Text safe for a NATS header value: one line, printable, bounded."""
     flat = "".join(ch if ch.isprintable() else " " for ch in text)

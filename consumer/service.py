@@ -30,8 +30,9 @@ from consumer.ledger import Ledger
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
 from consumer.nonces import SharedNonces
-from consumer.replies import REPLY_OVERHEAD, Replies, refused_reply_subject
+from consumer.replies import REPLY_OVERHEAD, Replies
 from consumer.streams import STORE_TIMEOUT, ensure_buckets, ensure_streams
+from consumer.subjects import ReplySubjects
 from consumer.transport import connect
 from sandbox import LayerStatus, Pool
 
@@ -73,6 +74,7 @@ class Replica:
             lambda: float(self._nc is not None and self._nc.is_connected)
         )
         self.monitor_port: int | None = None
+        self.reply_subjects = ReplySubjects(settings.prefix, settings.inbox_prefix)
 
     def not_ready(self) -> str | None:
         """None while the replica takes requests; otherwise why it does not."""
@@ -180,6 +182,7 @@ class Replica:
             log.info("stopping", in_flight=len(self._tasks), jobs_in_flight=jobs.in_flight)
             await self._drain(nc, handler, discovery, jobs)
         finally:
+            await self.reply_subjects.stop()
             if pool is not None:
                 await pool.close()
             if not nc.is_closed:
@@ -187,7 +190,9 @@ class Replica:
 
     async def _connect(self, name: str) -> NatsClient:
         """Connect, making the connection visible to readiness as soon as it exists."""
-        self._nc = await connect(self.urls, name=name, metrics=self.metrics)
+        self._nc = await connect(
+            self.urls, name=name, inbox_prefix=self.settings.inbox_prefix, metrics=self.metrics
+        )
         return self._nc
 
     async def _wire(self, nc: NatsClient, pool: Pool) -> tuple[Handler, JobWorker]:
@@ -202,6 +207,7 @@ class Replica:
             )
         js = nc.jetstream()
         await ensure_streams(js, settings)
+        await self.reply_subjects.start(js)
         stores = await ensure_buckets(nc.jetstream(timeout=STORE_TIMEOUT), settings)
         ledger = Ledger(stores.job_ids, timeout=STORE_TIMEOUT)
         verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
@@ -219,7 +225,7 @@ class Replica:
             replies=replies,
             metrics=self.metrics,
             admission=admission,
-            submit=Submitter(js, settings, ledger),
+            submit=Submitter(js, settings, ledger, verifier),
         )
         jobs = JobWorker(
             nc,
@@ -257,7 +263,7 @@ class Replica:
                 "scripts": ",".join(s.name for s in catalog.scripts()),
             },
             endpoints=endpoints,
-            prefix=settings.prefix,
+            reply_subjects=self.reply_subjects,
             on_refused=self._refused_reply,
         )
 
@@ -287,7 +293,7 @@ class Replica:
     ) -> None:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
-        if msg.reply and refused_reply_subject(msg.reply, self.settings.prefix):
+        if msg.reply and self.reply_subjects.refused(msg.reply):
             # Answering there could plant a message in the executor's own streams (a forged
             # completion) or call a server API in the replica's name: nothing runs.
             self._refused_reply(msg.subject, msg.reply)

@@ -42,8 +42,8 @@ RESULTS_STREAM = "PYEXEC_RESULTS"
 NONCES_BUCKET = "PYEXEC_NONCES"
 JOB_IDS_BUCKET = "PYEXEC_JOB_IDS"
 # A nonce accepted at t came with a timestamp of at least t - 60 s, so it is valid until at most
-# t + 120 s; the margin covers clocks of replicas that differ by a few seconds.
-NONCE_TTL = 2 * WINDOW_SECONDS + 10.0
+# t + 120 s; the margin covers clocks of replicas that differ by up to a minute.
+NONCE_TTL = 2 * WINDOW_SECONDS + 60.0
 # Seconds a replica keeps trying the shared stores (through a stream leader election, say)
 # before it answers 'overloaded'.
 STORE_TIMEOUT = 5.0

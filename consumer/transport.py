@@ -2,8 +2,9 @@
 
 nats-py parses a message's headers into a dict, so a header that appears twice silently keeps
 its last value. The replica's connection also reads the raw header block and marks the
-``Pyexec-*`` names that appear more than once (:class:`Headers`), so that a request repeating
-one can be refused instead of being judged by whichever copy came last.
+``Pyexec-*`` names and ``Nats-Msg-Id`` that appear more than once, in any case
+(:class:`Headers`), so that a message repeating one can be refused instead of being judged by
+whichever copy came last.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ RECONNECT_FIRST = 0.1
 RECONNECT_BASE = 0.25
 RECONNECT_CAP = 5.0
 CHECKED_PREFIX = "pyexec-"
+# JetStream deduplicates by the first Nats-Msg-Id header, in its exact case: a job carrying two
+# must not be judged by another one.
+CHECKED_NAMES = frozenset({"nats-msg-id"})
 
 
 class Headers(dict[str, str]):
@@ -43,7 +47,11 @@ def repeated_names(raw: bytes) -> frozenset[str]:
         for name, sep, _ in (line.partition(b":") for line in lines)
         if sep
     )
-    return frozenset(n for n, count in names.items() if count > 1 and n.startswith(CHECKED_PREFIX))
+    return frozenset(
+        n
+        for n, count in names.items()
+        if count > 1 and (n.startswith(CHECKED_PREFIX) or n in CHECKED_NAMES)
+    )
 
 
 class CheckedClient(NatsClient):
@@ -58,8 +66,12 @@ class CheckedClient(NatsClient):
         return checked
 
 
-async def connect(urls: list[str], *, name: str, metrics: Metrics | None = None) -> NatsClient:
-    """A connection that keeps reconnecting for as long as it takes."""
+async def connect(
+    urls: list[str], *, name: str, inbox_prefix: str, metrics: Metrics | None = None
+) -> NatsClient:
+    """A connection that keeps reconnecting for as long as it takes, whose own inboxes (for its
+    JetStream and key-value requests and job fetches) lie under ``inbox_prefix``, away from the
+    callers' ``_INBOX.>``."""
 
     async def on_error(exc: Exception) -> None:
         if metrics is not None:
@@ -93,6 +105,7 @@ async def connect(urls: list[str], *, name: str, metrics: Metrics | None = None)
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
+        inbox_prefix=inbox_prefix,
     )
     return client
 

@@ -472,6 +472,8 @@ def test_a_repeated_pyexec_header_in_the_raw_block_is_found() -> None:
         b"X-Other: 1\r\nX-Other: 2\r\n\r\n"
     )
     assert repeated_names(raw) == frozenset({"pyexec-nonce"})
+    ids = b"NATS/1.0\r\nNats-Msg-Id: a\r\nnats-msg-id: b\r\n\r\n"
+    assert repeated_names(ids) == frozenset({"nats-msg-id"})
     headers = Headers({"Pyexec-Nonce": "bb"})
     headers.repeated = repeated_names(raw)
     verifier = make_verifier(FakeClock())

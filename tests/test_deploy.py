@@ -532,7 +532,7 @@ class Connection:
         """Whether the server reported a permissions violation for ``what`` to ``subject``."""
         expected = f'permissions violation for {what} to "{subject.lower()}"'
         await self.nc.flush()
-        for _ in range(40):
+        for _ in range(400):  # up to 10 s: the error callback runs as a task of its own
             if any(expected in error for error in self.errors):
                 return True
             await asyncio.sleep(0.025)
@@ -557,9 +557,19 @@ def test_nats_permissions_split_backend_and_executor(deploy_nats: DeployNats) ->
             assert not executor.errors
 
             # Only executors may subscribe to the request subjects and the jobs.
-            for subject in ("pyexec.code", "pyexec.named", "pyexec.jobs.>", "pyexec.>"):
+            # Nor to the executor's own inboxes (its job deliveries and store answers).
+            for subject in (
+                "pyexec.code",
+                "pyexec.named",
+                "pyexec.jobs.>",
+                "pyexec.>",
+                "_PYEXEC_INBOX.>",
+            ):
                 await backend.nc.subscribe(subject)
                 assert await backend.violation("subscription", subject), subject
+            # And an executor reads no caller's inbox.
+            await executor.nc.subscribe("_INBOX.>")
+            assert await executor.violation("subscription", "_INBOX.>")
             # Only backends may publish requests.
             for subject in ("pyexec.code", "pyexec.named"):
                 await executor.nc.publish(subject, b"x")

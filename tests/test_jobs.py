@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 
+from consumer.auth import sign_reply
 from consumer.client import Client
 from consumer.protocol import CodeRequest, Reply
 from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, start_replica
@@ -348,15 +349,24 @@ def test_a_redelivered_job_with_a_stored_completion_is_not_run_again(server: Nat
     first = replica(server)
     first.stop()
     job_id = Client(None, KEY_ID, SECRET).job_id("done-once")  # type: ignore[arg-type]
-    stored = b'{"request_id":"done-once","status":"ok","result":"first run"}'
+    stored = (
+        b'{"request_id":"done-once","job_id":"' + job_id.encode() + b'","status":"ok",'
+        b'"result":"first run"}'
+    )
 
     async def prepare() -> None:
         nc = await nats.connect(server.url)
         try:
             js = nc.jetstream()
-            await js.publish(f"{PREFIX}.results.{job_id}", stored, headers={"Nats-Msg-Id": job_id})
             async with await connect(server) as client:
                 await client.submit_code(SLOW, {"seconds": 0, "n": 2}, request_id="done-once")
+                ((subject, nonce),) = client._jobs[job_id]
+            # The completion as the replica that ran it would have stored it: signed for the
+            # job's request, with the job id as message id.
+            signature = sign_reply(KEY_ID, SECRET.encode(), subject, nonce, stored)
+            await js.publish(
+                f"{PREFIX}.results.{job_id}", stored, headers={"Nats-Msg-Id": job_id, **signature}
+            )
             # Take the job as a replica would, then give it back: the next delivery is the 2nd.
             puller = await js.pull_subscribe(
                 f"{PREFIX}.jobs.>", durable="pyexec-workers", stream="PYEXEC_JOBS"

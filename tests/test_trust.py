@@ -480,6 +480,7 @@ def test_the_client_checks_reply_signatures(fleet: Fleet) -> None:
         "$O.bucket.x",
         "$SRV.PING",
         "$SYS.REQ.SERVER.PING",
+        "_PYEXEC_INBOX.abc.def",
     ],
 )
 def test_a_request_with_a_refused_reply_subject_is_dropped(fleet: Fleet, reply_to: str) -> None:
@@ -529,6 +530,106 @@ def test_discovery_does_not_answer_into_the_executors_subjects(fleet: Fleet) -> 
         return len(await completions(nc, "cd" * 16, settle=0.5))
 
     assert run(scenario, fleet.url) == 0
+
+
+def test_another_fleet_does_not_answer_into_this_fleets_results(fleet: Fleet) -> None:
+    """A replica of another prefix on the same account refuses a reply subject that this
+    fleet's results stream captures: no forged completion lands there."""
+    other = start_replica(fleet.url, "trustother")
+    job_id = "ef" * 16
+    try:
+
+        async def scenario(nc: nats.NATS) -> int:
+            body = json.dumps({"code": ECHO, "ctx": {"forged": True}}).encode()
+            headers = sign(OLD_KEY_ID, OLD_SECRET.encode(), "trustother.code", body)
+            reply_to = f"{PREFIX}.results.{job_id}"
+            await nc.publish("trustother.code", body, reply=reply_to, headers=headers)
+            await nc.flush()
+            await asyncio.to_thread(
+                other.wait_for, "request dropped: its reply subject is refused", 30
+            )
+            return len(await completions(nc, job_id, settle=0.5))
+
+        assert run(scenario, fleet.url) == 0
+    finally:
+        other.stop()
+
+
+def test_the_client_skips_what_is_not_its_jobs_completion(fleet: Fleet) -> None:
+    """Client.wait returns the completion signed for the job's request, skipping what was
+    stored first on the job's subject: an unsigned "completion" naming the job, and another
+    job's genuine, signed completion copied there."""
+
+    async def scenario() -> tuple[str, str, Any]:
+        async with await Client.connect(fleet.url, KEY_ID, SECRET, prefix=PREFIX) as client:
+            other = await client.submit_code(ECHO, {"other": True})
+            other_done = await completion(client.nc, other)
+            request_id = rid("target")
+            job_id = client.job_id(request_id)
+            js = client.nc.jetstream()
+            forged = {"request_id": request_id, "job_id": job_id, "status": "ok", "result": 1}
+            await js.publish(f"{PREFIX}.results.{job_id}", json.dumps(forged).encode())
+            copied = {k: v for k, v in (other_done.headers or {}).items() if k != "Nats-Msg-Id"}
+            await js.publish(f"{PREFIX}.results.{job_id}", other_done.data, headers=copied)
+            submitted = await client.submit_code(SLEEPY, {"seconds": 0.5}, request_id=request_id)
+            return job_id, submitted, await client.wait(job_id, timeout=30)
+
+    job_id, submitted, done = asyncio.run(scenario())
+    assert submitted == job_id
+    assert done.job_id == job_id
+    assert done.status == "ok"
+    assert done.result == "woke"
+
+
+def test_a_job_id_held_by_another_message_is_not_accepted(server: NatsServer) -> None:
+    """Inside the duplicate window, a submission whose job id is held in the jobs stream by a
+    message that is not this job (here unsigned junk, waiting behind a busy job slot) is
+    answered conflict, not accepted; the junk is refused when its turn comes."""
+    replica = start_replica(server.url, PREFIX, EXECUTOR_WORKERS="2")  # one job slot
+    request_id = rid("held")
+    job_id = expected_job_id(SECRET, request_id)
+    try:
+
+        async def scenario(nc: nats.NATS) -> Sent:
+            busy = {"code": SLEEPY, "ctx": {"seconds": 3}, "mode": "async"}
+            await request(nc, "code", busy)  # takes the only job slot for 3 s
+            await asyncio.sleep(0.5)
+            await nc.jetstream().publish(
+                f"{PREFIX}.jobs.code", b'{"code": "junk"}', headers={"Nats-Msg-Id": job_id}
+            )
+            payload = {"code": ECHO, "ctx": {}, "mode": "async", "request_id": request_id}
+            return await request(nc, "code", payload)
+
+        sent = run(scenario, server.url)
+        replica.wait_for("job refused; acknowledged without running", timeout=30)
+    finally:
+        replica.stop()
+    assert sent.reply["status"] == "rejected"
+    assert sent.reply["error"]["code"] == "conflict"
+
+
+def test_a_job_with_a_message_id_in_another_case_never_runs(fleet: Fleet) -> None:
+    """JetStream reads only the header named exactly Nats-Msg-Id; a job carrying its id as
+    nats-msg-id is refused, not run under an id the stream did not deduplicate by."""
+    request_id = rid("case")
+    job_id = expected_job_id(SECRET, request_id)
+
+    async def scenario(nc: nats.NATS) -> list[Any]:
+        subject = f"{PREFIX}.jobs.code"
+        body = json.dumps({"code": ECHO, "ctx": {}, "request_id": request_id}).encode()
+        headers = {**sign(KEY_ID, SECRET.encode(), subject, body), "nats-msg-id": job_id}
+        await nc.jetstream().publish(subject, body, headers=headers)
+        await asyncio.to_thread(
+            until,
+            lambda: fleet.events("job refused; acknowledged without running", job_id=job_id),
+            30,
+            "the refusal",
+        )
+        return await completions(nc, job_id)
+
+    assert run(scenario, fleet.url) == []
+    (refusal,) = fleet.events("job refused; acknowledged without running", job_id=job_id)
+    assert refusal["reason"] == "msg_id_mismatch"
 
 
 # -- replays -------------------------------------------------------------------------------------

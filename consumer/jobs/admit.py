@@ -85,7 +85,10 @@ class Admission:
         if not request_id:
             raise Refused("no_request_id", "a job must carry its request_id")
         job_id = job_id_for(caller.secret, request_id)
-        if not hmac.compare_digest(protocol.header(headers, MSG_ID) or "", job_id):
+        # Exactly as JetStream reads it: the header named exactly Nats-Msg-Id (a repeated one is
+        # refused with the signature check).
+        given = (headers or {}).get(MSG_ID, "")
+        if not hmac.compare_digest(given.encode(), job_id.encode()):
             raise Refused(
                 "msg_id_mismatch", "Nats-Msg-Id is not the job id of its key and request_id"
             )

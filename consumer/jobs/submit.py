@@ -12,23 +12,28 @@ import asyncio
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from consumer import protocol
-from consumer.auth import SIGNATURE_HEADERS
+from consumer.auth import SIGNATURE_HEADERS, Verifier
 from consumer.config import Settings
-from consumer.errors import Overloaded
+from consumer.errors import Conflict, Overloaded, Rejected, Unauthorized
 from consumer.handler import Submission
 from consumer.jobs import MSG_ID, ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER, job_id_for
 from consumer.ledger import Ledger, Record, digest_of
+from consumer.streams import JOBS_STREAM
 
 
 class Submitter:
     """Stores the job of a ``mode: "async"`` request: the caller's signed message as it came."""
 
-    def __init__(self, js: JetStreamContext, settings: Settings, ledger: Ledger) -> None:
+    def __init__(
+        self, js: JetStreamContext, settings: Settings, ledger: Ledger, verifier: Verifier
+    ) -> None:
         self.js = js
         self.settings = settings
         self.ledger = ledger
+        self.verifier = verifier
         self._noting: set[asyncio.Task[None]] = set()
 
     async def __call__(self, submission: Submission) -> str:
@@ -49,10 +54,18 @@ class Submitter:
             headers[REQUEST_ID_HEADER] = submission.request_id
         try:
             ack = await self.js.publish(subject, submission.body, headers=headers, timeout=5)
+            if ack.duplicate:
+                # Inside the duplicate window the stream kept another message with this id:
+                # accepted only if it is this very job (same key, same body, a valid signature).
+                await self._check_stored(ack.seq, submission, digest, fresh=before is None)
         except (NatsError, TimeoutError) as exc:
             if before is None:
                 await self.ledger.forget(job_id)
             raise Overloaded(f"the job could not be stored ({exc!r}); retry shortly") from None
+        except Rejected:
+            if before is None:
+                await self.ledger.forget(job_id)
+            raise
         # Noted after the reply, off its path: best effort, since the worker that takes the job
         # claims it in the record anyway. (A copy the stream dropped as a duplicate names the
         # stored one's sequence.)
@@ -61,3 +74,40 @@ class Submitter:
         self._noting.add(task)
         task.add_done_callback(self._noting.discard)
         return job_id
+
+    async def _check_stored(
+        self, seq: int, submission: Submission, digest: str, *, fresh: bool
+    ) -> None:
+        """Raise unless the job message stored at ``seq`` is the one this submission would
+        have stored."""
+        try:
+            stored = await self.js.get_msg(self.settings.stream(JOBS_STREAM), seq=seq)
+        except NotFoundError:
+            if fresh:
+                # Taken and settled already, and never recorded as this job's: it was not it.
+                raise Overloaded(
+                    "another message held this job id in the jobs stream's duplicate window; "
+                    "retry after it"
+                ) from None
+            return  # recorded as this job's before: it ran or runs
+        headers = stored.headers or {}
+        origin = protocol.header(headers, ORIGIN_SUBJECT_HEADER)
+        try:
+            signer = self.verifier.check(
+                origin or stored.subject or "",
+                headers,
+                stored.data or b"",
+                reference_time=stored.time.timestamp() if stored.time else None,
+            )
+        except Unauthorized:
+            signer = None
+        same = (
+            signer is not None
+            and signer.key_id == submission.caller.key_id
+            and stored.subject == self.settings.subject(f"jobs.{submission.kind}")
+            and digest_of(submission.kind, stored.data or b"") == digest
+        )
+        if not same:
+            raise Conflict(
+                "another message holds this job id in the jobs stream; use a new request_id"
+            )

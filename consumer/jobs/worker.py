@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from consumer import tracing
+from consumer import protocol, tracing
 from consumer.config import Settings
 from consumer.errors import Conflict, StoreUnavailable
 from consumer.handler import AdmittedJob, Handler
@@ -152,7 +152,8 @@ class JobWorker:
     async def _process(self, msg: Msg) -> None:
         structlog.contextvars.clear_contextvars()
         meta = msg.metadata
-        given = (msg.headers or {}).get(MSG_ID, "")
+        # For the log only: the id the message claims, in whatever case it came.
+        given = protocol.header(msg.headers, MSG_ID) or ""
         structlog.contextvars.bind_contextvars(job_id=given[:64])
         try:
             job = self.admission.admit(msg)
@@ -177,7 +178,7 @@ class JobWorker:
         try:
             if meta.num_delivered > 1:
                 self.metrics.jobs_redelivered.inc()
-                if await self._completed_before(job.job_id):
+                if await self._completed_before(job):
                     # Its completion was stored but the acknowledgement was lost: do not run
                     # the script a second time.
                     await self._settle(msg, nak=False)
@@ -208,16 +209,21 @@ class JobWorker:
         log.warning("job refused; acknowledged without running", reason=reason, detail=message)
         await self._settle(msg, nak=False)
 
-    async def _completed_before(self, job_id: str) -> bool:
-        """Whether the results stream already holds this job's completion."""
+    async def _completed_before(self, job: AdmittedJob) -> bool:
+        """Whether the results stream already holds this job's completion: a message on its
+        subject stored with its job id as message id and signed as the answer to its request
+        (anything else there is not taken for it)."""
         try:
-            await self.js.get_msg(
+            stored = await self.js.get_msg(
                 self.settings.stream(RESULTS_STREAM),
-                subject=self.settings.subject(f"results.{job_id}"),
+                subject=self.settings.subject(f"results.{job.job_id}"),
             )
         except Exception:  # noqa: BLE001 - not found, or cannot tell: run the job
             return False
-        return True
+        headers = stored.headers or {}
+        return headers.get(MSG_ID) == job.job_id and job.caller.answered_by(
+            headers, stored.data or b""
+        )
 
     async def _store_completion(self, job_id: str, data: bytes, headers: dict[str, str]) -> bool:
         """Publish the completion, retrying through leader elections and reconnections (the
