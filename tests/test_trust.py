@@ -188,6 +188,17 @@ async def completion(nc: nats.NATS, job_id: str, timeout: float = 30) -> nats.ai
         await sub.unsubscribe()
 
 
+async def refused(fleet: Fleet, nc: nats.NATS, job_id: str) -> tuple[list[Any], str]:
+    """Wait until a replica refuses the job message claiming ``job_id``; what was stored on its
+    results subject, and the refusal's reason."""
+    event = "job refused; acknowledged without running"
+    await asyncio.to_thread(
+        until, lambda: fleet.events(event, job_id=job_id), 30, "the job's refusal"
+    )
+    (refusal,) = fleet.events(event, job_id=job_id)
+    return await completions(nc, job_id), str(refusal["reason"])
+
+
 def run(scenario: Any, url: str) -> Any:
     async def main() -> Any:
         nc = await nats.connect(url)
@@ -295,17 +306,9 @@ def test_a_copied_sync_request_cannot_become_a_job(fleet: Fleet) -> None:
             extra={"Pyexec-Origin-Subject": f"{PREFIX}.code"},
             signed_subject=f"{PREFIX}.code",
         )
-        await asyncio.to_thread(
-            until,
-            lambda: fleet.events("job refused; acknowledged without running", job_id=job_id),
-            30,
-            "the refusal",
-        )
-        return await completions(nc, job_id)
+        return await refused(fleet, nc, job_id)
 
-    assert run(scenario, fleet.url) == []
-    (refusal,) = fleet.events("job refused; acknowledged without running", job_id=job_id)
-    assert refusal["reason"] == "not_async"
+    assert run(scenario, fleet.url) == ([], "not_async")
 
 
 # -- idempotency -----------------------------------------------------------------------------
@@ -619,17 +622,9 @@ def test_a_job_with_a_message_id_in_another_case_never_runs(fleet: Fleet) -> Non
         body = json.dumps({"code": ECHO, "ctx": {}, "request_id": request_id}).encode()
         headers = {**sign(KEY_ID, SECRET.encode(), subject, body), "nats-msg-id": job_id}
         await nc.jetstream().publish(subject, body, headers=headers)
-        await asyncio.to_thread(
-            until,
-            lambda: fleet.events("job refused; acknowledged without running", job_id=job_id),
-            30,
-            "the refusal",
-        )
-        return await completions(nc, job_id)
+        return await refused(fleet, nc, job_id)
 
-    assert run(scenario, fleet.url) == []
-    (refusal,) = fleet.events("job refused; acknowledged without running", job_id=job_id)
-    assert refusal["reason"] == "msg_id_mismatch"
+    assert run(scenario, fleet.url) == ([], "msg_id_mismatch")
 
 
 # -- replays -------------------------------------------------------------------------------------
