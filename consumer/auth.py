@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from consumer.config import Keyring
-from consumer.errors import Overloaded, Unauthorized
+from consumer.errors import Unauthorized
 
 KEY_ID_HEADER = "Pyexec-Key-Id"
 TIMESTAMP_HEADER = "Pyexec-Timestamp"
@@ -153,8 +153,9 @@ class Verifier:
 
     A nonce is kept for twice the clock window after it was accepted: a message accepted
     at time t carries a timestamp of at least t - 60 s, so it can never be valid after
-    t + 120 s. The cache holds at most ``capacity`` nonces; a replica that would need more
-    answers ``overloaded`` rather than forget a nonce that could still be replayed.
+    t + 120 s. The cache is the replica's cheap first line; the fleet-wide replay store
+    (:mod:`consumer.nonces`) decides. It holds at most ``capacity`` nonces and forgets the
+    oldest when full, so that no caller can fill it and lock the others out.
     """
 
     def __init__(
@@ -248,6 +249,6 @@ class Verifier:
             del self._nonces[oldest]
         if nonce in self._nonces:
             raise Unauthorized("replayed_nonce", "the nonce was already used (replay)")
-        if len(self._nonces) >= self._capacity:
-            raise Overloaded("too many signed requests in the replay window; retry shortly")
+        while len(self._nonces) >= self._capacity:
+            self._nonces.popitem(last=False)
         self._nonces[nonce] = now + 2 * self._window

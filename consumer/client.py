@@ -196,11 +196,20 @@ class Client:
         headers[MSG_ID] = job_id
         if self.encoding == protocol.MSGPACK:
             headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        tried_before = job_id in self._jobs
+        # Noted before publishing: a publish whose acknowledgement is lost may still store it.
+        self._sent(job_id, subject, headers[NONCE_HEADER])
         try:
-            await self.nc.jetstream().publish(subject, body, headers=headers, timeout=5)
+            ack = await self.nc.jetstream().publish(subject, body, headers=headers, timeout=5)
         except (NatsError, TimeoutError) as exc:
             raise ClientError(f"the job could not be stored: {exc!r}") from None
-        self._sent(job_id, subject, headers[NONCE_HEADER])
+        if ack.duplicate and not tried_before:
+            # The stream holds another message under this job id (inside its duplicate
+            # window), and not one this client stored: this job was not stored.
+            raise ClientError(
+                f"job id {job_id} is held in the jobs stream by a message this client did not "
+                "store; the job was not stored (use a new request_id)"
+            )
         return job_id
 
     def _sent(self, job_id: str, subject: str, nonce: str) -> None:
@@ -244,8 +253,8 @@ class Client:
             reply = _decode(data, (headers or {}).get("Content-Type"))
         except ClientError:
             return None
-        if reply.job_id != job_id:
-            return None
+        if reply.job_id != job_id or reply.status == "accepted":
+            return None  # another job's, or a receipt: a completion is never "accepted"
         sent = self._jobs.get(job_id)
         if not sent:
             return reply

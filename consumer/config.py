@@ -87,6 +87,8 @@ class Settings:
     prefix: str = "pyexec"
     queue_group: str = "pyexec"
     inbox_prefix: str = "_PYEXEC_INBOX"
+    reply_prefixes: tuple[str, ...] = ("_INBOX",)
+    jobs_max_msgs: int = 100_000
     workers: int
     warm_children: int
     default_timeout: float = 30.0
@@ -226,6 +228,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         prefix=prefix,
         queue_group=queue_group,
         inbox_prefix=inbox_prefix,
+        reply_prefixes=_reply_prefixes(env, inbox_prefix),
+        jobs_max_msgs=_int(env, "EXECUTOR_JOBS_MAX_MSGS", 100_000, low=100, high=100_000_000),
         workers=workers,
         warm_children=_int(env, "EXECUTOR_WARM_CHILDREN", workers, low=1, high=1024),
         default_timeout=default_timeout,
@@ -262,6 +266,18 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         stream_replicas=_int(env, "EXECUTOR_STREAM_REPLICAS", 1, low=1, high=5),
         **_isolation(env),
     )
+
+
+def _reply_prefixes(env: Mapping[str, str], inbox_prefix: str) -> tuple[str, ...]:
+    """What a reply subject's first token must start with: callers' inbox prefixes."""
+    prefixes = tuple(_list(env, "EXECUTOR_REPLY_PREFIXES")) or ("_INBOX",)
+    for prefix in prefixes:
+        if not re.fullmatch(r"_?[A-Za-z0-9_-]+", prefix) or inbox_prefix.startswith(prefix):
+            raise ConfigError(
+                f"EXECUTOR_REPLY_PREFIXES: '{prefix}' is not a subject token's start, or it "
+                f"covers the replicas' own EXECUTOR_INBOX_PREFIX '{inbox_prefix}'"
+            )
+    return prefixes
 
 
 def _host(env: Mapping[str, str], name: str, default: str) -> str:

@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 from consumer.errors import Conflict, Overloaded, StoreUnavailable
 from consumer.streams import patiently
 
-Claim = Literal["run", "duplicate"]
+Claim = Literal["run", "duplicate", "done"]
 ATTEMPTS = 5
 
 
@@ -95,8 +95,9 @@ class Ledger:
             return
 
     async def claim(self, job_id: str, key_id: str, digest: str, seq: int) -> Claim:
-        """Whether the job message at stream sequence ``seq`` is the one to run ("run") or a
-        duplicate of a job owned by another message ("duplicate"). Raises :class:`Conflict`
+        """Whether the job message at stream sequence ``seq`` is the one to run ("run"), a
+        duplicate of a job owned by another message ("duplicate"), or a job completed already
+        ("done"). Raises :class:`Conflict`
         for a different body under the same job id, :class:`StoreUnavailable` if the ledger
         cannot be reached (the job is then handed back)."""
         try:
@@ -111,6 +112,8 @@ class Ledger:
                         continue  # created meanwhile by another replica: read it
                     record, revision = found
                     _same(record, key_id, digest)
+                    if record.done:
+                        return "done"  # completed: never run again, whichever message
                     if record.seq == seq:
                         return "run"
                     if record.seq != 0:

@@ -74,7 +74,9 @@ class Replica:
             lambda: float(self._nc is not None and self._nc.is_connected)
         )
         self.monitor_port: int | None = None
-        self.reply_subjects = ReplySubjects(settings.prefix, settings.inbox_prefix)
+        self.reply_subjects = ReplySubjects(
+            settings.prefix, settings.inbox_prefix, settings.reply_prefixes
+        )
 
     def not_ready(self) -> str | None:
         """None while the replica takes requests; otherwise why it does not."""
@@ -301,6 +303,10 @@ class Replica:
         try:
             response = await handler.handle(msg.subject, msg.headers, msg.data)
             if msg.reply:
+                if self.reply_subjects.refused(msg.reply):
+                    # A stream created while the script ran may capture it now.
+                    self._refused_reply(msg.subject, msg.reply)
+                    return
                 await nc.publish(msg.reply, response.data, headers=response.headers)
         except Exception:
             log.exception("request failed inside the executor", subject=msg.subject)

@@ -23,7 +23,7 @@ from typing import TypeVar
 import structlog
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
@@ -68,6 +68,10 @@ def stream_configs(settings: Settings) -> tuple[StreamConfig, StreamConfig]:
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
         duplicate_window=min(settings.jobs_duplicate_window, settings.results_max_age),
+        # A flood of junk cannot grow the queue without bound: past the limit a new submission
+        # is refused (the caller gets an error, through a replica 'overloaded'), none is lost.
+        max_msgs=settings.jobs_max_msgs,
+        discard=DiscardPolicy.NEW,
     )
     results = StreamConfig(
         name=settings.stream(RESULTS_STREAM),

@@ -20,7 +20,7 @@ import pytest
 
 from consumer.auth import Verifier, canonical, sign_reply, signature, verify_reply
 from consumer.config import Keyring
-from consumer.errors import Overloaded, Unauthorized
+from consumer.errors import Unauthorized
 from consumer.transport import Headers, repeated_names
 from tests.conftest import (
     KEY_ID,
@@ -567,28 +567,34 @@ def test_verifier_does_not_spend_a_nonce_on_a_refused_message() -> None:
     assert verifier.verify(UNIT_SUBJECT, forged, b"{}") == UNIT_KEY_ID
 
 
-def test_verifier_is_overloaded_when_the_nonce_cache_is_full() -> None:
-    """With the nonce cache full, a new valid request gets ``Overloaded`` (503), not a pass."""
+def test_a_full_nonce_cache_forgets_its_oldest_instead_of_refusing_everyone() -> None:
+    """A replica's own cache, full, forgets its oldest nonce rather than answering everyone
+    overloaded (one caller filling it must not lock the others out); the newer ones are still
+    refused as replays. The fleet-wide store still refuses the forgotten one (test_trust)."""
     clock = FakeClock()
     verifier = make_verifier(clock, capacity=2)
-    verifier.verify(UNIT_SUBJECT, unit_headers(), b"{}")
-    verifier.verify(UNIT_SUBJECT, unit_headers(), b"{}")
-    with pytest.raises(Overloaded) as caught:
-        verifier.verify(UNIT_SUBJECT, unit_headers(), b"{}")
-    assert caught.value.code == "overloaded"
-    assert caught.value.http == 503
+    oldest, middle, newest = (unit_headers() for _ in range(3))
+    for headers in (oldest, middle, newest):
+        assert verifier.verify(UNIT_SUBJECT, headers, b"{}") == UNIT_KEY_ID
+    for headers in (middle, newest):
+        with pytest.raises(Unauthorized) as caught:
+            verifier.verify(UNIT_SUBJECT, headers, b"{}")
+        assert caught.value.reason == "replayed_nonce"
+    assert verifier.verify(UNIT_SUBJECT, oldest, b"{}") == UNIT_KEY_ID  # forgotten locally
 
 
-def test_verifier_takes_new_requests_once_old_nonces_expire() -> None:
-    """The full cache frees itself after twice the window: new requests are accepted again."""
+def test_verifier_forgets_nonces_after_twice_the_window() -> None:
+    """A nonce is remembered for twice the window, then forgotten (no message can be valid
+    that long)."""
     clock = FakeClock()
-    verifier = make_verifier(clock, capacity=1)
-    verifier.verify(UNIT_SUBJECT, unit_headers(), b"{}")
-    with pytest.raises(Overloaded):
-        verifier.verify(UNIT_SUBJECT, unit_headers(), b"{}")
-    clock.advance(121)
-    fresh = unit_headers(timestamp=NOW + 121)
-    assert verifier.verify(UNIT_SUBJECT, fresh, b"{}") == UNIT_KEY_ID
+    verifier = make_verifier(clock, capacity=10)
+    headers = unit_headers()
+    verifier.verify(UNIT_SUBJECT, headers, b"{}")
+    clock.advance(119)
+    with pytest.raises(Unauthorized):
+        verifier.verify(UNIT_SUBJECT, headers, b"{}", reference_time=NOW)
+    clock.advance(2)
+    assert verifier.verify(UNIT_SUBJECT, headers, b"{}", reference_time=NOW) == UNIT_KEY_ID
 
 
 @pytest.mark.parametrize(

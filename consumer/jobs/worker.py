@@ -71,6 +71,7 @@ class JobWorker:
         self._backlog_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._fetching = False
+        self._refusals = RefusalLog()
 
     async def start(self) -> None:
         self._sub = await self.js.pull_subscribe(
@@ -151,27 +152,17 @@ class JobWorker:
 
     async def _process(self, msg: Msg) -> None:
         structlog.contextvars.clear_contextvars()
-        meta = msg.metadata
+        try:
+            meta = msg.metadata
+        except Exception:  # noqa: BLE001 - not a JetStream delivery: nothing to settle
+            self.metrics.jobs_refused.labels(reason="not_jetstream").inc()
+            self._refusals.log("a message without JetStream delivery metadata", "not_jetstream")
+            return
         # For the log only: the id the message claims, in whatever case it came.
         given = protocol.header(msg.headers, MSG_ID) or ""
         structlog.contextvars.bind_contextvars(job_id=given[:64])
-        try:
-            job = self.admission.admit(msg)
-            claim = await self.ledger.claim(
-                job.job_id, job.caller.key_id, digest_of(job.kind, msg.data), meta.sequence.stream
-            )
-        except Refused as refused:
-            await self._refuse(msg, refused.reason, str(refused))
-            return
-        except Conflict as exc:
-            await self._refuse(msg, "conflict", str(exc))
-            return
-        except StoreUnavailable as exc:
-            log.warning("the job ledger cannot be reached; job handed back", error=str(exc))
-            await self._settle(msg, nak=True, delay=LEDGER_RETRY_DELAY)
-            return
-        if claim == "duplicate":
-            await self._refuse(msg, "duplicate", "another message owns this job id")
+        job = await self._take(msg, meta)
+        if job is None:
             return
         log.info("job started", deliveries=meta.num_delivered, subject=msg.subject)
         alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
@@ -204,9 +195,38 @@ class JobWorker:
         finally:
             alive.cancel()
 
+    async def _take(self, msg: Msg, meta: Msg.Metadata) -> AdmittedJob | None:
+        """The job to run, once admitted and claimed; None when the message was settled
+        instead (refused, a duplicate, completed already, or handed back)."""
+        try:
+            job = self.admission.admit(msg)
+            claim = await self.ledger.claim(
+                job.job_id, job.caller.key_id, digest_of(job.kind, msg.data), meta.sequence.stream
+            )
+        except Refused as refused:
+            await self._refuse(msg, refused.reason, str(refused))
+            return None
+        except Conflict as exc:
+            await self._refuse(msg, "conflict", str(exc))
+            return None
+        except StoreUnavailable as exc:
+            log.warning("the job ledger cannot be reached; job handed back", error=str(exc))
+            await self._settle(msg, nak=True, delay=LEDGER_RETRY_DELAY)
+            return None
+        if claim == "duplicate":
+            await self._refuse(msg, "duplicate", "another message owns this job id")
+            return None
+        if claim == "done":
+            # Its completion was stored (and the job recorded done) but the acknowledgement
+            # was lost: do not run the script a second time.
+            await self._settle(msg, nak=False)
+            log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
+            return None
+        return job
+
     async def _refuse(self, msg: Msg, reason: str, message: str) -> None:
         self.metrics.jobs_refused.labels(reason=reason).inc()
-        log.warning("job refused; acknowledged without running", reason=reason, detail=message)
+        self._refusals.log(message, reason)
         await self._settle(msg, nak=False)
 
     async def _completed_before(self, job: AdmittedJob) -> bool:
@@ -306,6 +326,34 @@ class JobWorker:
             with contextlib.suppress(Exception):
                 await message.nak()
             log.info("job handed back", job_id=(message.headers or {}).get(MSG_ID, "")[:64])
+
+
+class RefusalLog:
+    """Logs refused job messages, at most ``per_second`` lines a second (a flood of junk must
+    not flood the logs); the count of lines left out goes with the next one. Every refusal is
+    counted in the metrics whatever the log shows."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._second = 0
+        self._logged = 0
+        self._left_out = 0
+
+    def log(self, detail: str, reason: str) -> None:
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._logged = second, 0
+        if self._logged >= self.per_second:
+            self._left_out += 1
+            return
+        self._logged += 1
+        log.warning(
+            "job refused; acknowledged without running",
+            reason=reason,
+            detail=detail,
+            refusals_not_logged=self._left_out,
+        )
+        self._left_out = 0
 
 
 async def wait_within(
