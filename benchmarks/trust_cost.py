@@ -8,7 +8,8 @@ Starts a nats-server of its own (file storage, as in production) and measures, f
 - ``local``: the replica's own replay cache for the same nonces (what it cost before);
 - ``ledger``: what an async submission pays on top of storing the job (registering a new job
   id in a bucket shaped like ``PYEXEC_JOB_IDS``, then noting the message that owns it), and
-  what the worker pays (its claim, then marking the job done).
+  what the worker pays (its claim, which marks the job running, then marking it done), and
+  what a ``job.status`` request pays on top of the replay check (one read of the record).
 
 Usage: ``python benchmarks/trust_cost.py [N]`` (default 2000 per measurement).
 """
@@ -100,6 +101,13 @@ async def measure(url: str, runs: int) -> None:
             read.append(time.perf_counter() - started)
         print(summary("ledger: submission", register))
         print(summary("ledger: worker claim + done", read))
+
+        lookups = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            await ledger.lookup(job_id, "bench")
+            lookups.append(time.perf_counter() - started)
+        print(summary("ledger: a status look-up", lookups))
     finally:
         await nc.close()
 

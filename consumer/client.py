@@ -287,6 +287,46 @@ class Client:
                 if reply is not None:
                     yield reply
 
+    async def status(self, job_id: str, timeout: float = 10.0) -> protocol.JobStatus:
+        """Where the job is (``queued``, ``running``, ``done``; ``unknown`` for an id this key
+        has no job under) and its completion once done, answered by any replica and checked
+        against this request's signature. A refusal raises :class:`ClientError`."""
+        subject = f"{self.prefix}.job.status"
+        body = protocol.encode(protocol.JobRef(job_id=job_id), self.encoding)
+        headers = self.sign(subject, body)
+        if self.encoding == protocol.MSGPACK:
+            headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        try:
+            msg = await self.nc.request(subject, body, timeout=timeout, headers=headers)
+        except NoRespondersError:
+            raise ClientError(f"no executor is listening on '{subject}'") from None
+        except NatsTimeout:
+            raise ClientError(f"no reply on '{subject}' within {timeout:g} s") from None
+        if not verify_reply(
+            self._secret,
+            self.key_id,
+            msg.headers,
+            msg.data,
+            request_subject=subject,
+            request_nonce=headers[NONCE_HEADER],
+        ):
+            refusal = _decode(msg.data, (msg.headers or {}).get("Content-Type"))
+            message = refusal.error.message if refusal.error else "no signature"
+            raise ClientError(
+                f"the status request was refused or not answered by the executor: {message}"
+            )
+        encoding: Encoding = (
+            protocol.MSGPACK
+            if (msg.headers or {}).get("Content-Type") == protocol.MSGPACK_CONTENT_TYPE
+            else protocol.JSON
+        )
+        try:
+            return protocol.decode_status(msg.data, encoding)
+        except msgspec.DecodeError:
+            refusal = _decode(msg.data, encoding)
+            message = refusal.error.message if refusal.error else refusal.status
+            raise ClientError(f"the status request was refused: {message}") from None
+
     async def send(
         self, subject: str, request: protocol.Request, timeout: float | None = None
     ) -> Reply:

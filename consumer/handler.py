@@ -22,7 +22,7 @@ from consumer.catalog import Catalog
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded, Rejected, Unauthorized
 from consumer.metrics import Metrics
-from consumer.nonces import NonceStore
+from consumer.nonces import NonceStore, authenticate
 from consumer.protocol import Encoding, ErrorBody, Reply
 from consumer.replies import Replies, Response, from_outcome
 from sandbox import Job, Outcome, Pool, PoolError
@@ -169,16 +169,10 @@ class Handler:
         caller: Caller | None = None
         request_id: str | None = None
         try:
-            verified = self.verifier.check(subject, headers, body)
-            try:
-                self.verifier.remember(verified.nonce)  # this replica's cheap first line
-                await self.nonces.claim(verified.key_id, verified.nonce)  # the fleet's
-            except Overloaded:
-                caller = verified  # signed, but cannot be checked for a replay now
-                raise
-            # A replay is answered unsigned: a signed refusal naming the original request
-            # could be shown to its caller as if it were the answer.
-            caller = verified
+            caller, refused = await authenticate(self.verifier, self.nonces, subject, headers, body)
+            if refused is not None:
+                raise refused
+            assert caller is not None
             protocol.encoding_of(content_type)
             kind = self._kinds.get(subject)
             if kind is None:

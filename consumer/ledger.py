@@ -2,7 +2,7 @@
 
 A job id is per key (``consumer.jobs.job_id_for``), so a record belongs to one caller. It holds
 the digest of the submitted body, the stream sequence of the job message that owns the job, and
-whether the job is done. With it:
+its state (queued, running, done). With it:
 
 - a submission repeated with the same body is answered ``accepted`` and not stored again, at
   any time while the record lives (not only inside the stream's short duplicate window);
@@ -30,6 +30,7 @@ from consumer.errors import Conflict, Overloaded, StoreUnavailable
 from consumer.streams import patiently
 
 Claim = Literal["run", "duplicate", "done"]
+State = Literal["queued", "running", "done"]
 ATTEMPTS = 5
 
 
@@ -37,7 +38,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str
     digest: str
     seq: int = 0  # stream sequence of the job message that owns the job; 0 until known
-    done: bool = False
+    state: State = "queued"
 
 
 _encoder = msgspec.json.Encoder()
@@ -102,7 +103,7 @@ class Ledger:
         cannot be reached (the job is then handed back)."""
         try:
             async with asyncio.timeout(self._timeout):
-                mine = Record(key_id=key_id, digest=digest, seq=seq)
+                mine = Record(key_id=key_id, digest=digest, seq=seq, state="running")
                 for _ in range(ATTEMPTS):
                     # Most jobs were registered by the replica that stored them: read first.
                     found = await self._read(job_id)
@@ -112,12 +113,12 @@ class Ledger:
                         continue  # created meanwhile by another replica: read it
                     record, revision = found
                     _same(record, key_id, digest)
-                    if record.done:
+                    if record.state == "done":
                         return "done"  # completed: never run again, whichever message
-                    if record.seq == seq:
-                        return "run"
-                    if record.seq != 0:
+                    if record.seq not in (0, seq):
                         return "duplicate"
+                    if record.seq == seq and record.state == "running":
+                        return "run"  # delivered again to run it again
                     try:
                         await self._update(job_id, mine, revision)
                     except KeyWrongLastSequenceError:
@@ -133,10 +134,23 @@ class Ledger:
             async with asyncio.timeout(self._timeout):
                 found = await self._read(job_id)
                 if found is not None:
-                    data = _encoder.encode(msgspec.structs.replace(found[0], done=True))
+                    data = _encoder.encode(msgspec.structs.replace(found[0], state="done"))
                     await patiently(lambda: self._bucket.put(job_id, data), within=self._step)
         except (TimeoutError, NatsError):
             return
+
+    async def lookup(self, job_id: str, key_id: str) -> Record | None:
+        """The record of ``job_id`` if it belongs to ``key_id``; None for another key's job,
+        exactly as for one that never existed. Raises :class:`Overloaded` when the ledger
+        cannot be reached."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                found = await self._read(job_id)
+        except (TimeoutError, NatsError) as exc:
+            raise Overloaded(f"the job ledger cannot be reached ({exc!r}); retry shortly") from None
+        if found is None or found[0].key_id != key_id:
+            return None
+        return found[0]
 
     async def _create(self, job_id: str, record: Record) -> int:
         """The new record's revision, or 0 if the key exists (perhaps written by a retry whose

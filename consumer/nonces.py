@@ -10,6 +10,7 @@ the request is answered ``overloaded`` rather than accepted unchecked (fail clos
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Protocol
 
 import structlog
@@ -17,7 +18,8 @@ from nats.errors import Error as NatsError
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from consumer.errors import Overloaded, Unauthorized
+from consumer.auth import Caller, Verifier
+from consumer.errors import Overloaded, Rejected, Unauthorized
 from consumer.streams import patiently
 
 log = structlog.get_logger("pyexec.request")
@@ -60,3 +62,31 @@ class SharedNonces:
         except (TimeoutError, NatsError) as exc:
             log.warning("the replay store cannot be reached", error=repr(exc))
             raise Overloaded("the replay store cannot be reached; retry shortly") from None
+
+
+async def authenticate(
+    verifier: Verifier,
+    nonces: NonceStore,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    body: bytes,
+) -> tuple[Caller | None, Rejected | None]:
+    """Check a request's signature and spend its nonce, on this replica and in the fleet.
+
+    ``(caller, None)`` when it may go on; otherwise ``(whom to sign the refusal for, why)``: a
+    request whose signature does not verify, or a replay, is refused unsigned (a signed refusal
+    naming the original request could be passed off to its caller as the answer); one whose
+    nonce cannot be checked for a replay now is refused ``overloaded``, signed.
+    """
+    try:
+        verified = verifier.check(subject, headers, body)
+    except Unauthorized as exc:
+        return None, exc
+    try:
+        verifier.remember(verified.nonce)  # this replica's cheap first line
+        await nonces.claim(verified.key_id, verified.nonce)  # the fleet's
+    except Unauthorized as exc:
+        return None, exc
+    except Overloaded as exc:
+        return verified, exc
+    return verified, None

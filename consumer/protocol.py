@@ -73,6 +73,25 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float = 0.0
 
 
+JobState = Literal["queued", "running", "done", "cancelled", "unknown"]
+JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class JobRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Body of ``<prefix>.job.status``: which job."""
+
+    job_id: JobId
+
+
+class JobStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Reply of ``<prefix>.job.status``: where the job is, and its completion once it has one."""
+
+    job_id: str
+    state: JobState
+    progress: Any = None
+    completion: Any = None
+
+
 class _RequestIdOnly(msgspec.Struct):
     """Used to echo the request id of a body that failed validation, where it has one."""
 
@@ -94,6 +113,14 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 _reply_decoders: dict[str, Any] = {
     JSON: msgspec.json.Decoder(Reply),
     MSGPACK: msgspec.msgpack.Decoder(Reply),
+}
+_job_ref_decoders: dict[str, Any] = {
+    JSON: msgspec.json.Decoder(JobRef),
+    MSGPACK: msgspec.msgpack.Decoder(JobRef),
+}
+_status_decoders: dict[str, Any] = {
+    JSON: msgspec.json.Decoder(JobStatus),
+    MSGPACK: msgspec.msgpack.Decoder(JobStatus),
 }
 
 
@@ -187,7 +214,31 @@ def request_id_of(body: bytes, encoding: Encoding) -> str | None:
     return None
 
 
-def encode(message: Reply | Request, encoding: Encoding) -> bytes:
+def decode_job_ref(body: bytes, encoding: Encoding) -> JobRef:
+    """Decode a ``{"job_id": ...}`` body, raising :class:`InvalidRequest`."""
+    try:
+        ref: JobRef = _job_ref_decoders[encoding].decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        name = "JSON" if encoding == JSON else "MessagePack"
+        raise InvalidRequest(f"the body is not valid {name}: {exc}") from None
+    return ref
+
+
+def decode_status(body: bytes, encoding: Encoding = JSON) -> JobStatus:
+    status: JobStatus = _status_decoders[encoding].decode(body)
+    return status
+
+
+def decode_any(body: bytes, encoding: Encoding) -> Any:
+    """A stored body (a completion) as plain values, for embedding in another reply."""
+    if encoding == MSGPACK:
+        return msgspec.msgpack.decode(body)
+    return msgspec.json.decode(body)
+
+
+def encode(message: Reply | Request | JobStatus | JobRef, encoding: Encoding) -> bytes:
     if encoding == MSGPACK:
         return _msgpack_encoder.encode(message)
     return _json_encoder.encode(message)

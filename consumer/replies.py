@@ -107,6 +107,27 @@ class Replies:
             ran=ran,
         )
 
+    def signed(
+        self,
+        data: bytes,
+        logged: Reply,
+        encoding: Encoding,
+        *,
+        caller: Caller,
+        started: float,
+    ) -> Response:
+        """An answer already encoded (not a reply body), signed for ``caller``; ``logged`` is
+        what the service counts and logs for it."""
+        headers = caller.sign_reply(data)
+        if encoding == protocol.MSGPACK:
+            headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
+        return Response(
+            data=data,
+            headers=headers,
+            reply=logged,
+            handling_ms=(time.perf_counter() - started) * 1000,
+        )
+
     def _fit(self, reply: Reply, encoding: Encoding) -> tuple[bytes, Reply]:
         """Encode ``reply``; one that cannot be encoded or is too big becomes an error."""
         try:

@@ -7,7 +7,7 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
@@ -27,10 +27,11 @@ from consumer.jobs.admit import Admission as JobAdmission
 from consumer.jobs.submit import Submitter
 from consumer.jobs.worker import JobWorker, wait_within
 from consumer.ledger import Ledger
+from consumer.lifecycle import StatusDesk
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
 from consumer.nonces import SharedNonces
-from consumer.replies import REPLY_OVERHEAD, Replies
+from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from consumer.streams import STORE_TIMEOUT, ensure_buckets, ensure_streams
 from consumer.subjects import ReplySubjects
 from consumer.transport import connect
@@ -42,6 +43,8 @@ DRAIN_STEP_TIMEOUT = 5.0
 # Seconds the requests cut at the end of the grace period get to send their worker_lost reply.
 CUT_REPLY_TIMEOUT = 5.0
 T = TypeVar("T")
+# Answers one request-reply message: subject, headers, body.
+Answer = Callable[[str, Mapping[str, str] | None, bytes], Awaitable[Response]]
 
 
 def package_version() -> str:
@@ -166,11 +169,11 @@ class Replica:
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
             check_isolation(self.settings, pool.layers)
-            handler, jobs = await self._wire(nc, pool)
+            handler, status, jobs = await self._wire(nc, pool)
             discovery = self._discovery(service_id, handler.catalog)
             await discovery.start(nc)
             await jobs.start()
-            await self._subscribe(nc, handler, discovery)
+            await self._subscribe(nc, handler, status, discovery)
             log.info(
                 "replica ready",
                 service_id=service_id,
@@ -197,7 +200,7 @@ class Replica:
         )
         return self._nc
 
-    async def _wire(self, nc: NatsClient, pool: Pool) -> tuple[Handler, JobWorker]:
+    async def _wire(self, nc: NatsClient, pool: Pool) -> tuple[Handler, StatusDesk, JobWorker]:
         """Every part of a serving replica, built once, each given what it uses."""
         settings = self.settings
         if settings.max_request_bytes + HEADER_ROOM > nc.max_payload:
@@ -218,10 +221,11 @@ class Replica:
             settings.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
         )
         self.metrics.runs_waiting.set_function(lambda: float(admission.waiting))
+        nonces = SharedNonces(stores.nonces, timeout=STORE_TIMEOUT)
         handler = Handler(
             settings,
             verifier=verifier,
-            nonces=SharedNonces(stores.nonces, timeout=STORE_TIMEOUT),
+            nonces=nonces,
             catalog=Catalog(settings.scripts_dir),
             pool=pool,
             replies=replies,
@@ -238,16 +242,25 @@ class Replica:
             replies=replies,
             metrics=self.metrics,
         )
-        return handler, jobs
+        status = StatusDesk(
+            settings,
+            verifier=verifier,
+            nonces=nonces,
+            ledger=ledger,
+            replies=replies,
+            js=js,
+            metrics=self.metrics,
+        )
+        return handler, status, jobs
 
     def _discovery(self, service_id: str, catalog: Catalog) -> Discovery:
         endpoints = {
             kind: EndpointStats(
-                name=kind,
+                name=kind.replace(".", "_"),  # micro endpoint names have no dots
                 subject=self.settings.subject(kind),
                 queue_group=self.settings.queue_group,
             )
-            for kind in ("code", "named")
+            for kind in ("code", "named", "job.status")
         }
         settings = self.settings
         return Discovery(
@@ -275,11 +288,18 @@ class Replica:
             "request dropped: its reply subject is refused", subject=subject, reply=reply[:200]
         )
 
-    async def _subscribe(self, nc: NatsClient, handler: Handler, discovery: Discovery) -> None:
-        for kind in ("code", "named"):
+    async def _subscribe(
+        self, nc: NatsClient, handler: Handler, status: StatusDesk, discovery: Discovery
+    ) -> None:
+        answers: dict[str, Answer] = {
+            "code": handler.handle,
+            "named": handler.handle,
+            "job.status": status.answer,
+        }
+        for kind, answer in answers.items():
 
-            async def on_message(msg: Msg, kind: str = kind) -> None:
-                task = asyncio.create_task(self._serve(nc, handler, discovery, kind, msg))
+            async def on_message(msg: Msg, kind: str = kind, answer: Answer = answer) -> None:
+                task = asyncio.create_task(self._serve(nc, answer, discovery, kind, msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -291,7 +311,7 @@ class Replica:
         await nc.flush()
 
     async def _serve(
-        self, nc: NatsClient, handler: Handler, discovery: Discovery, kind: str, msg: Msg
+        self, nc: NatsClient, answer: Answer, discovery: Discovery, kind: str, msg: Msg
     ) -> None:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
@@ -301,7 +321,7 @@ class Replica:
             self._refused_reply(msg.subject, msg.reply)
             return
         try:
-            response = await handler.handle(msg.subject, msg.headers, msg.data)
+            response = await answer(msg.subject, msg.headers, msg.data)
             if msg.reply:
                 if self.reply_subjects.refused(msg.reply):
                     # A stream created while the script ran may capture it now.

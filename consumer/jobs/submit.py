@@ -41,7 +41,7 @@ class Submitter:
         job_id = job_id_for(caller.secret, submission.request_id)
         digest = digest_of(submission.kind, submission.body)
         before, revision = await self.ledger.register(job_id, caller.key_id, digest)
-        if before is not None and (before.seq or before.done):
+        if before is not None and (before.seq or before.state != "queued"):
             return job_id  # stored before: answered accepted, never run again
         subject = self.settings.subject(f"jobs.{submission.kind}")
         headers = {**submission.trace, ORIGIN_SUBJECT_HEADER: caller.subject, MSG_ID: job_id}
