@@ -8,6 +8,7 @@ request like every reply.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ from consumer.replies import Replies, Response
 from consumer.streams import RESULTS_STREAM
 
 log = structlog.get_logger("pyexec.request")
+# What job_id_for gives: 32 lowercase hex digits.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class StatusDesk:
@@ -102,6 +105,9 @@ class StatusDesk:
         return self.replies.signed(data, answer, encoding, caller=caller, started=started)
 
     async def _status(self, job_id: str, key_id: str) -> JobStatus:
+        if not JOB_ID.fullmatch(job_id):
+            # Not of the form every job id has: no job of anyone's, and no store is asked.
+            return JobStatus(job_id=job_id, state="unknown")
         record = await self.ledger.lookup(job_id, key_id)
         if record is None:
             return JobStatus(job_id=job_id, state="unknown")

@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import (
     BucketNotFoundError,
+    InvalidKeyError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -48,7 +49,7 @@ NONCE_TTL = 2 * WINDOW_SECONDS + 60.0
 # before it answers 'overloaded'.
 STORE_TIMEOUT = 5.0
 # Answers from a bucket that are final, not a passing failure.
-_FINAL = (KeyWrongLastSequenceError, KeyNotFoundError)
+_FINAL = (KeyWrongLastSequenceError, KeyNotFoundError, InvalidKeyError)
 T = TypeVar("T")
 
 

@@ -135,6 +135,9 @@ def test_status_replies_are_signed_and_an_unknown_id_is_unknown(
             unknown = await raw_status(nc, "ab" * 16)
             forged = await raw_status(nc, "ab" * 16, secret="not-the-secret-0123456789")  # noqa: S106 - a wrong key
             bad = await raw_status(nc, {"not": "a string"})
+            for odd in ("../x", "a b", "AB" * 16, "*", ">", "x" * 64):
+                answered, _, signed = await raw_status(nc, odd)
+                assert (answered["state"], signed) == ("unknown", True), odd
             return unknown, forged, bad
         finally:
             await nc.close()
