@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import structlog
 from nats.js import JetStreamContext
 
@@ -25,7 +26,7 @@ from consumer.ledger import Ledger
 from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
 from consumer.protocol import ErrorBody, JobStatus, Reply
-from consumer.replies import Replies, Response
+from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from consumer.streams import RESULTS_STREAM
 
 log = structlog.get_logger("pyexec.request")
@@ -101,6 +102,10 @@ class StatusDesk:
             )
         log.info("job status", job_id=status.job_id, state=status.state)
         data = protocol.encode(status, encoding)
+        if len(data) + REPLY_OVERHEAD > self.replies.max_payload:
+            # A completion near the size limit does not fit inside a status reply: the caller
+            # reads it from the results stream instead.
+            data = protocol.encode(msgspec.structs.replace(status, completion=None), encoding)
         answer = Reply(request_id=status.job_id, job_id=status.job_id, status="ok")
         return self.replies.signed(data, answer, encoding, caller=caller, started=started)
 
