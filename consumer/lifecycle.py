@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from consumer import protocol
 from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.config import Settings
-from consumer.errors import Rejected, Unauthorized
+from consumer.errors import InvalidRequest, Rejected, Unauthorized
 from consumer.ledger import Ledger
 from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
@@ -30,6 +30,7 @@ from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from consumer.streams import RESULTS_STREAM
 
 log = structlog.get_logger("pyexec.request")
+MAX_BODY = 1024
 # What job_id_for gives: 32 lowercase hex digits.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -80,6 +81,9 @@ class StatusDesk:
         encoding = protocol.reply_encoding(content_type)
         caller: Caller | None = None
         try:
+            if len(body) > MAX_BODY:
+                # A job reference is some 80 bytes: a big body is not hashed to find that out.
+                raise InvalidRequest(f"a job status body is at most {MAX_BODY} bytes")
             caller, refused = await authenticate(self.verifier, self.nonces, subject, headers, body)
             if refused is not None:
                 raise refused

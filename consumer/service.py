@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from consumer import protocol
 from consumer.admission import Admission
 from consumer.auth import Verifier
 from consumer.catalog import Catalog
@@ -31,7 +32,14 @@ from consumer.lifecycle import StatusDesk
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
 from consumer.nonces import SharedNonces
-from consumer.replies import REPLY_OVERHEAD, Replies, Response
+from consumer.protocol import ErrorBody, Reply
+from consumer.replies import (
+    REPLY_OVERHEAD,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+    Replies,
+    Response,
+)
 from consumer.streams import STORE_TIMEOUT, ensure_buckets, ensure_streams
 from consumer.subjects import ReplySubjects
 from consumer.transport import connect
@@ -40,6 +48,7 @@ from sandbox import LayerStatus, Pool
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
 DRAIN_STEP_TIMEOUT = 5.0
+SHED_MESSAGE = "the replica holds as many requests as it can; retry shortly"
 # Seconds the requests cut at the end of the grace period get to send their worker_lost reply.
 CUT_REPLY_TIMEOUT = 5.0
 T = TypeVar("T")
@@ -77,6 +86,9 @@ class Replica:
             lambda: float(self._nc is not None and self._nc.is_connected)
         )
         self.monitor_port: int | None = None
+        # Requests held at once (running, waiting for a worker, being checked) past which new
+        # ones are refused unread.
+        self._max_in_flight = settings.queue_limit + 4 * settings.workers + 64
         self.reply_subjects = ReplySubjects(
             settings.prefix, settings.inbox_prefix, settings.reply_prefixes
         )
@@ -299,6 +311,9 @@ class Replica:
         for kind, answer in answers.items():
 
             async def on_message(msg: Msg, kind: str = kind, answer: Answer = answer) -> None:
+                if len(self._tasks) >= self._max_in_flight:
+                    await self._shed(nc, msg)
+                    return
                 task = asyncio.create_task(self._serve(nc, answer, discovery, kind, msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -338,6 +353,29 @@ class Replica:
             elapsed_ns(started),
             error.message if reply.status == "rejected" and error else None,
         )
+
+    async def _shed(self, nc: NatsClient, msg: Msg) -> None:
+        """Refuse a message at once, before even its signature is checked, when the replica
+        already holds as many requests as it can: a flood, signed or not, cannot make the
+        requests of others wait behind it. Unsigned (nothing was verified); counted."""
+        self.metrics.request(
+            subject=msg.subject,
+            status="rejected",
+            code="overloaded",
+            key_id=None,
+            seconds=0.0,
+            reply_bytes=0,
+        )
+        if not msg.reply or self.reply_subjects.refused(msg.reply):
+            return
+        reply = Reply(
+            request_id=str(uuid.uuid4()),
+            status="rejected",
+            error=ErrorBody(code="overloaded", type="Overloaded", message=SHED_MESSAGE),
+        )
+        headers = {SERVICE_ERROR_HEADER: SHED_MESSAGE, SERVICE_ERROR_CODE_HEADER: "503"}
+        with contextlib.suppress(Exception):
+            await nc.publish(msg.reply, protocol.encode(reply, protocol.JSON), headers=headers)
 
     async def _drain(
         self, nc: NatsClient, handler: Handler, discovery: Discovery, jobs: JobWorker

@@ -862,3 +862,47 @@ def test_a_request_cut_by_shutdown_is_answered_worker_lost(server: NatsServer) -
     assert "replica stopped" in sent.reply["error"]["message"]
     assert reply_signed(SECRET, sent.subject, sent.nonce, sent.headers, sent.data)
     assert waited < 7  # answered at the end of the grace period, not when the script ended
+
+
+def test_a_flood_is_refused_unread_past_what_a_replica_can_hold(server: NatsServer) -> None:
+    """Past the requests a replica can hold at once (its wait queue, its workers and a margin)
+    a new message is answered overloaded at once, before its signature is even checked, so a
+    flood cannot make others wait behind it; once the flood is over the replica serves again."""
+    replica = start_replica(
+        server.url,
+        PREFIX,
+        EXECUTOR_WORKERS="1",
+        EXECUTOR_QUEUE_LIMIT="200",
+        EXECUTOR_QUEUE_WAIT="20",
+        EXECUTOR_MAX_TIMEOUT="30",
+    )
+    held = 200 + 4 * 1 + 64  # queue limit + 4 per worker + 64
+
+    async def scenario(nc: nats.NATS) -> tuple[list[dict[str, Any]], Sent]:
+        async def one() -> dict[str, Any]:
+            body = json.dumps({"code": SLEEPY, "ctx": {"seconds": 5}, "timeout": 10}).encode()
+            headers = sign(KEY_ID, SECRET.encode(), f"{PREFIX}.code", body)
+            msg = await nc.request(f"{PREFIX}.code", body, headers=headers, timeout=60)
+            return dict(json.loads(msg.data))
+
+        flood = [asyncio.ensure_future(one()) for _ in range(held + 30)]
+        await asyncio.sleep(3)
+        shed = [task.result() for task in flood if task.done()]
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+        await asyncio.sleep(1)
+        while True:  # the flood's runs drain: then a request runs again
+            after = await request(nc, "code", {"code": ECHO, "ctx": {"after": True}})
+            if after.reply["status"] == "ok":
+                return shed, after
+            await asyncio.sleep(1)
+
+    try:
+        shed, after = run(scenario, server.url)
+    finally:
+        replica.stop()
+    refused = [r for r in shed if r["error"] and "holds as many requests" in r["error"]["message"]]
+    assert len(refused) >= 30
+    assert all(r["error"]["code"] == "overloaded" for r in refused)
+    assert after.reply["result"] == {"after": True}
