@@ -120,18 +120,14 @@ class Caller:
 
     def answered_by(self, headers: Mapping[str, str] | None, body: bytes) -> bool:
         """Whether ``body`` with ``headers`` is signed as this request's answer."""
-        return _caller_signed(self, headers, body)
-
-
-def _caller_signed(caller: Caller, headers: Mapping[str, str] | None, body: bytes) -> bool:
-    return verify_reply(
-        caller.secret,
-        caller.key_id,
-        headers,
-        body,
-        request_subject=caller.subject,
-        request_nonce=caller.nonce,
-    )
+        return verify_reply(
+            self.secret,
+            self.key_id,
+            headers,
+            body,
+            request_subject=self.subject,
+            request_nonce=self.nonce,
+        )
 
 
 def sign_reply(

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -296,12 +297,7 @@ class Client:
         headers = self.sign(subject, body)
         if self.encoding == protocol.MSGPACK:
             headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
-        try:
-            msg = await self.nc.request(subject, body, timeout=timeout, headers=headers)
-        except NoRespondersError:
-            raise ClientError(f"no executor is listening on '{subject}'") from None
-        except NatsTimeout:
-            raise ClientError(f"no reply on '{subject}' within {timeout:g} s") from None
+        msg = await self._request(subject, body, headers, timeout)
         if not verify_reply(
             self._secret,
             self.key_id,
@@ -315,11 +311,7 @@ class Client:
             raise ClientError(
                 f"the status request was refused or not answered by the executor: {message}"
             )
-        encoding: Encoding = (
-            protocol.MSGPACK
-            if (msg.headers or {}).get("Content-Type") == protocol.MSGPACK_CONTENT_TYPE
-            else protocol.JSON
-        )
+        encoding = protocol.reply_encoding((msg.headers or {}).get("Content-Type"))
         try:
             return protocol.decode_status(msg.data, encoding)
         except msgspec.DecodeError:
@@ -357,12 +349,7 @@ class Client:
                 headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
         nonce = protocol.header(headers, NONCE_HEADER) or ""
         wait = (DEFAULT_TIMEOUT if timeout is None else timeout) + REPLY_MARGIN
-        try:
-            msg = await self.nc.request(subject, body, timeout=wait, headers=headers)
-        except NoRespondersError:
-            raise ClientError(f"no executor is listening on '{subject}'") from None
-        except NatsTimeout:
-            raise ClientError(f"no reply on '{subject}' within {wait:g} s") from None
+        msg = await self._request(subject, body, headers, wait)
         reply = self.check(
             _decode(msg.data, (msg.headers or {}).get("Content-Type")),
             msg.headers,
@@ -375,6 +362,17 @@ class Client:
             if (subject, nonce) not in known:
                 known.append((subject, nonce))
         return reply
+
+    async def _request(
+        self, subject: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> Msg:
+        """One NATS request, its failures as :class:`ClientError`."""
+        try:
+            return await self.nc.request(subject, body, timeout=timeout, headers=headers)
+        except NoRespondersError:
+            raise ClientError(f"no executor is listening on '{subject}'") from None
+        except NatsTimeout:
+            raise ClientError(f"no reply on '{subject}' within {timeout:g} s") from None
 
 
 def _decode(data: bytes, content_type: str | None) -> Reply:

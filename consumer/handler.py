@@ -20,7 +20,7 @@ from consumer.admission import Admission
 from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
-from consumer.errors import InvalidRequest, Overloaded, Rejected, Unauthorized
+from consumer.errors import InvalidRequest, Overloaded, Rejected
 from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
 from consumer.protocol import Encoding, ErrorBody, Reply
@@ -325,19 +325,8 @@ class Handler:
         if request_id is None and body and len(body) <= self.settings.max_request_bytes:
             # Echo the caller's id where the body carries a usable one.
             request_id = protocol.request_id_of(body, encoding)
-        reply = Reply(
-            request_id=request_id or str(uuid.uuid4()),
-            job_id=job_id,
-            status="rejected",
-            error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
-        )
-        return self.replies.respond(
-            reply,
-            encoding,
-            caller=caller,
-            started=started,
-            http=exc.http,
-            auth_failure=exc.reason if isinstance(exc, Unauthorized) else None,
+        return self.replies.rejected(
+            exc, encoding, request_id=request_id, job_id=job_id, caller=caller, started=started
         )
 
     def _failed(

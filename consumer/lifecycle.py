@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +20,11 @@ from nats.js import JetStreamContext
 from consumer import protocol
 from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.config import Settings
-from consumer.errors import InvalidRequest, Rejected, Unauthorized
+from consumer.errors import InvalidRequest, Rejected
 from consumer.ledger import Ledger
 from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
-from consumer.protocol import ErrorBody, JobStatus, Reply
+from consumer.protocol import JobStatus, Reply
 from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from consumer.streams import RESULTS_STREAM
 
@@ -92,18 +91,14 @@ class StatusDesk:
             ref = protocol.decode_job_ref(body, encoding)
             status = await self._status(ref.job_id, caller.key_id)
         except Rejected as exc:
-            reply = Reply(
-                request_id=str(uuid.uuid4()),
-                status="rejected",
-                error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
+            response = self.replies.rejected(
+                exc, encoding, request_id=None, caller=caller, started=started
             )
-            failure = exc.reason if isinstance(exc, Unauthorized) else None
+            failure = response.auth_failure
             if failure is not None:
                 self.metrics.auth_failures.labels(reason=failure).inc()
             log.info("job status", status="rejected", error_code=exc.code, auth_failure=failure)
-            return self.replies.respond(
-                reply, encoding, caller=caller, started=started, http=exc.http, auth_failure=failure
-            )
+            return response
         log.info("job status", job_id=status.job_id, state=status.state)
         data = protocol.encode(status, encoding)
         if len(data) + REPLY_OVERHEAD > self.replies.max_payload:

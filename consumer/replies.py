@@ -9,13 +9,14 @@ for a request whose signature verified.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
 import msgspec
 
 from consumer import protocol
 from consumer.auth import Caller
-from consumer.errors import AuthFailure
+from consumer.errors import AuthFailure, Rejected, Unauthorized
 from consumer.protocol import Encoding, ErrorBody, Reply
 from sandbox import Outcome
 
@@ -105,6 +106,32 @@ class Replies:
             wait_ms=wait_ms,
             handling_ms=(time.perf_counter() - started) * 1000,
             ran=ran,
+        )
+
+    def rejected(
+        self,
+        exc: Rejected,
+        encoding: Encoding,
+        *,
+        request_id: str | None,
+        job_id: str | None = None,
+        caller: Caller | None,
+        started: float,
+    ) -> Response:
+        """The ``rejected`` reply for ``exc`` (a new request id when there is none to echo)."""
+        reply = Reply(
+            request_id=request_id or str(uuid.uuid4()),
+            job_id=job_id,
+            status="rejected",
+            error=ErrorBody(code=exc.code, type=type(exc).__name__, message=str(exc)),
+        )
+        return self.respond(
+            reply,
+            encoding,
+            caller=caller,
+            started=started,
+            http=exc.http,
+            auth_failure=exc.reason if isinstance(exc, Unauthorized) else None,
         )
 
     def signed(

@@ -22,7 +22,7 @@ from consumer.auth import Verifier
 from consumer.catalog import Catalog
 from consumer.config import HEADER_ROOM, Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, Overloaded
 from consumer.handler import Handler
 from consumer.jobs.admit import Admission as JobAdmission
 from consumer.jobs.submit import Submitter
@@ -32,14 +32,7 @@ from consumer.lifecycle import StatusDesk
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
 from consumer.nonces import SharedNonces
-from consumer.protocol import ErrorBody, Reply
-from consumer.replies import (
-    REPLY_OVERHEAD,
-    SERVICE_ERROR_CODE_HEADER,
-    SERVICE_ERROR_HEADER,
-    Replies,
-    Response,
-)
+from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from consumer.streams import STORE_TIMEOUT, ensure_buckets, ensure_streams
 from consumer.subjects import ReplySubjects
 from consumer.transport import connect
@@ -229,6 +222,7 @@ class Replica:
         ledger = Ledger(stores.job_ids, timeout=STORE_TIMEOUT)
         verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
         replies = Replies(nc.max_payload)
+        job_admission = JobAdmission(settings, verifier, self.metrics)
         admission = Admission(
             settings.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
         )
@@ -243,13 +237,13 @@ class Replica:
             replies=replies,
             metrics=self.metrics,
             admission=admission,
-            submit=Submitter(js, settings, ledger, verifier),
+            submit=Submitter(js, settings, ledger, job_admission),
         )
         jobs = JobWorker(
             nc,
             settings,
             handler=handler,
-            admission=JobAdmission(settings, verifier, self.metrics),
+            admission=job_admission,
             ledger=ledger,
             replies=replies,
             metrics=self.metrics,
@@ -312,7 +306,7 @@ class Replica:
 
             async def on_message(msg: Msg, kind: str = kind, answer: Answer = answer) -> None:
                 if len(self._tasks) >= self._max_in_flight:
-                    await self._shed(nc, msg)
+                    await self._shed(nc, msg, handler.replies)
                     return
                 task = asyncio.create_task(self._serve(nc, answer, discovery, kind, msg))
                 self._tasks.add(task)
@@ -354,7 +348,7 @@ class Replica:
             error.message if reply.status == "rejected" and error else None,
         )
 
-    async def _shed(self, nc: NatsClient, msg: Msg) -> None:
+    async def _shed(self, nc: NatsClient, msg: Msg, replies: Replies) -> None:
         """Refuse a message at once, before even its signature is checked, when the replica
         already holds as many requests as it can: a flood, signed or not, cannot make the
         requests of others wait behind it. Unsigned (nothing was verified); counted."""
@@ -368,14 +362,15 @@ class Replica:
         )
         if not msg.reply or self.reply_subjects.refused(msg.reply):
             return
-        reply = Reply(
-            request_id=str(uuid.uuid4()),
-            status="rejected",
-            error=ErrorBody(code="overloaded", type="Overloaded", message=SHED_MESSAGE),
+        response = replies.rejected(
+            Overloaded(SHED_MESSAGE),
+            protocol.JSON,
+            request_id=None,
+            caller=None,
+            started=time.perf_counter(),
         )
-        headers = {SERVICE_ERROR_HEADER: SHED_MESSAGE, SERVICE_ERROR_CODE_HEADER: "503"}
         with contextlib.suppress(Exception):
-            await nc.publish(msg.reply, protocol.encode(reply, protocol.JSON), headers=headers)
+            await nc.publish(msg.reply, response.data, headers=response.headers)
 
     async def _drain(
         self, nc: NatsClient, handler: Handler, discovery: Discovery, jobs: JobWorker

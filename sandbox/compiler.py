@@ -272,23 +272,31 @@ PLAIN_RESULTS = frozenset({
 })  # fmt: skip
 
 
+def _target(node: ast.AST) -> str | None:
+    """The name ``node`` itself binds as a target: assigned or deleted, imported, an ``except``
+    or ``match`` capture; None for any other node."""
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+        return node.id
+    if isinstance(node, ast.alias):
+        return node.asname or node.name.partition(".")[0]
+    if isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar):
+        return node.name
+    if isinstance(node, ast.MatchMapping):
+        return node.rest
+    return None
+
+
 def bound_names(tree: ast.AST) -> frozenset[str]:
     """Every name ``tree`` binds anywhere (assigned, deleted, defined, imported, a parameter,
     an ``except`` or ``match`` target, declared global or nonlocal)."""
     names: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            names.add(node.id)
+        if (target := _target(node)) is not None:
+            names.add(target)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(node.name)
         elif isinstance(node, ast.arg):
             names.add(node.arg)
-        elif isinstance(node, ast.alias):
-            names.add(node.asname or node.name.partition(".")[0])
-        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
-            names.add(node.name)
-        elif isinstance(node, ast.MatchMapping) and node.rest:
-            names.add(node.rest)
         elif isinstance(node, ast.Global | ast.Nonlocal):
             names.update(node.names)
     return frozenset(names)
@@ -320,14 +328,8 @@ def namespace_bindings(tree: ast.AST) -> frozenset[str]:
         if isinstance(node, ast.Lambda):
             pending.extend([*node.args.defaults, *(d for d in node.args.kw_defaults if d)])
             continue
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            names.add(node.id)
-        elif isinstance(node, ast.alias):
-            names.add(node.asname or node.name.partition(".")[0])
-        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
-            names.add(node.name)
-        elif isinstance(node, ast.MatchMapping) and node.rest:
-            names.add(node.rest)
+        if (target := _target(node)) is not None:
+            names.add(target)
         pending.extend(ast.iter_child_nodes(node))
     return frozenset(names)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import json
 import secrets
@@ -37,6 +39,19 @@ SECRET = secrets.token_hex(32)
 OLD_KEY_ID = "old"
 OLD_SECRET = secrets.token_hex(32)
 _prefixes = itertools.count(1)
+
+
+def reply_signed(
+    secret: str, subject: str, nonce: str, headers: dict[str, str] | None, body: bytes
+) -> bool:
+    """Whether ``body`` with ``headers`` is signed by ``secret`` as the answer to the request
+    sent on ``subject`` with ``nonce``."""
+    headers = headers or {}
+    stamp = headers.get("Pyexec-Timestamp", "")
+    digest = hashlib.sha256(body).hexdigest()
+    canonical = f"v1-reply\n{subject}\n{nonce}\n{stamp}\n{digest}".encode()
+    expected = hmac.new(secret.encode(), canonical, hashlib.sha256).hexdigest()
+    return headers.get("Pyexec-Signature") == expected and stamp.isdigit()
 
 
 def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:

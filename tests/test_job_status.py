@@ -7,8 +7,6 @@ in the test, not the executor's code.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from tests.conftest import (
     NatsServer,
     ReplicaProcess,
     free_port,
+    reply_signed,
     start_replica,
 )
 
@@ -58,14 +57,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer
         server.stop()
 
 
-def signed_for(secret: str, subject: str, nonce: str, headers: dict[str, str], body: bytes) -> bool:
-    stamp = headers.get("Pyexec-Timestamp", "")
-    digest = hashlib.sha256(body).hexdigest()
-    canonical = f"v1-reply\n{subject}\n{nonce}\n{stamp}\n{digest}".encode()
-    expected = hmac.new(secret.encode(), canonical, hashlib.sha256).hexdigest()
-    return headers.get("Pyexec-Signature") == expected
-
-
 async def raw_status(
     nc: nats.NATS, job_id: Any, *, key_id: str = KEY_ID, secret: str = SECRET
 ) -> tuple[dict[str, Any], dict[str, str], bool]:
@@ -78,7 +69,7 @@ async def raw_status(
     return (
         json.loads(msg.data),
         got,
-        signed_for(secret, subject, headers["Pyexec-Nonce"], got, msg.data),
+        reply_signed(secret, subject, headers["Pyexec-Nonce"], got, msg.data),
     )
 
 

@@ -39,6 +39,7 @@ from tests.conftest import (
     NatsServer,
     ReplicaProcess,
     free_port,
+    reply_signed,
     start_replica,
     until,
 )
@@ -61,19 +62,6 @@ SECRETS = {KEY_ID: SECRET, OLD_KEY_ID: OLD_SECRET}
 def expected_job_id(secret: str, request_id: str) -> str:
     mac = hmac.new(secret.encode(), b"v1-job\n" + request_id.encode(), hashlib.sha256)
     return mac.hexdigest()[:32]
-
-
-def reply_signed(
-    secret: str, subject: str, nonce: str, headers: dict[str, str] | None, body: bytes
-) -> bool:
-    """Whether ``body`` with ``headers`` is signed by ``secret`` as the answer to the request
-    sent on ``subject`` with ``nonce``."""
-    headers = headers or {}
-    stamp = headers.get("Pyexec-Timestamp", "")
-    digest = hashlib.sha256(body).hexdigest()
-    canonical = f"v1-reply\n{subject}\n{nonce}\n{stamp}\n{digest}".encode()
-    expected = hmac.new(secret.encode(), canonical, hashlib.sha256).hexdigest()
-    return headers.get("Pyexec-Signature") == expected and stamp.isdigit()
 
 
 # -- the fleet -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ subject.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 import structlog
 from nats.aio.msg import Msg
@@ -45,21 +46,30 @@ class Admission:
         }
 
     def admit(self, msg: Msg) -> AdmittedJob:
-        """Check a job message before anything runs or is answered; raise :class:`Refused`."""
-        headers = msg.headers
-        kind = self._kinds.get(msg.subject)
+        """Check a delivered job message before anything runs or is answered; raise
+        :class:`Refused`. Its window is judged by the time the stream stored it."""
+        meta = msg.metadata
+        stored = meta.timestamp.timestamp() if meta.timestamp else None
+        return self.check(msg.subject, msg.headers, msg.data, stored_at=stored)
+
+    def check(
+        self,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        data: bytes,
+        *,
+        stored_at: float | None,
+    ) -> AdmittedJob:
+        """Check a job message as stored on ``subject``; raise :class:`Refused`."""
+        kind = self._kinds.get(subject)
         if kind is None:
-            raise Refused("subject", f"'{msg.subject}' is not a jobs subject served here")
+            raise Refused("subject", f"'{subject}' is not a jobs subject served here")
         origin = protocol.header(headers, ORIGIN_SUBJECT_HEADER)
         if origin is not None and origin != self.settings.subject(kind):
             raise Refused("origin_subject", "the job names a subject it cannot come from")
-        meta = msg.metadata
-        stored = meta.timestamp.timestamp() if meta.timestamp else None
         try:
             # A job may be delivered again: its replay protection is its job id, not the nonce.
-            caller = self.verifier.check(
-                origin or msg.subject, headers, msg.data, reference_time=stored
-            )
+            caller = self.verifier.check(origin or subject, headers, data, reference_time=stored_at)
         except Unauthorized as exc:
             self.metrics.auth_failures.labels(reason=exc.reason).inc()
             raise Refused("unauthorized", str(exc)) from None
@@ -71,7 +81,7 @@ class Admission:
             protocol.encoding_of(content_type)
             request = protocol.decode_request(
                 kind,
-                msg.data,
+                data,
                 encoding,
                 max_bytes=self.settings.max_request_bytes,
                 max_depth=self.settings.max_ctx_depth,
@@ -79,7 +89,7 @@ class Admission:
             request_id = request.request_id
         except InvalidRequest as exc:
             invalid = exc
-            request_id = protocol.request_id_of(msg.data, encoding)
+            request_id = protocol.request_id_of(data, encoding)
         if request_id is None and origin is not None:
             request_id = protocol.header(headers, REQUEST_ID_HEADER)
         if not request_id:
@@ -96,7 +106,7 @@ class Admission:
             raise Refused("not_async", "only a 'mode: \"async\"' request becomes a job")
         structlog.contextvars.bind_contextvars(job_id=job_id, request_id=request_id)
         return AdmittedJob(
-            subject=msg.subject,
+            subject=subject,
             headers=headers,
             kind=kind,
             caller=caller,

@@ -15,11 +15,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from consumer import protocol
-from consumer.auth import SIGNATURE_HEADERS, Verifier
+from consumer.auth import SIGNATURE_HEADERS
 from consumer.config import Settings
-from consumer.errors import Conflict, Overloaded, Rejected, Unauthorized
+from consumer.errors import Conflict, Overloaded, Rejected
 from consumer.handler import Submission
 from consumer.jobs import MSG_ID, ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER, job_id_for
+from consumer.jobs.admit import Admission, Refused
 from consumer.ledger import Ledger, Record, digest_of
 from consumer.streams import JOBS_STREAM
 
@@ -28,12 +29,12 @@ class Submitter:
     """Stores the job of a ``mode: "async"`` request: the caller's signed message as it came."""
 
     def __init__(
-        self, js: JetStreamContext, settings: Settings, ledger: Ledger, verifier: Verifier
+        self, js: JetStreamContext, settings: Settings, ledger: Ledger, admission: Admission
     ) -> None:
         self.js = js
         self.settings = settings
         self.ledger = ledger
-        self.verifier = verifier
+        self.admission = admission
         self._noting: set[asyncio.Task[None]] = set()
 
     async def __call__(self, submission: Submission) -> str:
@@ -79,7 +80,8 @@ class Submitter:
         self, seq: int, submission: Submission, digest: str, *, fresh: bool
     ) -> None:
         """Raise unless the job message stored at ``seq`` is the one this submission would
-        have stored."""
+        have stored: a job the replicas admit (see :mod:`consumer.jobs.admit`), of the same key,
+        kind and body."""
         try:
             stored = await self.js.get_msg(self.settings.stream(JOBS_STREAM), seq=seq)
         except NotFoundError:
@@ -90,21 +92,19 @@ class Submitter:
                     "retry after it"
                 ) from None
             return  # recorded as this job's before: it ran or runs
-        headers = stored.headers or {}
-        origin = protocol.header(headers, ORIGIN_SUBJECT_HEADER)
         try:
-            signer = self.verifier.check(
-                origin or stored.subject or "",
-                headers,
+            held = self.admission.check(
+                stored.subject or "",
+                stored.headers,
                 stored.data or b"",
-                reference_time=stored.time.timestamp() if stored.time else None,
+                stored_at=stored.time.timestamp() if stored.time else None,
             )
-        except Unauthorized:
-            signer = None
+        except Refused:
+            held = None  # not a job any replica would run
         same = (
-            signer is not None
-            and signer.key_id == submission.caller.key_id
-            and stored.subject == self.settings.subject(f"jobs.{submission.kind}")
+            held is not None
+            and held.caller.key_id == submission.caller.key_id
+            and held.kind == submission.kind
             and digest_of(submission.kind, stored.data or b"") == digest
         )
         if not same:
