@@ -10,6 +10,7 @@ before a job is submitted, with the contract's formula.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -289,15 +290,28 @@ class Client:
                     yield reply
 
     async def status(self, job_id: str, timeout: float = 10.0) -> protocol.JobStatus:
-        """Where the job is (``queued``, ``running``, ``done``; ``unknown`` for an id this key
-        has no job under) and its completion once done, answered by any replica and checked
-        against this request's signature. A refusal raises :class:`ClientError`."""
-        subject = f"{self.prefix}.job.status"
+        """Where the job is (``queued``, ``running``, ``done``, ``cancelled``; ``unknown`` for an
+        id this key has no job under), its last progress event, and its completion once final,
+        answered by any replica and checked against this request's signature. A refusal raises
+        :class:`ClientError`."""
+        data, encoding = await self._lifecycle("status", job_id, timeout)
+        return protocol.decode_status(data, encoding)
+
+    async def cancel(self, job_id: str, timeout: float = 10.0) -> protocol.JobCancel:
+        """Cancel the job: a queued one never runs, a running one is stopped. The answer is
+        the state it is in now (``cancelled``; ``done`` if it had finished; ``unknown``)."""
+        data, encoding = await self._lifecycle("cancel", job_id, timeout)
+        return protocol.decode_cancel(data, encoding)
+
+    async def _lifecycle(self, action: str, job_id: str, timeout: float) -> tuple[bytes, Encoding]:
+        """Send ``<prefix>.job.<action>`` for ``job_id``; the checked answer's body."""
+        subject = f"{self.prefix}.job.{action}"
         body = protocol.encode(protocol.JobRef(job_id=job_id), self.encoding)
         headers = self.sign(subject, body)
         if self.encoding == protocol.MSGPACK:
             headers["Content-Type"] = protocol.MSGPACK_CONTENT_TYPE
         msg = await self._request(subject, body, headers, timeout)
+        encoding = protocol.reply_encoding((msg.headers or {}).get("Content-Type"))
         if not verify_reply(
             self._secret,
             self.key_id,
@@ -309,15 +323,52 @@ class Client:
             refusal = _decode(msg.data, (msg.headers or {}).get("Content-Type"))
             message = refusal.error.message if refusal.error else "no signature"
             raise ClientError(
-                f"the status request was refused or not answered by the executor: {message}"
+                f"the {action} request was refused or not answered by the executor: {message}"
             )
-        encoding = protocol.reply_encoding((msg.headers or {}).get("Content-Type"))
         try:
-            return protocol.decode_status(msg.data, encoding)
-        except msgspec.DecodeError:
-            refusal = _decode(msg.data, encoding)
-            message = refusal.error.message if refusal.error else refusal.status
-            raise ClientError(f"the status request was refused: {message}") from None
+            refusal = protocol.decode_reply(msg.data, encoding)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return msg.data, encoding
+        message = refusal.error.message if refusal.error else refusal.status
+        raise ClientError(f"the {action} request was refused: {message}")
+
+    async def progress(self, job_id: str) -> AsyncIterator[protocol.Progress]:
+        """The job's progress events as they are published (best effort, core NATS); only
+        events signed for a request of this client that stored the job are given (with none
+        known, every well-formed event naming the job)."""
+        subscription = await self.nc.subscribe(f"{self.prefix}.progress.{job_id}")
+        try:
+            async for msg in subscription.messages:
+                event = self._progress_event(job_id, msg.data, msg.headers)
+                if event is not None:
+                    yield event
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    def _progress_event(
+        self, job_id: str, data: bytes, headers: dict[str, str] | None
+    ) -> protocol.Progress | None:
+        try:
+            event = protocol.decode_progress(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if event.job_id != job_id:
+            return None
+        sent = self._jobs.get(job_id)
+        if sent and not any(
+            verify_reply(
+                self._secret,
+                self.key_id,
+                headers,
+                data,
+                request_subject=subject,
+                request_nonce=nonce,
+            )
+            for subject, nonce in sent
+        ):
+            return None
+        return event
 
     async def send(
         self, subject: str, request: protocol.Request, timeout: float | None = None

@@ -2,13 +2,15 @@
 
 A job id is per key (``consumer.jobs.job_id_for``), so a record belongs to one caller. It holds
 the digest of the submitted body, the stream sequence of the job message that owns the job, and
-its state (queued, running, done). With it:
+its state (queued, running, done, cancelled). With it:
 
 - a submission repeated with the same body is answered ``accepted`` and not stored again, at
   any time while the record lives (not only inside the stream's short duplicate window);
 - the same key and request id with a different body is a :class:`Conflict`;
 - a job message that is not the owner (a late duplicate published straight into the stream) is
-  acknowledged without running.
+  acknowledged without running;
+- a cancelled job stays cancelled (the record is durable like the streams): a worker that
+  receives it, after a restart or a redelivery, acknowledges it without running.
 
 Records are written with compare-and-set on their revision, so two replicas never both take a
 job. The bucket's TTL equals ``EXECUTOR_RESULTS_MAX_AGE`` and a record is written again when its
@@ -27,10 +29,12 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from consumer.errors import Conflict, Overloaded, StoreUnavailable
+from consumer.protocol import Progress
 from consumer.streams import patiently
 
-Claim = Literal["run", "duplicate", "done"]
-State = Literal["queued", "running", "done"]
+Claim = Literal["run", "duplicate", "done", "cancelled"]
+State = Literal["queued", "running", "done", "cancelled"]
+FINAL: frozenset[State] = frozenset({"done", "cancelled"})
 ATTEMPTS = 5
 
 
@@ -43,6 +47,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Record)
+_progress_encoder = msgspec.json.Encoder()
+_progress_decoder = msgspec.json.Decoder(Progress)
 
 
 def digest_of(kind: str, body: bytes) -> str:
@@ -97,8 +103,8 @@ class Ledger:
 
     async def claim(self, job_id: str, key_id: str, digest: str, seq: int) -> Claim:
         """Whether the job message at stream sequence ``seq`` is the one to run ("run"), a
-        duplicate of a job owned by another message ("duplicate"), or a job completed already
-        ("done"). Raises :class:`Conflict`
+        duplicate of a job owned by another message ("duplicate"), a job completed already
+        ("done") or cancelled ("cancelled"). Raises :class:`Conflict`
         for a different body under the same job id, :class:`StoreUnavailable` if the ledger
         cannot be reached (the job is then handed back)."""
         try:
@@ -113,8 +119,8 @@ class Ledger:
                         continue  # created meanwhile by another replica: read it
                     record, revision = found
                     _same(record, key_id, digest)
-                    if record.state == "done":
-                        return "done"  # completed: never run again, whichever message
+                    if record.state in FINAL:  # never run again, whichever message
+                        return "done" if record.state == "done" else "cancelled"
                     if record.seq not in (0, seq):
                         return "duplicate"
                     if record.seq == seq and record.state == "running":
@@ -128,16 +134,50 @@ class Ledger:
             raise StoreUnavailable(repr(exc)) from None
         raise StoreUnavailable("the record kept changing")
 
-    async def done(self, job_id: str) -> None:
-        """Mark the job done, which also restarts the record's time to live."""
+    async def settle(self, job_id: str, state: State) -> None:
+        """Write the job's final state (the one its stored completion says), which also
+        restarts the record's time to live; best effort."""
         try:
             async with asyncio.timeout(self._timeout):
                 found = await self._read(job_id)
                 if found is not None:
-                    data = _encoder.encode(msgspec.structs.replace(found[0], state="done"))
+                    data = _encoder.encode(msgspec.structs.replace(found[0], state=state))
                     await patiently(lambda: self._bucket.put(job_id, data), within=self._step)
         except (TimeoutError, NatsError):
             return
+
+    async def cancel(self, job_id: str, key_id: str) -> tuple[Record | None, bool]:
+        """Mark the caller's job cancelled unless it is final already. Returns its record as
+        it was (None: no job of this key) and whether this call cancelled it. Compare-and-set,
+        so of a cancel and a worker's claim, or of two cancels, one wins and the other sees
+        the winner's state. Raises :class:`Overloaded` when the ledger cannot be reached."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                for _ in range(ATTEMPTS):
+                    found = await self._read(job_id)
+                    if found is None or found[0].key_id != key_id:
+                        return None, False
+                    record, revision = found
+                    if record.state in FINAL:
+                        return record, False
+                    cancelled = msgspec.structs.replace(record, state="cancelled")
+                    try:
+                        await self._update(job_id, cancelled, revision)
+                    except KeyWrongLastSequenceError:
+                        continue  # claimed or cancelled meanwhile: read again
+                    return record, True
+        except (TimeoutError, NatsError) as exc:
+            raise Overloaded(f"the job ledger cannot be reached ({exc!r}); retry shortly") from None
+        raise Overloaded("the job ledger is changing too fast; retry shortly")
+
+    async def state_of(self, job_id: str) -> State | None:
+        """The job's state now; None when it cannot be told (missing, unreachable)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                found = await self._read(job_id)
+        except (TimeoutError, NatsError):
+            return None
+        return None if found is None else found[0].state
 
     async def lookup(self, job_id: str, key_id: str) -> Record | None:
         """The record of ``job_id`` if it belongs to ``key_id``; None for another key's job,
@@ -151,6 +191,29 @@ class Ledger:
         if found is None or found[0].key_id != key_id:
             return None
         return found[0]
+
+    async def set_progress(self, job_id: str, progress: Progress) -> None:
+        """Keep ``progress`` as the job's last progress event (under ``<job_id>.progress``, not
+        in the record, so it never races a claim or a cancel); best effort."""
+        data = _progress_encoder.encode(progress)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await patiently(
+                    lambda: self._bucket.put(f"{job_id}.progress", data), within=self._step
+                )
+        except (TimeoutError, NatsError):
+            return
+
+    async def progress(self, job_id: str) -> Progress | None:
+        """The job's last progress event; None if it has none (or it cannot be read now)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                entry = await patiently(
+                    lambda: self._bucket.get(f"{job_id}.progress"), within=self._step
+                )
+            return _progress_decoder.decode(entry.value or b"")
+        except (TimeoutError, NatsError, KeyNotFoundError, msgspec.DecodeError):
+            return None
 
     async def _create(self, job_id: str, record: Record) -> int:
         """The new record's revision, or 0 if the key exists (perhaps written by a retry whose

@@ -188,6 +188,30 @@ class Metrics:
             ["status"],
             registry=reg,
         )
+        self.jobs_cancelled = Counter(
+            "pyexec_jobs_cancelled",
+            "Jobs cancelled through this replica, by the state they were in (queued, running).",
+            ["was"],
+            registry=reg,
+        )
+        self.progress_events = Counter(
+            "pyexec_progress_events",
+            "Progress events of running jobs: published, or dropped by the rate limit.",
+            ["outcome"],
+            registry=reg,
+        )
+        self.files = Counter(
+            "pyexec_files",
+            "Files moved between the object store and runs, by direction (in, out).",
+            ["direction"],
+            registry=reg,
+        )
+        self.file_bytes = Counter(
+            "pyexec_file_bytes",
+            "Bytes of files moved between the object store and runs, by direction (in, out).",
+            ["direction"],
+            registry=reg,
+        )
         self.jobs_redelivered = Counter(
             "pyexec_jobs_redelivered",
             "Jobs this replica received again after another delivery was not acknowledged.",

@@ -17,7 +17,7 @@ MSGPACK: Final = "msgpack"
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 JSON_CONTENT_TYPES = frozenset({"", "application/json"})
 
-Status = Literal["ok", "error", "timeout", "rejected", "accepted"]
+Status = Literal["ok", "error", "timeout", "rejected", "accepted", "cancelled"]
 Mode = Literal["sync", "async"]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Timeout = Annotated[float, msgspec.Meta(gt=0)]
@@ -92,6 +92,23 @@ class JobStatus(msgspec.Struct, frozen=True, kw_only=True):
     completion: Any = None
 
 
+class JobCancel(msgspec.Struct, frozen=True, kw_only=True):
+    """Reply of ``<prefix>.job.cancel``: the state the job is in after the cancel."""
+
+    job_id: str
+    state: JobState
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A job's progress event, as published on ``<prefix>.progress.<job_id>`` (with
+    ``job_id``) and kept as the last one in its status (without)."""
+
+    fraction: float | None
+    message: str
+    at: str
+    job_id: str | None = None
+
+
 class _RequestIdOnly(msgspec.Struct):
     """Used to echo the request id of a body that failed validation, where it has one."""
 
@@ -121,6 +138,10 @@ _job_ref_decoders: dict[str, Any] = {
 _status_decoders: dict[str, Any] = {
     JSON: msgspec.json.Decoder(JobStatus),
     MSGPACK: msgspec.msgpack.Decoder(JobStatus),
+}
+_cancel_decoders: dict[str, Any] = {
+    JSON: msgspec.json.Decoder(JobCancel),
+    MSGPACK: msgspec.msgpack.Decoder(JobCancel),
 }
 
 
@@ -231,6 +252,20 @@ def decode_status(body: bytes, encoding: Encoding = JSON) -> JobStatus:
     return status
 
 
+def decode_cancel(body: bytes, encoding: Encoding = JSON) -> JobCancel:
+    answer: JobCancel = _cancel_decoders[encoding].decode(body)
+    return answer
+
+
+_progress_decoder = msgspec.json.Decoder(Progress)
+
+
+def decode_progress(body: bytes) -> Progress:
+    """A progress event (always JSON)."""
+    event: Progress = _progress_decoder.decode(body)
+    return event
+
+
 def decode_any(body: bytes, encoding: Encoding) -> Any:
     """A stored body (a completion) as plain values, for embedding in another reply."""
     if encoding == MSGPACK:
@@ -238,7 +273,9 @@ def decode_any(body: bytes, encoding: Encoding) -> Any:
     return msgspec.json.decode(body)
 
 
-def encode(message: Reply | Request | JobStatus | JobRef, encoding: Encoding) -> bytes:
+def encode(
+    message: Reply | Request | JobStatus | JobCancel | JobRef | Progress, encoding: Encoding
+) -> bytes:
     if encoding == MSGPACK:
         return _msgpack_encoder.encode(message)
     return _json_encoder.encode(message)

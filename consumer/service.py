@@ -25,10 +25,11 @@ from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError, Overloaded
 from consumer.handler import Handler
 from consumer.jobs.admit import Admission as JobAdmission
+from consumer.jobs.completions import Completions
 from consumer.jobs.submit import Submitter
 from consumer.jobs.worker import JobWorker, wait_within
 from consumer.ledger import Ledger
-from consumer.lifecycle import StatusDesk
+from consumer.lifecycle import LifecycleDesk
 from consumer.metrics import Metrics
 from consumer.monitor import Monitor
 from consumer.nonces import SharedNonces
@@ -205,7 +206,7 @@ class Replica:
         )
         return self._nc
 
-    async def _wire(self, nc: NatsClient, pool: Pool) -> tuple[Handler, StatusDesk, JobWorker]:
+    async def _wire(self, nc: NatsClient, pool: Pool) -> tuple[Handler, LifecycleDesk, JobWorker]:
         """Every part of a serving replica, built once, each given what it uses."""
         settings = self.settings
         if settings.max_request_bytes + HEADER_ROOM > nc.max_payload:
@@ -239,6 +240,7 @@ class Replica:
             admission=admission,
             submit=Submitter(js, settings, ledger, job_admission),
         )
+        completions = Completions(js, settings, replies)
         jobs = JobWorker(
             nc,
             settings,
@@ -246,15 +248,18 @@ class Replica:
             admission=job_admission,
             ledger=ledger,
             replies=replies,
+            completions=completions,
             metrics=self.metrics,
         )
-        status = StatusDesk(
+        status = LifecycleDesk(
             settings,
+            nc=nc,
             verifier=verifier,
             nonces=nonces,
             ledger=ledger,
             replies=replies,
-            js=js,
+            completions=completions,
+            admission=job_admission,
             metrics=self.metrics,
         )
         return handler, status, jobs
@@ -266,7 +271,7 @@ class Replica:
                 subject=self.settings.subject(kind),
                 queue_group=self.settings.queue_group,
             )
-            for kind in ("code", "named", "job.status")
+            for kind in ("code", "named", "job.status", "job.cancel")
         }
         settings = self.settings
         return Discovery(
@@ -295,12 +300,13 @@ class Replica:
         )
 
     async def _subscribe(
-        self, nc: NatsClient, handler: Handler, status: StatusDesk, discovery: Discovery
+        self, nc: NatsClient, handler: Handler, status: LifecycleDesk, discovery: Discovery
     ) -> None:
         answers: dict[str, Answer] = {
             "code": handler.handle,
             "named": handler.handle,
-            "job.status": status.answer,
+            "job.status": status.status,
+            "job.cancel": status.cancel,
         }
         for kind, answer in answers.items():
 

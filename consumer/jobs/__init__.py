@@ -15,6 +15,8 @@ import hashlib
 import hmac
 
 MSG_ID = "Nats-Msg-Id"
+# Core NATS, replicas only: "this job was cancelled", so the replica running it stops it.
+CANCEL_NOTICE = "job.cancelled"
 # A job stored by a replica for a 'mode: "async"' request carries the caller's own signature
 # headers, so the subject the caller signed (``<prefix>.code`` / ``.named``) goes with it...
 ORIGIN_SUBJECT_HEADER = "Pyexec-Origin-Subject"

@@ -4,6 +4,11 @@ completion, acknowledge it.
 Replicas share one durable pull consumer and keep long jobs alive with progress acks; a job is
 acknowledged only after its completion is stored in ``PYEXEC_RESULTS``. A job delivered more
 often than ``EXECUTOR_JOB_MAX_DELIVER`` completes as ``worker_lost`` without running again.
+
+A cancelled job is never started (its record says so at the claim) and a running one is stopped
+(its child killed) as soon as the cancel's notice arrives, or at the latest at the next look at
+its record (every ``CANCEL_POLL`` seconds); a run that ends as the cancel lands keeps whichever
+completion the results stream stored first.
 """
 
 from __future__ import annotations
@@ -23,21 +28,22 @@ from consumer import protocol, tracing
 from consumer.config import Settings
 from consumer.errors import Conflict, StoreUnavailable
 from consumer.handler import AdmittedJob, Handler
-from consumer.jobs import MSG_ID
+from consumer.jobs import CANCEL_NOTICE, MSG_ID
 from consumer.jobs.admit import Admission, Refused
-from consumer.ledger import Ledger, digest_of
+from consumer.jobs.completions import Completions
+from consumer.ledger import Ledger, State, digest_of
 from consumer.metrics import Metrics
 from consumer.protocol import ErrorBody, Reply
-from consumer.replies import Replies
-from consumer.streams import JOBS_STREAM, RESULTS_STREAM
+from consumer.replies import Replies, Response
+from consumer.streams import JOBS_STREAM
 
 log = structlog.get_logger("pyexec.jobs")
 
 DURABLE = "pyexec-workers"
 FETCH_TIMEOUT = 1.0
 BACKLOG_INTERVAL = 5.0
-# Seconds between attempts to store a completion (about a minute in all).
-STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# Seconds between looks at a running job's record, for a cancel whose notice was lost.
+CANCEL_POLL = 2.0
 # Seconds before a job is offered again when the ledger could not be reached.
 LEDGER_RETRY_DELAY = 2.0
 
@@ -54,6 +60,7 @@ class JobWorker:
         admission: Admission,
         ledger: Ledger,
         replies: Replies,
+        completions: Completions,
         metrics: Metrics,
     ) -> None:
         self.nc = nc
@@ -63,6 +70,7 @@ class JobWorker:
         self.admission = admission
         self.ledger = ledger
         self.replies = replies
+        self.completions = completions
         self.metrics = metrics
         self.slots = max(1, math.floor(settings.workers * settings.job_share))
         self._free = asyncio.Semaphore(self.slots)
@@ -72,6 +80,10 @@ class JobWorker:
         self._stopping = False
         self._fetching = False
         self._refusals = RefusalLog()
+        # The runs going on, by job id, and those being stopped because they were cancelled.
+        self._runs: dict[str, asyncio.Future[Response]] = {}
+        self._cancelled: set[str] = set()
+        self._checks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._sub = await self.js.pull_subscribe(
@@ -84,6 +96,9 @@ class JobWorker:
                 max_deliver=-1,
                 deliver_policy=DeliverPolicy.ALL,
             ),
+        )
+        self._notices = await self.nc.subscribe(
+            self.settings.subject(CANCEL_NOTICE), cb=self._on_cancel_notice
         )
         self._loop_task = asyncio.create_task(self._fetch_loop())
         self._backlog_task = asyncio.create_task(self._watch_backlog())
@@ -169,11 +184,12 @@ class JobWorker:
         try:
             if meta.num_delivered > 1:
                 self.metrics.jobs_redelivered.inc()
-                if await self._completed_before(job):
+                state = await self.completions.stored_state(job)
+                if state is not None:
                     # Its completion was stored but the acknowledgement was lost: do not run
                     # the script a second time.
                     await self._settle(msg, nak=False)
-                    await self.ledger.done(job.job_id)
+                    await self.ledger.settle(job.job_id, state)
                     log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
                     return
             if meta.num_delivered > self.settings.job_max_deliver:
@@ -181,19 +197,82 @@ class JobWorker:
                 status = "error"
                 self.metrics.jobs_lost.inc()
             else:
-                response = await self.handler.run_job(job)
+                response = await self._run(job)
+                if response is None or await self.ledger.state_of(job.job_id) == "cancelled":
+                    await self._complete_cancelled(job, msg)
+                    return
                 data, headers = response.data, dict(response.headers or {})
                 status = response.reply.status
-            headers[MSG_ID] = job.job_id
-            if not await self._store_completion(job.job_id, data, headers):
+            stored = await self.completions.store(job.job_id, data, headers)
+            if stored == "failed":
                 await self._settle(msg, nak=True)
                 return
+            # A completion stored first (a cancel's) is the job's one: the state follows it.
+            state = "done" if stored == "stored" else await self._stored_or(job, "done")
             await self._settle(msg, nak=False)
-            await self.ledger.done(job.job_id)
-            self.metrics.jobs_completed.labels(status=status).inc()
-            log.info("job completed", status=status, deliveries=meta.num_delivered)
+            await self.ledger.settle(job.job_id, state)
+            self.metrics.jobs_completed.labels(status=status if state == "done" else state).inc()
+            log.info("job completed", status=status, state=state, deliveries=meta.num_delivered)
         finally:
             alive.cancel()
+
+    async def _run(self, job: AdmittedJob) -> Response | None:
+        """Run the job; None when it was cancelled while it ran (its child is killed)."""
+        run = asyncio.ensure_future(self.handler.run_job(job))
+        self._runs[job.job_id] = run
+        watch = asyncio.create_task(self._watch_cancel(job.job_id))
+        try:
+            return await run
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if job.job_id in self._cancelled and (task is None or not task.cancelling()):
+                log.info("job stopped: it was cancelled")
+                return None
+            raise  # the replica is stopping: the job is handed back
+        finally:
+            watch.cancel()
+            self._runs.pop(job.job_id, None)
+            self._cancelled.discard(job.job_id)
+
+    async def _on_cancel_notice(self, msg: Msg) -> None:
+        job_id = msg.data[:64].decode(errors="replace")
+        if job_id in self._runs:
+            check = asyncio.create_task(self._stop_if_cancelled(job_id))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _watch_cancel(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_POLL)
+            await self._stop_if_cancelled(job_id)
+
+    async def _stop_if_cancelled(self, job_id: str) -> None:
+        """Stop the job's run if its record says cancelled (a notice alone proves nothing)."""
+        run = self._runs.get(job_id)
+        if run is None or run.done():
+            return
+        if await self.ledger.state_of(job_id) == "cancelled":
+            self._cancelled.add(job_id)
+            run.cancel()
+
+    async def _complete_cancelled(self, job: AdmittedJob, msg: Msg) -> None:
+        """Store the job's ``cancelled`` completion unless one is stored, then acknowledge."""
+        response = self.completions.cancelled(job)
+        stored = await self.completions.store(
+            job.job_id, response.data, dict(response.headers or {})
+        )
+        if stored == "failed":
+            await self._settle(msg, nak=True)
+            return
+        state = "cancelled" if stored == "stored" else await self._stored_or(job, "cancelled")
+        await self._settle(msg, nak=False)
+        await self.ledger.settle(job.job_id, state)
+        if stored == "stored":
+            self.metrics.jobs_completed.labels(status="cancelled").inc()
+        log.info("job cancelled; acknowledged without a run", state=state)
+
+    async def _stored_or(self, job: AdmittedJob, default: State) -> State:
+        return await self.completions.stored_state(job) or default
 
     async def _take(self, msg: Msg, meta: Msg.Metadata) -> AdmittedJob | None:
         """The job to run, once admitted and claimed; None when the message was settled
@@ -222,51 +301,15 @@ class JobWorker:
             await self._settle(msg, nak=False)
             log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
             return None
+        if claim == "cancelled":
+            await self._complete_cancelled(job, msg)
+            return None
         return job
 
     async def _refuse(self, msg: Msg, reason: str, message: str) -> None:
         self.metrics.jobs_refused.labels(reason=reason).inc()
         self._refusals.log(message, reason)
         await self._settle(msg, nak=False)
-
-    async def _completed_before(self, job: AdmittedJob) -> bool:
-        """Whether the results stream already holds this job's completion: a message on its
-        subject stored with its job id as message id and signed as the answer to its request
-        (anything else there is not taken for it)."""
-        try:
-            stored = await self.js.get_msg(
-                self.settings.stream(RESULTS_STREAM),
-                subject=self.settings.subject(f"results.{job.job_id}"),
-            )
-        except Exception:  # noqa: BLE001 - not found, or cannot tell: run the job
-            return False
-        headers = stored.headers or {}
-        return headers.get(MSG_ID) == job.job_id and job.caller.answered_by(
-            headers, stored.data or b""
-        )
-
-    async def _store_completion(self, job_id: str, data: bytes, headers: dict[str, str]) -> bool:
-        """Publish the completion, retrying through leader elections and reconnections (the
-        job's progress acks keep it ours meanwhile; ``Nats-Msg-Id`` makes retries store it
-        once). False if it could not be stored in time: the job is then handed back."""
-        subject = self.settings.subject(f"results.{job_id}")
-        for attempt, delay in enumerate((*STORE_RETRY_DELAYS, None), start=1):
-            try:
-                await self.js.publish(subject, data, headers=headers, timeout=5)
-            except Exception as exc:  # noqa: BLE001 - no stream leader, disconnected, timeout
-                if delay is None:
-                    log.error("storing the completion failed; job handed back", error=repr(exc))
-                    return False
-                log.warning(
-                    "storing the completion failed; retrying",
-                    attempt=attempt,
-                    retry_in_s=delay,
-                    error=repr(exc),
-                )
-                await asyncio.sleep(delay)
-            else:
-                return True
-        return False
 
     @staticmethod
     async def _settle(msg: Msg, *, nak: bool, delay: float | None = None) -> None:
@@ -314,6 +357,8 @@ class JobWorker:
         # Its inbox would otherwise hold up draining the connection.
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._notices.unsubscribe()
 
     @property
     def running(self) -> set[asyncio.Task[None]]:
