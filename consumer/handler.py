@@ -25,7 +25,7 @@ from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
 from consumer.protocol import Encoding, ErrorBody, Reply
 from consumer.replies import Replies, Response, from_outcome
-from sandbox import Job, Outcome, Pool, PoolError
+from sandbox import Job, OnProgress, Outcome, Pool, PoolError
 
 log = structlog.get_logger("pyexec.request")
 
@@ -102,10 +102,11 @@ class Handler:
             lambda trace, started: self._request(subject, headers, body, trace, started),
         )
 
-    async def run_job(self, job: AdmittedJob) -> Response:
-        """Run an admitted job and return its completion."""
+    async def run_job(self, job: AdmittedJob, on_progress: OnProgress | None = None) -> Response:
+        """Run an admitted job and return its completion; ``on_progress`` gets the script's
+        progress reports."""
         return await self._observed(
-            job.subject, job.headers, lambda trace, started: self._job(job, started)
+            job.subject, job.headers, lambda trace, started: self._job(job, started, on_progress)
         )
 
     async def _observed(
@@ -245,13 +246,17 @@ class Handler:
         self.metrics.jobs_submitted.inc()
         return job_id
 
-    async def _job(self, job: AdmittedJob, started: float) -> Response:
+    async def _job(
+        self, job: AdmittedJob, started: float, on_progress: OnProgress | None
+    ) -> Response:
         caller, encoding = job.caller, job.encoding
         try:
             if job.request is None:
                 raise job.invalid or InvalidRequest("the job's body is not a valid request")
             outcome, waited = await self._run(
-                self._job_of(job.request, self.settings.max_job_timeout), is_job=True
+                self._job_of(job.request, self.settings.max_job_timeout),
+                is_job=True,
+                on_progress=on_progress,
             )
         except Rejected as exc:
             return self._rejected(
@@ -287,13 +292,15 @@ class Handler:
             source, ctx = script.source, script.check(request.name, ctx)
         return Job(source=source, ctx=ctx, timeout=timeout)
 
-    async def _run(self, job: Job, *, is_job: bool = False) -> tuple[Outcome | None, float]:
+    async def _run(
+        self, job: Job, *, is_job: bool = False, on_progress: OnProgress | None = None
+    ) -> tuple[Outcome | None, float]:
         """Run ``job`` when a worker is free: its outcome and the seconds waited. A sync run
         still going when :attr:`cut` is set is stopped (its child killed): outcome None."""
         self.metrics.runs_in_flight.inc()
         try:
             async with self.admission.slot(job=is_job) as waited:
-                running = asyncio.ensure_future(self.pool.run(job))
+                running = asyncio.ensure_future(self.pool.run(job, on_progress))
                 if is_job:
                     return await running, waited
                 cut = asyncio.ensure_future(self.cut.wait())

@@ -9,7 +9,7 @@ from sandbox.config import DEFAULT_ALLOWED_MODULES, PoolConfig
 from sandbox.errors import PoolClosed, PoolError, SandboxError, WarmParentFailed
 from sandbox.isolation import LAYERS, LayerStatus
 from sandbox.netrules import parse_allow
-from sandbox.pool import Pool
+from sandbox.pool import OnProgress, Pool
 
 __all__ = [
     "DEFAULT_ALLOWED_MODULES",
@@ -17,6 +17,7 @@ __all__ = [
     "ErrorInfo",
     "Job",
     "LayerStatus",
+    "OnProgress",
     "Outcome",
     "Pool",
     "PoolClosed",

@@ -114,6 +114,13 @@ _URL_STRIP = "".join(chr(code) for code in range(0x21))
 _LIBRARY_FUNCTIONS = ("cython_function_or_method", "fused_cython_function", "cyfunction")
 
 
+def _text(value: Any, what: str) -> str:
+    """``value`` as an exact ``str`` (a subclass is copied, never asked)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, not {type(value).__name__}")
+    return str.__str__(value)
+
+
 def resolve(path: str) -> object | None:
     """The object at a dotted path, looked up among modules already imported."""
     parts = path.split(".")
@@ -284,6 +291,34 @@ class Doors:
         guarded.__doc__ = getattr(function, "__doc__", None)
         self.wrappers.add(guarded)
         return guarded
+
+    def guarded_open(  # noqa: PLR0917 - the signature of open itself
+        self,
+        file: Any,
+        mode: Any = "r",
+        buffering: Any = -1,
+        encoding: Any = None,
+        errors: Any = None,
+        newline: Any = None,
+        closefd: Any = True,
+        opener: Any = None,
+    ) -> Any:
+        """The ``open`` builtin of a script: a path inside the run's scratch folder only
+        (``in/`` holds the request's files, read-only; ``out/`` is what the reply lists); no
+        file descriptor, no opener, no unbuffered raw file (``io.FileIO`` opens by path)."""
+        if opener is not None or closefd is not True:
+            self._refuse("'open' with an opener or closefd")
+        if type(buffering) is not int or buffering == 0:
+            self._refuse("'open' unbuffered (buffering=0 gives a raw file object)")
+        path = self.checked_path(file, "open")
+        return open(
+            path,
+            _text(mode, "mode"),
+            buffering,
+            None if encoding is None else _text(encoding, "encoding"),
+            None if errors is None else _text(errors, "errors"),
+            None if newline is None else _text(newline, "newline"),
+        )
 
     def checked_path(self, argument: Any, name: str) -> Any:
         """``argument`` as the library will get it: unchanged if it is no path, the exact

@@ -228,6 +228,10 @@ def _landlock_status(disabled: set[str]) -> tuple[bool, LayerStatus]:
     return True, LayerStatus("landlock", True, f"Landlock ABI {abi}: {', '.join(have)}{extra}")
 
 
+IN_FOLDER = "in"
+OUT_FOLDER = "out"
+
+
 def new_scratch_name() -> str:
     """A run's folder name: random, so that no run can find another's (the root is 0711: it
     can be passed through, not listed; Landlock leaves stat, inotify and metadata to seccomp)."""
@@ -262,8 +266,12 @@ def enter(plan: Plan, name: str, timings: dict[str, float] | None = None) -> str
         os.makedirs(plan.scratch_root, exist_ok=True)
         os.chmod(plan.scratch_root, 0o711)  # noqa: S103 - pass through, no listing
     os.mkdir(scratch, 0o700)
+    # What the script leaves in out/ is stored and listed in the reply (the pool adds in/).
+    outputs = os.path.join(scratch, OUT_FOLDER)
+    os.mkdir(outputs, 0o700)
     if plan.uid is not None and "user" in layers:
         os.chown(scratch, plan.uid, plan.gid if plan.gid is not None else -1)
+        os.chown(outputs, plan.uid, plan.gid if plan.gid is not None else -1)
     os.chdir(scratch)
     _clean_environment(config, scratch)
     lap("scratch and environment")

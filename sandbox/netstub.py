@@ -68,6 +68,22 @@ class Channel:
             os.close(fd)
         raise ProtocolError(f"unexpected {type(answer).__name__} from the broker")
 
+    def tell(self, data: bytes) -> None:
+        """Send one frame that wants no answer."""
+        with self._lock:
+            self.sock.sendall(data)
+
+    def try_tell(self, data: bytes) -> bool:
+        """Send one frame unless the socket is in use (a signal handler must not wait for a
+        lock its own thread may hold); False if it was."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self.sock.sendall(data)
+        finally:
+            self._lock.release()
+        return True
+
 
 def _text(value: Any, what: str) -> str:
     """A host as an exact ``str`` (a subclass of str or bytes is copied, never asked)."""

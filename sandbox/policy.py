@@ -98,8 +98,14 @@ def _describe(obj: object) -> str:
 class Policy:
     """The guards one run uses; it remembers every refusal, caught or not."""
 
-    def __init__(self, allowed_modules: Iterable[str], scratch: str | None = None) -> None:
+    def __init__(
+        self,
+        allowed_modules: Iterable[str],
+        scratch: str | None = None,
+        extra_builtins: Mapping[str, Callable[..., Any]] | None = None,
+    ) -> None:
         self.allowed_modules = frozenset(allowed_modules) - FORBIDDEN_MODULES
+        self._extra_builtins = dict(extra_builtins or {})
         self.violations: list[str] = []
         # By id, with the objects kept alive here so that no id is ever another object's.
         self._refused: dict[int, object] = {}
@@ -516,6 +522,8 @@ class Policy:
         table["type"] = self.guarded_type
         table["__import__"] = self.guarded_import
         table["_getattr_"] = self.guarded_getattr
+        table["open"] = self.doors.guarded_open
+        table.update(self._extra_builtins)
         return table
 
     def namespace(self, print_factory: Callable[..., Any]) -> dict[str, Any]:

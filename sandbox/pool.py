@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -34,6 +35,8 @@ RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 STABLE_SECONDS = 30.0
 CHILD_WAIT_FLOOR = 2.0
 LEARNING_AT_ONCE = 4
+# Receives a job's progress reports: (fraction 0..1 or None, message).
+OnProgress = Callable[[float | None, str], None]
 
 
 @dataclass(eq=False)
@@ -330,12 +333,13 @@ class Pool:
 
     # -- running --------------------------------------------------------------------------------
 
-    async def run(self, job: Job) -> Outcome:
-        """Run one job in a fresh child and return how it ended."""
+    async def run(self, job: Job, on_progress: OnProgress | None = None) -> Outcome:
+        """Run one job in a fresh child and return how it ended. ``on_progress`` (given for an
+        async job) receives each ``progress()`` report the script makes, checked."""
         if self._closed:
             raise PoolClosed("the pool is closed")
         if self.config.mode == "fresh":
-            return await self._run_fresh(job)
+            return await self._run_fresh(job, on_progress)
         queued = time.perf_counter()
         async with self._slots:
             child = await self._take_child(job.timeout)
@@ -344,7 +348,7 @@ class Pool:
             started = time.perf_counter()
             code = self._code.get(job.source) if self._code_matches else None
             try:
-                outcome = await self._run_in(child, job, code)
+                outcome = await self._run_in(child, job, code, on_progress)
                 if outcome.compiled and code is None:
                     self._learn(job.source)
             finally:
@@ -361,7 +365,7 @@ class Pool:
             wait_ms=wait_ms,
         )
 
-    async def _run_fresh(self, job: Job) -> Outcome:
+    async def _run_fresh(self, job: Job, on_progress: OnProgress | None) -> Outcome:
         """The naive way, for comparison: a new interpreter for this run, which imports what
         the script imports."""
         async with self._slots:
@@ -369,7 +373,7 @@ class Pool:
                 self.config, mode="warm", workers=1, warm_children=1, preload=False
             )
             async with Pool(single) as pool:
-                return await pool.run(job)
+                return await pool.run(job, on_progress)
 
     def _watch_scratch(self, child: _Child) -> Usage | None:
         """Account for the child's scratch folder; past a limit the child is killed."""
@@ -417,7 +421,9 @@ class Pool:
                 f"no worker process became ready within {wait:g} s{why}"
             ) from None
 
-    async def _run_in(self, child: _Child, job: Job, code: bytes | None) -> protocol.RunResult:
+    async def _run_in(
+        self, child: _Child, job: Job, code: bytes | None, on_progress: OnProgress | None
+    ) -> protocol.RunResult:
         """Hand the job to the child and answer its broker requests until it answers; a run
         past its scratch quota ends ``disk_limit`` whatever it answered."""
         child.sock.setblocking(False)
@@ -434,7 +440,7 @@ class Pool:
             if not isinstance(ready, protocol.ChildReady):
                 return await self._lost(child)
             usage = self._watch_scratch(child)
-            result = await self._exchange(child, reader, writer, job, code)
+            result = await self._exchange(child, reader, writer, job, code, on_progress=on_progress)
             if usage is not None and self._quota is not None:
                 # The child is still there, its files open, until its socket is closed.
                 self._quota.settle(usage)
@@ -453,10 +459,16 @@ class Pool:
         writer: asyncio.StreamWriter,
         job: Job,
         code: bytes | None,
+        *,
+        on_progress: OnProgress | None,
     ) -> protocol.RunResult:
         limit = self.config.result_limit + 4 * self.config.stdout_limit + 65536
         request = protocol.RunRequest(
-            source=job.source, ctx=job.ctx, timeout=job.timeout, code=code
+            source=job.source,
+            ctx=job.ctx,
+            timeout=job.timeout,
+            code=code,
+            progress=on_progress is not None,
         )
         deadline = time.monotonic() + job.timeout
         network = RunNetwork()
@@ -470,6 +482,10 @@ class Pool:
                         return message
                     if isinstance(message, protocol.ChildReady):
                         raise ProtocolError("the child said it was ready twice")
+                    if isinstance(message, protocol.Progress):
+                        if on_progress is not None:
+                            on_progress(message.fraction, message.message)
+                        continue
                     answer, connected = await self._broker.answer(network, message, deadline)
                     await _send_answer(child.sock, writer, answer, connected)
         except TimeoutError:

@@ -115,6 +115,8 @@ class RunRequest(_Message, frozen=True, tag="run"):
     timeout: float
     code: bytes | None = None
     """The script compiled under the policy by the pool (marshal), when the pool has it."""
+    progress: bool = False
+    """The run is a job: its ``progress()`` reports go to the pool (else nowhere)."""
 
 
 class ChildReady(_Message, frozen=True, tag="ready"):
@@ -179,6 +181,13 @@ class NetFailed(_Message, frozen=True, tag="failed"):
     """A ``socket.gaierror`` (``errno`` is then an EAI_* code), not an OSError."""
 
 
+class Progress(_Message, frozen=True, tag="progress"):
+    """Child to pool: the script's latest ``progress()`` report."""
+
+    fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None
+    message: Annotated[str, msgspec.Meta(max_length=200)]
+
+
 class RunResult(_Message, frozen=True, tag="result"):
     """Child to pool: how the run ended. ``result`` is plain JSON already."""
 
@@ -192,7 +201,7 @@ class RunResult(_Message, frozen=True, tag="result"):
 
 
 ToChild = RunRequest | Resolved | Connected | NetRefused | NetFailed
-FromChild = ChildReady | Resolve | Connect | RunResult
+FromChild = ChildReady | Resolve | Connect | Progress | RunResult
 BrokerAnswer = Resolved | Connected | NetRefused | NetFailed
 
 _run_encoder = msgspec.json.Encoder()

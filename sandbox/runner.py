@@ -27,6 +27,7 @@ from sandbox.convert import to_json_value
 from sandbox.errors import NotSerializable, OutputFlood, PolicyViolation
 from sandbox.isolation import Plan, limit_cpu
 from sandbox.policy import Policy
+from sandbox.progress import Reporter
 from sandbox.protocol import RunRequest, RunResult, frame
 from sandbox.trust import trusted_code
 
@@ -120,7 +121,8 @@ class Run:
         self.config = config
         self.policy_on = "policy" in plan.layers
         self.limits_on = "limits" in plan.layers
-        self.policy = Policy(config.allowed_modules, scratch)
+        self.progress = Reporter(channel)
+        self.policy = Policy(config.allowed_modules, scratch, {"progress": self.progress})
         if "network" in plan.layers and channel is not None:
             netstub.install(channel, self.policy.refuse)
         fresh_randomness()
@@ -172,7 +174,11 @@ class Run:
         if self.limits_on:
             limit_cpu(request.timeout)
         started = time.perf_counter()
-        result = self._execute(request)
+        self.progress.start(request.progress)
+        try:
+            result = self._execute(request)
+        finally:
+            self.progress.finish()
         run_ms = (time.perf_counter() - started) * 1000
         return RunResult(
             status=result.status,
@@ -196,7 +202,7 @@ class Run:
         namespace = (
             self.policy.namespace(lambda _getattr_=None: _PrintCollector(self.capture))
             if self.policy_on
-            else {"__builtins__": builtins, "__name__": "script"}
+            else {"__builtins__": builtins, "__name__": "script", "progress": self.progress}
         )
         # Library output (print, warnings) joins the script's own, never the service's log.
         streams = sys.stdout, sys.stderr

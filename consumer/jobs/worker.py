@@ -33,6 +33,7 @@ from consumer.jobs.admit import Admission, Refused
 from consumer.jobs.completions import Completions
 from consumer.ledger import Ledger, State, digest_of
 from consumer.metrics import Metrics
+from consumer.progress import ProgressRelay
 from consumer.protocol import ErrorBody, Reply
 from consumer.replies import Replies, Response
 from consumer.streams import JOBS_STREAM
@@ -217,18 +218,31 @@ class JobWorker:
             alive.cancel()
 
     async def _run(self, job: AdmittedJob) -> Response | None:
-        """Run the job; None when it was cancelled while it ran (its child is killed)."""
-        run = asyncio.ensure_future(self.handler.run_job(job))
+        """Run the job; None when it was cancelled while it ran (its child is killed). Its
+        progress reports are published, the last one before this returns."""
+        relay = ProgressRelay(
+            self.nc,
+            self.settings.subject(f"progress.{job.job_id}"),
+            job_id=job.job_id,
+            caller=job.caller,
+            ledger=self.ledger,
+            metrics=self.metrics,
+        )
+        run = asyncio.ensure_future(self.handler.run_job(job, relay.offer))
         self._runs[job.job_id] = run
         watch = asyncio.create_task(self._watch_cancel(job.job_id))
         try:
-            return await run
+            response = await run
         except asyncio.CancelledError:
+            await relay.close(flush=False)
             task = asyncio.current_task()
             if job.job_id in self._cancelled and (task is None or not task.cancelling()):
                 log.info("job stopped: it was cancelled")
                 return None
             raise  # the replica is stopping: the job is handed back
+        else:
+            await relay.close()
+            return response
         finally:
             watch.cancel()
             self._runs.pop(job.job_id, None)
