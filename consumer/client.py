@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
@@ -22,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.object_store import ObjectStore
 
 from consumer import protocol
 from consumer.auth import NONCE_HEADER, sign, verify_reply
@@ -64,6 +67,7 @@ class Client:
         # job id -> (subject, nonce) of every request sent for it: its completion is signed for
         # the one that stored it, which may be any of them (a retry after a lost reply).
         self._jobs: dict[str, list[tuple[str, str]]] = {}
+        self._files: ObjectStore | None = None
 
     @classmethod
     async def connect(
@@ -133,9 +137,13 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        files: Mapping[str, protocol.FileRef] | None = None,
     ) -> Reply:
-        """Run ``code`` (which defines ``execute(ctx)``) and return the reply."""
-        request = protocol.CodeRequest(code=code, ctx=ctx, timeout=timeout, request_id=request_id)
+        """Run ``code`` (which defines ``execute(ctx)``) and return the reply. ``files`` maps
+        aliases to objects put with :meth:`put_file`: the script reads them at ``in/<alias>``."""
+        request = protocol.CodeRequest(
+            code=code, ctx=ctx, timeout=timeout, request_id=request_id, files=_files(files)
+        )
         return await self.send(f"{self.prefix}.code", request, timeout)
 
     async def execute_named(
@@ -145,9 +153,12 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        files: Mapping[str, protocol.FileRef] | None = None,
     ) -> Reply:
         """Run the installed script ``name`` and return the reply."""
-        request = protocol.NamedRequest(name=name, ctx=ctx, timeout=timeout, request_id=request_id)
+        request = protocol.NamedRequest(
+            name=name, ctx=ctx, timeout=timeout, request_id=request_id, files=_files(files)
+        )
         return await self.send(f"{self.prefix}.named", request, timeout)
 
     async def submit_code(
@@ -157,6 +168,7 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        files: Mapping[str, protocol.FileRef] | None = None,
     ) -> str:
         """Store a job in the jobs stream (JetStream); return its job id."""
         request = protocol.CodeRequest(
@@ -165,6 +177,7 @@ class Client:
             timeout=timeout,
             mode="async",
             request_id=request_id or str(uuid.uuid4()),
+            files=_files(files),
         )
         return await self.submit(f"{self.prefix}.jobs.code", request)
 
@@ -175,6 +188,7 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        files: Mapping[str, protocol.FileRef] | None = None,
     ) -> str:
         """Store a job that runs the installed script ``name``; return its job id."""
         request = protocol.NamedRequest(
@@ -183,6 +197,7 @@ class Client:
             timeout=timeout,
             mode="async",
             request_id=request_id or str(uuid.uuid4()),
+            files=_files(files),
         )
         return await self.submit(f"{self.prefix}.jobs.named", request)
 
@@ -370,6 +385,56 @@ class Client:
             return None
         return event
 
+    async def put_file(
+        self, data: bytes | str | os.PathLike[str], name: str | None = None
+    ) -> protocol.FileRef:
+        """Put a file (bytes, or the path of one) into ``PYEXEC_FILES`` under this key's id
+        (``<key id>/<name>``; a random name when none is given) and return the reference a
+        request's ``files`` takes, with the SHA-256 computed here."""
+        store = await self._file_store()
+        object_name = f"{self.key_id}/{name or uuid.uuid4().hex}"
+        if isinstance(data, bytes):
+            info = await store.put(object_name, data)
+        else:
+            with open(data, "rb") as reader:  # noqa: ASYNC230 - read in chunks by nats-py's executor
+                info = await store.put(object_name, reader)
+        return protocol.FileRef(object=object_name, sha256=protocol.hex_digest(info.digest))
+
+    async def get_file(
+        self,
+        object_name: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        sha256: str | None = None,
+    ) -> bytes | None:
+        """An object of ``PYEXEC_FILES`` (an output listed in a reply's ``files``): its bytes,
+        or written to ``path`` (then None). Its digest is checked by the object store, and
+        against ``sha256`` when given (raises :class:`ClientError` if it differs)."""
+        store = await self._file_store()
+        try:
+            if path is None:
+                result = await store.get(object_name)
+                data = result.data or b""
+                if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+                    raise ClientError(f"{object_name} does not have the SHA-256 given")
+                return data
+            with open(path, "wb") as writer:  # noqa: ASYNC230 - written by nats-py's executor
+                result = await store.get(object_name, writeinto=writer)
+        except NatsError as exc:
+            raise ClientError(f"{object_name} cannot be read: {exc!r}") from None
+        if sha256 is not None and protocol.hex_digest(result.info.digest) != sha256.lower():
+            raise ClientError(f"{object_name} does not have the SHA-256 given")
+        return None
+
+    async def _file_store(self) -> ObjectStore:
+        if self._files is None:
+            bucket = protocol.stream_name(protocol.FILES_BUCKET, self.prefix)
+            try:
+                self._files = await self.nc.jetstream().object_store(bucket)
+            except NatsError as exc:
+                raise ClientError(f"the file store {bucket} cannot be opened: {exc!r}") from None
+        return self._files
+
     async def send(
         self, subject: str, request: protocol.Request, timeout: float | None = None
     ) -> Reply:
@@ -424,6 +489,10 @@ class Client:
             raise ClientError(f"no executor is listening on '{subject}'") from None
         except NatsTimeout:
             raise ClientError(f"no reply on '{subject}' within {timeout:g} s") from None
+
+
+def _files(files: Mapping[str, protocol.FileRef] | None) -> dict[str, protocol.FileRef] | None:
+    return None if files is None else dict(files)
 
 
 def _decode(data: bytes, content_type: str | None) -> Reply:

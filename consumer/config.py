@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from consumer.errors import ConfigError
+from consumer.protocol import stream_name
 from sandbox import DEFAULT_ALLOWED_MODULES, LAYERS, PoolConfig, parse_allow
 
 DEFAULT_SCRIPTS_DIR = Path(__file__).parent / "scripts"
@@ -124,6 +125,8 @@ class Settings:
     job_ack_wait: float = 30.0
     job_share: float = 0.5
     results_max_age: float = 86400.0
+    files_max_mb: int = 256
+    files_max_age: float = 86400.0
     jobs_duplicate_window: float = 120.0
     stream_replicas: int = 1
 
@@ -136,12 +139,8 @@ class Settings:
         return f"{self.prefix}.{kind}"
 
     def stream(self, base: str) -> str:
-        """``PYEXEC_JOBS`` for the default prefix; otherwise the prefix is appended with every
-        character that is not a letter or digit made ``_``: ``PYEXEC_JOBS_STAGING`` for
-        ``staging``, ``PYEXEC_JOBS_STAGING_PYEXEC`` for ``staging.pyexec``. Buckets likewise."""
-        if self.prefix == "pyexec":
-            return base
-        return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', self.prefix).upper()}"
+        """The name of a stream or bucket for this prefix (``protocol.stream_name``)."""
+        return stream_name(base, self.prefix)
 
     def pool_config(self, result_limit: int) -> PoolConfig:
         return PoolConfig(
@@ -156,6 +155,7 @@ class Settings:
             scratch_dir=self.scratch_dir,
             scratch_limit_mb=self.scratch_mb,
             scratch_files=self.scratch_files,
+            out_files_mb=self.files_max_mb,
             network=self.network,
             net_ports=self.net_ports,
             net_allow=self.net_allow,
@@ -262,6 +262,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         job_ack_wait=_float(env, "EXECUTOR_JOB_ACK_WAIT", 30.0),
         job_share=_share(env),
         results_max_age=_float(env, "EXECUTOR_RESULTS_MAX_AGE", 86400.0),
+        files_max_mb=_int(env, "EXECUTOR_FILES_MAX_MB", 256, low=1, high=1024 * 1024),
+        files_max_age=_float(env, "EXECUTOR_FILES_MAX_AGE", 86400.0),
         jobs_duplicate_window=_float(env, "EXECUTOR_JOBS_DUPLICATE_WINDOW", 120.0),
         stream_replicas=_int(env, "EXECUTOR_STREAM_REPLICAS", 1, low=1, high=5),
         **_isolation(env),

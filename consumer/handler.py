@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
+import msgspec
 import structlog
 
 from consumer import protocol, tracing
@@ -21,6 +22,7 @@ from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded, Rejected
+from consumer.files import FileStore
 from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
 from consumer.protocol import Encoding, ErrorBody, Reply
@@ -77,6 +79,7 @@ class Handler:
         metrics: Metrics,
         admission: Admission,
         submit: Submit | None,
+        files: FileStore | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -87,6 +90,7 @@ class Handler:
         self.metrics = metrics
         self.admission = admission
         self.submit = submit
+        self.files = files
         self._kinds = {settings.subject("code"): "code", settings.subject("named"): "named"}
         # Set when a stopping replica's grace period is over: sync runs still going are cut
         # and answered 'worker_lost'.
@@ -193,7 +197,9 @@ class Handler:
                 )
                 accepted = Reply(request_id=request_id, job_id=job_id, status="accepted")
                 return self.replies.respond(accepted, encoding, caller=caller, started=started)
-            outcome, waited = await self._run(self._job_of(request, self.settings.max_timeout))
+            ran = await self._execute(
+                request, caller, request_id, None, cap=self.settings.max_timeout
+            )
         except Rejected as exc:
             return self._rejected(
                 exc,
@@ -206,16 +212,68 @@ class Handler:
             )
         except Exception:  # noqa: BLE001 - a defect of ours: log it, and still answer
             return self._failed(request_id, None, encoding, caller, started)
-        if outcome is None:
+        if ran is None:
             return self._cut(request_id, encoding, caller, started)
+        reply, wait_ms = ran
         return self.replies.respond(
-            from_outcome(request_id, outcome),
-            encoding,
-            caller=caller,
-            started=started,
-            wait_ms=waited * 1000 + outcome.wait_ms,
-            ran=True,
+            reply, encoding, caller=caller, started=started, wait_ms=wait_ms, ran=True
         )
+
+    async def _execute(
+        self,
+        request: protocol.Request,
+        caller: Caller,
+        request_id: str,
+        job_id: str | None,
+        *,
+        cap: float,
+        on_progress: OnProgress | None = None,
+    ) -> tuple[Reply, float] | None:
+        """Stage the request's files, run it, store what it left in ``out/``: its reply and
+        the milliseconds it waited; None if a sync run was cut (the replica is stopping)."""
+        job = self._job_of(request, cap)
+        staged = None
+        if request.files:
+            staged = await self._files().stage(caller.key_id, request.files)
+            job = msgspec.structs.replace(job, inputs=staged.inputs)
+        try:
+            outcome, waited = await self._run(
+                job, is_job=job_id is not None, on_progress=on_progress
+            )
+        finally:
+            if staged is not None:
+                staged.close()
+        if outcome is None:
+            return None
+        reply = from_outcome(request_id, outcome, job_id)
+        if outcome.files or request.files is not None:
+            reply = await self._with_outputs(reply, outcome, caller, job_id or request_id)
+        return reply, waited * 1000 + outcome.wait_ms
+
+    async def _with_outputs(
+        self, reply: Reply, outcome: Outcome, caller: Caller, run_id: str
+    ) -> Reply:
+        """The reply listing the run's ``out/`` files, once stored."""
+        try:
+            stored = await self._files().put_outputs(caller.key_id, run_id, outcome.files)
+        except Exception as exc:  # noqa: BLE001 - the store failed: the outputs are lost
+            log.warning("storing the run's output files failed", error=repr(exc))
+            return msgspec.structs.replace(
+                reply,
+                status="error",
+                result=None,
+                error=ErrorBody(
+                    code="worker_lost",
+                    type="WorkerLost",
+                    message="the script's files in out/ could not be stored; run it again",
+                ),
+            )
+        return msgspec.structs.replace(reply, files=stored)
+
+    def _files(self) -> FileStore:
+        if self.files is None:
+            raise InvalidRequest("files are not enabled on this executor")
+        return self.files
 
     async def _submit(
         self,
@@ -231,6 +289,8 @@ class Handler:
         if self.submit is None:
             raise InvalidRequest("mode 'async' is not enabled on this executor")
         self._job_of(request, self.settings.max_job_timeout)  # refuse now what would fail
+        if request.files:
+            await self._files().check(caller.key_id, request.files)
         job_id = await self.submit(
             Submission(
                 kind=kind,
@@ -253,9 +313,12 @@ class Handler:
         try:
             if job.request is None:
                 raise job.invalid or InvalidRequest("the job's body is not a valid request")
-            outcome, waited = await self._run(
-                self._job_of(job.request, self.settings.max_job_timeout),
-                is_job=True,
+            ran = await self._execute(
+                job.request,
+                caller,
+                job.request_id,
+                job.job_id,
+                cap=self.settings.max_job_timeout,
                 on_progress=on_progress,
             )
         except Rejected as exc:
@@ -270,14 +333,10 @@ class Handler:
             )
         except Exception:  # noqa: BLE001 - a defect of ours: log it, and still complete
             return self._failed(job.request_id, job.job_id, encoding, caller, started)
-        assert outcome is not None  # a job is never cut: it is handed back instead
+        assert ran is not None  # a job is never cut: it is handed back instead
+        reply, wait_ms = ran
         return self.replies.respond(
-            from_outcome(job.request_id, outcome, job.job_id),
-            encoding,
-            caller=caller,
-            started=started,
-            wait_ms=waited * 1000 + outcome.wait_ms,
-            ran=True,
+            reply, encoding, caller=caller, started=started, wait_ms=wait_ms, ran=True
         )
 
     def _job_of(self, request: protocol.Request, cap: float) -> Job:

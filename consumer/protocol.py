@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
@@ -25,6 +26,22 @@ Timeout = Annotated[float, msgspec.Meta(gt=0)]
 ScriptName = Annotated[str, msgspec.Meta(min_length=1)]
 
 
+# A file name in a run's folder: in/<alias>, out/<name>.
+FILE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"
+MAX_FILES = 100
+
+
+class FileRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One input file of a request: an object of ``PYEXEC_FILES`` and its SHA-256 (hex)."""
+
+    object: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+# Aliases and object names are checked by consumer.files, with messages naming the alias.
+Files = Annotated[dict[str, FileRef], msgspec.Meta(max_length=MAX_FILES)]
+
+
 class CodeRequest(
     msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True
 ):
@@ -35,6 +52,7 @@ class CodeRequest(
     timeout: Timeout | None = None
     mode: Mode | None = None
     request_id: RequestId | None = None
+    files: Files | None = None
 
 
 class NamedRequest(
@@ -47,6 +65,7 @@ class NamedRequest(
     timeout: Timeout | None = None
     mode: Mode | None = None
     request_id: RequestId | None = None
+    files: Files | None = None
 
 
 Request = CodeRequest | NamedRequest
@@ -61,8 +80,18 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
     traceback: str | None = None
 
 
+class OutFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A file the script left in ``out/``, as stored in ``PYEXEC_FILES``."""
+
+    name: str
+    object: str
+    bytes: int
+    sha256: str
+
+
 class Reply(msgspec.Struct, frozen=True, kw_only=True):
-    """The reply body. Unknown fields are tolerated when decoding, for later additions."""
+    """The reply body. Unknown fields are tolerated when decoding, for later additions.
+    ``files`` is left out (UNSET) unless the request sent files or the script wrote some."""
 
     request_id: str
     job_id: str | None = None
@@ -71,6 +100,7 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorBody | None = None
     stdout: str = ""
     duration_ms: float = 0.0
+    files: list[OutFile] | msgspec.UnsetType = msgspec.UNSET
 
 
 JobState = Literal["queued", "running", "done", "cancelled", "unknown"]
@@ -284,6 +314,28 @@ def encode(
 def decode_reply(body: bytes, encoding: Encoding = JSON) -> Reply:
     reply: Reply = _reply_decoders[encoding].decode(body)
     return reply
+
+
+FILES_BUCKET = "PYEXEC_FILES"
+
+
+def stream_name(base: str, prefix: str) -> str:
+    """``PYEXEC_JOBS`` for the default prefix; otherwise the prefix is appended with every
+    character that is not a letter or digit made ``_``: ``PYEXEC_JOBS_STAGING`` for
+    ``staging``, ``PYEXEC_JOBS_STAGING_PYEXEC`` for ``staging.pyexec``. Buckets likewise."""
+    if prefix == "pyexec":
+        return base
+    return f"{base}_{re.sub(r'[^A-Za-z0-9]', '_', prefix).upper()}"
+
+
+def hex_digest(digest: str | None) -> str:
+    """An object store digest (``SHA-256=<base64url>``) as lowercase hex; "" if it is none."""
+    if not digest or not digest.upper().startswith("SHA-256="):
+        return ""
+    try:
+        return base64.urlsafe_b64decode(digest[len("SHA-256=") :]).hex()
+    except ValueError:
+        return ""
 
 
 def header(headers: Mapping[str, str] | None, name: str) -> str | None:

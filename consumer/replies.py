@@ -170,7 +170,8 @@ class Replies:
                 reply,
                 "output_limit",
                 f"the reply would be {size} bytes, over the connection's limit of "
-                f"{self.max_payload} bytes; return less data",
+                f"{self.max_payload} bytes; return less data, or write it to a file in out/ "
+                "(stored and listed in the reply's files)",
             )
             data = protocol.encode(reply, encoding)
             if len(data) + REPLY_OVERHEAD > self.max_payload:

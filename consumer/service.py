@@ -23,6 +23,7 @@ from consumer.catalog import Catalog
 from consumer.config import HEADER_ROOM, Settings
 from consumer.discovery import Discovery, EndpointStats, elapsed_ns
 from consumer.errors import ConfigError, Overloaded
+from consumer.files import FileStore
 from consumer.handler import Handler
 from consumer.jobs.admit import Admission as JobAdmission
 from consumer.jobs.completions import Completions
@@ -221,6 +222,8 @@ class Replica:
         await self.reply_subjects.start(js)
         stores = await ensure_buckets(nc.jetstream(timeout=STORE_TIMEOUT), settings)
         ledger = Ledger(stores.job_ids, timeout=STORE_TIMEOUT)
+        files = FileStore(nc.jetstream(timeout=STORE_TIMEOUT), settings, self.metrics)
+        await files.open()
         verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
         replies = Replies(nc.max_payload)
         job_admission = JobAdmission(settings, verifier, self.metrics)
@@ -239,6 +242,7 @@ class Replica:
             metrics=self.metrics,
             admission=admission,
             submit=Submitter(js, settings, ledger, job_admission),
+            files=files,
         )
         completions = Completions(js, settings, replies)
         jobs = JobWorker(

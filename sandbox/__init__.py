@@ -4,7 +4,7 @@ The consumer side talks to this package only through :class:`Pool`, :class:`Job`
 :class:`Outcome` and :class:`PoolConfig`. Nothing here knows about NATS.
 """
 
-from sandbox.api import ErrorInfo, Job, Outcome
+from sandbox.api import ErrorInfo, InputFile, Job, Outcome, OutputFile
 from sandbox.config import DEFAULT_ALLOWED_MODULES, PoolConfig
 from sandbox.errors import PoolClosed, PoolError, SandboxError, WarmParentFailed
 from sandbox.isolation import LAYERS, LayerStatus
@@ -15,10 +15,12 @@ __all__ = [
     "DEFAULT_ALLOWED_MODULES",
     "LAYERS",
     "ErrorInfo",
+    "InputFile",
     "Job",
     "LayerStatus",
     "OnProgress",
     "Outcome",
+    "OutputFile",
     "Pool",
     "PoolClosed",
     "PoolConfig",

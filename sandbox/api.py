@@ -21,12 +21,32 @@ ErrorCode = Literal[
 ]
 
 
+class InputFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A file the run gets, read-only, at ``in/<alias>`` of its scratch folder: copied from
+    ``fd`` (an open, readable, seekable file the caller keeps and closes)."""
+
+    alias: str
+    fd: int
+    size: int
+
+
+class OutputFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A regular file the script left in ``out/``: ``fd`` is open for reading at its start,
+    and the receiver of the outcome closes it. The run's process is gone, so it no longer
+    changes."""
+
+    name: str
+    fd: int
+    size: int
+
+
 class Job(msgspec.Struct, frozen=True, kw_only=True):
     """One script to run: its source, its input and its wall-clock budget in seconds."""
 
     source: str
     ctx: dict[str, Any]
     timeout: float
+    inputs: tuple[InputFile, ...] = ()
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,3 +73,5 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     stdout: str = ""
     duration_ms: float = 0.0
     wait_ms: float = 0.0
+    files: tuple[OutputFile, ...] = ()
+    """What the script left in ``out/``, for a run that ended ``ok`` (else nothing)."""

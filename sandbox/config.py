@@ -88,6 +88,10 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """What a run's scratch folder may hold in all, in MB (and so the largest file)."""
     scratch_files: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """How many files and folders a run's scratch folder may hold."""
+    out_files: Annotated[int, msgspec.Meta(ge=0)] = 100
+    """How many files a run may leave in ``out/`` (more ends the run ``output_limit``)."""
+    out_files_mb: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """What the files in ``out/`` may hold in all, in MB."""
     network: Literal["on", "off"] = "on"
     """Whether runs may use the network at all."""
     net_ports: tuple[int, ...] = (80, 443)

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import msgspec
 
 from sandbox import protocol
-from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome
+from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome, OutputFile
 from sandbox.broker import Broker, RunNetwork
 from sandbox.cleanup import remove_tree
 from sandbox.compiler import CodeCache, code_format, compile_to_marshal
 from sandbox.config import PoolConfig
 from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
+from sandbox.files import OutputRefused, close_all, open_outputs, place_inputs
 from sandbox.isolation import LayerStatus, network_rules
 from sandbox.quota import Limits, ScratchQuota, Usage
 
@@ -341,29 +342,58 @@ class Pool:
         if self.config.mode == "fresh":
             return await self._run_fresh(job, on_progress)
         queued = time.perf_counter()
-        async with self._slots:
-            child = await self._take_child(job.timeout)
-            wait_ms = (time.perf_counter() - queued) * 1000
-            self._running.add(child)
-            started = time.perf_counter()
-            code = self._code.get(job.source) if self._code_matches else None
-            try:
-                outcome = await self._run_in(child, job, code, on_progress)
-                if outcome.compiled and code is None:
-                    self._learn(job.source)
-            finally:
-                self._running.discard(child)
-                child.release()
-                self._exits.pop(child.pid, None)
-        duration_ms = (time.perf_counter() - started) * 1000
-        return Outcome(
-            status=outcome.status,
-            result=outcome.result,
-            error=outcome.error,
-            stdout=outcome.stdout,
-            duration_ms=duration_ms,
-            wait_ms=wait_ms,
-        )
+        outputs: list[OutputFile] = []
+        try:
+            async with self._slots:
+                child = await self._take_child(job.timeout)
+                wait_ms = (time.perf_counter() - queued) * 1000
+                self._running.add(child)
+                started = time.perf_counter()
+                code = self._code.get(job.source) if self._code_matches else None
+                try:
+                    outcome, outputs = await self._run_in(child, job, code, on_progress)
+                    if outcome.compiled and code is None:
+                        self._learn(job.source)
+                finally:
+                    self._running.discard(child)
+                    child.release()
+                    if not outputs:
+                        self._exits.pop(child.pid, None)
+                if outputs:
+                    try:
+                        outcome, outputs = await self._settled_outputs(child, outcome, outputs)
+                    finally:
+                        self._exits.pop(child.pid, None)
+            duration_ms = (time.perf_counter() - started) * 1000
+            return Outcome(
+                status=outcome.status,
+                result=outcome.result,
+                error=outcome.error,
+                stdout=outcome.stdout,
+                duration_ms=duration_ms,
+                wait_ms=wait_ms,
+                files=tuple(outputs),
+            )
+        except BaseException:
+            close_all(outputs)
+            raise
+
+    async def _settled_outputs(
+        self, child: _Child, outcome: protocol.RunResult, outputs: list[OutputFile]
+    ) -> tuple[protocol.RunResult, list[OutputFile]]:
+        """The output files once the run's process is gone (so they no longer change), with
+        their final sizes; a run that grew them past the limit meanwhile ends output_limit."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_STATUS_WAIT):
+                await asyncio.shield(child.exited)
+        settled = [
+            msgspec.structs.replace(item, size=os.fstat(item.fd).st_size) for item in outputs
+        ]
+        if sum(item.size for item in settled) <= self.config.out_files_mb * 1024 * 1024:
+            return outcome, settled
+        close_all(settled)
+        refused = OutputRefused(f"the files in out/ hold more than {self.config.out_files_mb} MB")
+        return _output_limit(outcome, refused), []
 
     async def _run_fresh(self, job: Job, on_progress: OnProgress | None) -> Outcome:
         """The naive way, for comparison: a new interpreter for this run, which imports what
@@ -423,8 +453,9 @@ class Pool:
 
     async def _run_in(
         self, child: _Child, job: Job, code: bytes | None, on_progress: OnProgress | None
-    ) -> protocol.RunResult:
-        """Hand the job to the child and answer its broker requests until it answers; a run
+    ) -> tuple[protocol.RunResult, list[OutputFile]]:
+        """Place the job's input files, hand the job to the child and answer its broker
+        requests until it answers; open what it left in ``out/`` if it ended ``ok``. A run
         past its scratch quota ends ``disk_limit`` whatever it answered."""
         child.sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=child.sock)
@@ -436,21 +467,39 @@ class Pool:
                 async with asyncio.timeout(CHILD_WAIT_FLOOR):
                     ready = await _read_message(reader, protocol.CONTROL_PACKET_MAX)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ProtocolError):
-                return await self._lost(child)
+                return await self._lost(child), []
             if not isinstance(ready, protocol.ChildReady):
-                return await self._lost(child)
+                return await self._lost(child), []
             usage = self._watch_scratch(child)
-            result = await self._exchange(child, reader, writer, job, code, on_progress=on_progress)
+            folder = os.path.join(self._scratch_root, child.folder)
+            try:
+                if job.inputs:
+                    await asyncio.to_thread(place_inputs, folder, job.inputs)
+            except (OSError, ValueError) as exc:
+                result = _not_placed(exc)
+            else:
+                result = await self._exchange(
+                    child, reader, writer, job, code, on_progress=on_progress
+                )
             if usage is not None and self._quota is not None:
                 # The child is still there, its files open, until its socket is closed.
                 self._quota.settle(usage)
                 if usage.exceeded is not None:
                     result = _disk_limit(usage, result)
+            if result.status != "ok":
+                return result, []
+            try:
+                return result, open_outputs(
+                    folder,
+                    max_files=self.config.out_files,
+                    max_bytes=self.config.out_files_mb * 1024 * 1024,
+                )
+            except OutputRefused as exc:
+                return _output_limit(result, exc), []
         finally:
             if usage is not None and self._quota is not None:
                 self._quota.release(usage)
             writer.transport.abort()
-        return result
 
     async def _exchange(
         self,
@@ -584,6 +633,25 @@ def _disk_limit(usage: Usage, ended: protocol.RunResult) -> protocol.RunResult:
         status="error",
         error=ErrorInfo(code="disk_limit", type="DiskLimit", message=usage.exceeded or ""),
         stdout=ended.stdout,
+    )
+
+
+def _output_limit(ended: protocol.RunResult, refused: OutputRefused) -> protocol.RunResult:
+    return protocol.RunResult(
+        status="error",
+        error=ErrorInfo(code="output_limit", type="OutputLimit", message=str(refused)),
+        stdout=ended.stdout,
+    )
+
+
+def _not_placed(exc: Exception) -> protocol.RunResult:
+    return protocol.RunResult(
+        status="error",
+        error=ErrorInfo(
+            code="worker_lost",
+            type="WorkerLost",
+            message=f"the request's files could not be placed in the run's folder: {exc}",
+        ),
     )
 
 

@@ -239,7 +239,8 @@ class Run:
                     code="output_limit",
                     type="OutputLimit",
                     message=f"the result is {size}, over the limit of "
-                    f"{self.config.result_limit} bytes; return less data",
+                    f"{self.config.result_limit} bytes; return less data, or write it to a "
+                    "file in out/ (stored and listed in the reply's files)",
                 ),
             )
         # Sent as it is: the result is encoded once, here.

@@ -1,0 +1,328 @@
+"""Files larger than a message (contract 1.1, "Files"), against a real replica, nats-server and
+object store: a workbook of several megabytes in and CSVs out with their digests checked, a job's
+outputs under its job id, and every bad reference refused as ``invalid_request`` naming the
+alias with nothing run. Below the service, with the policy layer off: ``in/`` is read-only to
+the run, and links the script makes in ``out/`` are not followed by the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import openpyxl
+import pytest
+
+from consumer.client import Client
+from consumer.protocol import CodeRequest, FileRef, Reply
+from sandbox import InputFile, Job, Pool, PoolConfig
+from tests.conftest import (
+    KEY_ID,
+    OLD_KEY_ID,
+    OLD_SECRET,
+    SECRET,
+    NatsServer,
+    ReplicaProcess,
+    free_port,
+    start_replica,
+)
+
+PREFIX = "files"
+ROWS = 40_000
+
+SUMMARY = """
+import pandas as pd
+def execute(ctx):
+    frame = pd.read_excel("in/book.xlsx")
+    totals = frame.groupby("region")["amount"].sum().round(2)
+    totals.to_csv("out/summary.csv")
+    frame.to_csv("out/all.csv", index=False)
+    return {"rows": len(frame), "regions": sorted(totals.index)}
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, ReplicaProcess]]:
+    server = NatsServer(port=free_port(), store=tmp_path_factory.mktemp("files-js"))
+    server.start()
+    replica = start_replica(
+        server.url,
+        PREFIX,
+        EXECUTOR_WORKERS="2",
+        EXECUTOR_FILES_MAX_MB="24",
+        EXECUTOR_SCRATCH_MB="64",
+        EXECUTOR_MAX_TIMEOUT="60",
+        EXECUTOR_MAX_JOB_TIMEOUT="60",
+    )
+    try:
+        yield server, replica
+    finally:
+        replica.stop()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def workbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workbook of a few megabytes: 40 000 rows, one column of incompressible text."""
+    path = tmp_path_factory.mktemp("book") / "book.xlsx"
+    book = openpyxl.Workbook(write_only=True)
+    sheet = book.create_sheet("orders")
+    sheet.append(["order", "region", "amount", "token"])
+    regions = ("north", "south", "east", "west")
+    for i in range(ROWS):
+        token = base64.b64encode(os.urandom(60)).decode()
+        sheet.append([i, regions[i % 4], (i % 1000) / 10, token])
+    book.save(path)
+    return path
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def client_for(server: NatsServer, key_id: str = KEY_ID, secret: str = SECRET) -> Client:
+    return await Client.connect(server.url, key_id, secret, prefix=PREFIX)
+
+
+def test_a_workbook_of_megabytes_in_and_csvs_out(
+    fleet: tuple[NatsServer, ReplicaProcess], workbook: Path
+) -> None:
+    """The workbook is put under the key, the script reads it at in/book.xlsx and leaves two
+    CSVs in out/: the reply lists them under <key id>/<request id>/ with sizes and digests,
+    and what get_file returns matches them."""
+    server, _ = fleet
+    assert workbook.stat().st_size > 2_500_000
+
+    async def scenario() -> tuple[Reply, dict[str, bytes], FileRef]:
+        async with await client_for(server) as client:
+            ref = await client.put_file(workbook, "inputs/book.xlsx")
+            reply = await client.execute_code(
+                SUMMARY, files={"book.xlsx": ref}, timeout=60, request_id="summary-1"
+            )
+            fetched = {}
+            for item in reply.files or []:
+                fetched[item.name] = await client.get_file(item.object, sha256=item.sha256)
+            return reply, fetched, ref
+
+    reply, fetched, ref = run(scenario())
+    assert ref.sha256 == hashlib.sha256(workbook.read_bytes()).hexdigest()
+    assert reply.status == "ok", reply.error
+    assert reply.result == {"rows": ROWS, "regions": ["east", "north", "south", "west"]}
+    listed = {item.name: item for item in reply.files or []}
+    assert sorted(listed) == ["all.csv", "summary.csv"]
+    for name, item in listed.items():
+        assert item.object == f"{KEY_ID}/summary-1/{name}"
+        assert item.bytes == len(fetched[name])
+        assert item.sha256 == hashlib.sha256(fetched[name]).hexdigest()
+    assert fetched["summary.csv"].decode().splitlines()[0] == "region,amount"
+    assert len(fetched["all.csv"]) > 2_000_000
+
+
+def test_files_field_is_absent_without_files_and_empty_when_none_were_written(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    server, _ = fleet
+
+    async def scenario() -> tuple[Reply, Reply, Reply]:
+        async with await client_for(server) as client:
+            ref = await client.put_file(b"a,b\n1,2\n", "small.csv")
+            plain = await client.execute_code("def execute(ctx):\n    return 1\n")
+            read_only = await client.execute_code(
+                "def execute(ctx):\n    return open('in/t.csv').read()\n", files={"t.csv": ref}
+            )
+            writes = await client.execute_code(
+                "def execute(ctx):\n    open('out/n.txt', 'w').write('x')\n    return 2\n"
+            )
+            return plain, read_only, writes
+
+    plain, read_only, writes = run(scenario())
+    assert plain.files is msgspec.UNSET
+    assert (read_only.result, read_only.files) == ("a,b\n1,2\n", [])
+    assert [f.name for f in writes.files or []] == ["n.txt"]
+
+
+def test_a_job_reads_files_and_its_outputs_are_stored_under_its_job_id(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    server, _ = fleet
+
+    async def scenario() -> tuple[str, Reply]:
+        async with await client_for(server) as client:
+            ref = await client.put_file(b"hello", "job-in.txt")
+            job_id = await client.submit_code(
+                "def execute(ctx):\n"
+                "    text = open('in/x.txt').read()\n"
+                "    open('out/upper.txt', 'w').write(text.upper())\n"
+                "    return text\n",
+                files={"x.txt": ref},
+            )
+            completion = await client.wait(job_id, timeout=60)
+            assert completion.files
+            data = await client.get_file(completion.files[0].object)
+            assert data == b"HELLO"
+            return job_id, completion
+
+    job_id, completion = run(scenario())
+    assert completion.result == "hello"
+    assert completion.files is not None
+    assert completion.files[0].object == f"{KEY_ID}/{job_id}/upper.txt"
+
+
+@pytest.mark.parametrize(
+    ("alias", "edit", "expected"),
+    [
+        ("data.csv", {"sha256": "0" * 64}, "does not have the SHA-256 given"),
+        ("data.csv", {"object": f"{KEY_ID}/missing.csv"}, "no object"),
+        ("data.csv", {"object": f"{OLD_KEY_ID}/theirs.csv"}, "is not under this key's prefix"),
+        ("data.csv", {"object": f"{KEY_ID}/../{OLD_KEY_ID}/theirs.csv"}, "'..' part"),
+        ("data.csv", {"object": f"{KEY_ID}//x.csv"}, "an empty"),
+        ("sub/data.csv", {}, "is not a plain file name"),
+        ("..", {}, "is not a plain file name"),
+        (".hidden", {}, "is not a plain file name"),
+    ],
+)
+def test_every_bad_file_reference_is_invalid_request_naming_it(
+    fleet: tuple[NatsServer, ReplicaProcess], alias: str, edit: dict[str, str], expected: str
+) -> None:
+    """A wrong digest, a missing object, another key's object, names that would leave the
+    caller's prefix or the scratch folder: rejected/invalid_request, sync and async, and the
+    script (which would leave a file in out/) never runs."""
+    server, _ = fleet
+    source = "def execute(ctx):\n    open('out/ran.txt', 'w').write('ran')\n    return 1\n"
+
+    async def scenario() -> tuple[Reply, Reply]:
+        async with await client_for(server, OLD_KEY_ID, OLD_SECRET) as other:
+            await other.put_file(b"secret", "theirs.csv")
+        async with await client_for(server) as client:
+            ref = await client.put_file(b"x,y\n", "data.csv")
+            changed = FileRef(
+                object=edit.get("object", ref.object), sha256=edit.get("sha256", ref.sha256)
+            )
+            sync = await client.execute_code(source, files={alias: changed})
+            submitted = await client.send(
+                f"{PREFIX}.code",
+                CodeRequest(
+                    code=source,
+                    mode="async",
+                    files={alias: changed},
+                    request_id=os.urandom(8).hex(),
+                ),
+            )
+            return sync, submitted
+
+    sync, submitted = run(scenario())
+    for reply in (sync, submitted):
+        assert reply.status == "rejected"
+        assert reply.error is not None
+        assert reply.error.code == "invalid_request"
+        assert expected in reply.error.message
+        assert repr(alias)[1:-1] in reply.error.message or alias in reply.error.message
+        assert reply.files is msgspec.UNSET
+
+
+def test_too_many_or_too_large_out_files_end_output_limit(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    """101 files in out/, or 30 MB over the 24 MB limit: output_limit, nothing stored; a
+    result too large for a reply says to write to out/ instead."""
+    server, _ = fleet
+    many = (
+        "def execute(ctx):\n"
+        "    for i in range(101):\n"
+        "        open('out/f%d.txt' % i, 'w').write('x')\n"
+    )
+    large = (
+        "def execute(ctx):\n"
+        "    block = 'x' * (1024 * 1024)\n"
+        "    for i in range(3):\n"
+        "        with open('out/big%d.txt' % i, 'w') as f:\n"
+        "            for _ in range(10):\n"
+        "                f.write(block)\n"
+    )
+    huge_result = "def execute(ctx):\n    return 'x' * 2_000_000\n"
+
+    async def scenario() -> list[Reply]:
+        async with await client_for(server) as client:
+            return [
+                await client.execute_code(source, timeout=60)
+                for source in (many, large, huge_result)
+            ]
+
+    replies = run(scenario())
+    for reply in replies:
+        assert reply.status == "error"
+        assert reply.error is not None
+        assert reply.error.code == "output_limit"
+        assert reply.files is msgspec.UNSET
+    assert "more than 100 files" in replies[0].error.message  # type: ignore[union-attr]
+    assert "24 MB" in replies[1].error.message  # type: ignore[union-attr]
+    assert "out/" in replies[2].error.message  # type: ignore[union-attr]
+
+
+# -- below the service --------------------------------------------------------------------------
+
+
+def test_with_the_policy_off_inputs_are_read_only_and_out_links_are_not_followed(
+    tmp_path: Path,
+) -> None:
+    """Plain Python (import os): writing, appending to or chmod-ing in/ fails; a symbolic link
+    and a hard link left in out/ (to the service's files) are not read by the pool: only the
+    script's own plain file is listed."""
+    secret = tmp_path / "service-secret.txt"
+    secret.write_text("do not leak")
+    source = f"""
+import os
+def execute(ctx):
+    failures = []
+    for attempt in (lambda: open("in/data.txt", "a"),
+                    lambda: os.chmod("in/data.txt", 0o666),
+                    lambda: os.unlink("in/data.txt"),
+                    lambda: open("in/new.txt", "w")):
+        try:
+            attempt()
+            failures.append("allowed")
+        except OSError as exc:
+            failures.append(type(exc).__name__)
+    for make in (lambda: os.symlink({str(secret)!r}, "out/link.txt"),
+                 lambda: os.link({str(secret)!r}, "out/hard.txt"),
+                 lambda: os.symlink("/etc/passwd", "out/passwd")):
+        try:
+            make()
+        except OSError:
+            pass
+    open("out/own.txt", "w").write("mine")
+    return [failures, open("in/data.txt").read()]
+"""
+
+    async def scenario() -> Any:
+        config = PoolConfig(workers=1, warm_children=1, disabled_layers=("policy",))
+        async with Pool(config) as pool:
+            with tempfile.TemporaryFile() as handle:
+                handle.write(b"input")
+                handle.flush()
+                outcome = await pool.run(
+                    Job(
+                        source=source,
+                        ctx={},
+                        timeout=20,
+                        inputs=(InputFile(alias="data.txt", fd=handle.fileno(), size=5),),
+                    )
+                )
+            names = {item.name: os.pread(item.fd, 100, 0) for item in outcome.files}
+            for item in outcome.files:
+                os.close(item.fd)
+            return outcome, names
+
+    outcome, names = run(scenario())
+    assert outcome.status == "ok", outcome.error
+    failures, content = outcome.result
+    assert "allowed" not in failures
+    assert content == "input"
+    assert names == {"own.txt": b"mine"}
