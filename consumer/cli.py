@@ -1,4 +1,4 @@
-"""The ``pyexec`` command: serve, call, keygen, scripts."""
+"""The ``pyexec`` command: serve, call, job, keygen, scripts, doctor, bench."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,24 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--request-id", help="echoed back in the reply")
     call.add_argument("--msgpack", action="store_true", help="send and receive MessagePack")
     call.add_argument("--key-id", help="which key of EXECUTOR_API_KEYS signs (default: first)")
+    call.add_argument(
+        "--file",
+        dest="files",
+        action="append",
+        default=[],
+        metavar="ALIAS=PATH",
+        help="put PATH into the file store and give it to the script at in/ALIAS (repeatable)",
+    )
+    call.add_argument(
+        "--out", type=Path, help="save the files the script leaves in out/ into this folder"
+    )
     call.set_defaults(handler=_call)
+
+    job = commands.add_parser("job", help="ask about or cancel an async job")
+    job.add_argument("action", choices=("status", "cancel"), help="what to do with the job")
+    job.add_argument("job_id", help="the job id (from an accepted reply)")
+    job.add_argument("--key-id", help="which key of EXECUTOR_API_KEYS signs (default: first)")
+    job.set_defaults(handler=_job)
 
     keygen = commands.add_parser("keygen", help="print a new id:secret for EXECUTOR_API_KEYS")
     keygen.add_argument("--id", default=None, help="the key id (default: a random one)")
@@ -142,6 +160,43 @@ def _call(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ctx is not valid JSON: {exc}") from None
     if not isinstance(ctx, dict):
         raise ConfigError("--ctx must be a JSON object")
+    files = _file_arguments(args.files)
+    target = _target(args.key_id)
+    reply = asyncio.run(_send(args, target, ctx=ctx, files=files))
+    print(json.dumps(msgspec.to_builtins(reply), indent=2, ensure_ascii=False))
+    return EXIT_CODES.get(reply.status, 1)
+
+
+def _job(args: argparse.Namespace) -> int:
+    target = _target(args.key_id)
+
+    async def ask() -> Any:
+        async with await target.connect() as client:
+            if args.action == "cancel":
+                return await client.cancel(args.job_id)
+            return await client.status(args.job_id)
+
+    answer = asyncio.run(ask())
+    print(json.dumps(msgspec.to_builtins(answer), indent=2, ensure_ascii=False))
+    return 0 if answer.state != "unknown" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """Where ``call`` and ``job`` send, and with which key."""
+
+    urls: list[str]
+    key_id: str
+    secret: bytes = dataclasses.field(repr=False)
+    prefix: str
+
+    async def connect(self, encoding: str = "json") -> Client:
+        return await Client.connect(
+            self.urls, self.key_id, self.secret, encoding=encoding, prefix=self.prefix
+        )
+
+
+def _target(key_id: str | None) -> _Target:
     env = _call_environment(os.environ)
     urls = env.get("NATS_URL", "").strip()
     if not urls:
@@ -149,16 +204,26 @@ def _call(args: argparse.Namespace) -> int:
     keyring = config.parse_keys(env)
     if not keyring:
         raise ConfigError("no key to sign with: set EXECUTOR_API_KEYS or EXECUTOR_API_KEY")
-    key_id = args.key_id or keyring.ids[0]
+    key_id = key_id or keyring.ids[0]
     secret = keyring.secret(key_id)
     if secret is None:
         raise ConfigError(f"--key-id '{key_id}' is not in EXECUTOR_API_KEYS")
     prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "").strip() or "pyexec"
-    reply = asyncio.run(
-        _send(args, urls.split(","), key_id=key_id, secret=secret, ctx=ctx, prefix=prefix)
-    )
-    print(json.dumps(msgspec.to_builtins(reply), indent=2, ensure_ascii=False))
-    return EXIT_CODES.get(reply.status, 1)
+    return _Target(urls=urls.split(","), key_id=key_id, secret=secret, prefix=prefix)
+
+
+def _file_arguments(given: list[str]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for item in given:
+        alias, sep, path = item.partition("=")
+        if not sep or not alias or not path:
+            raise ConfigError(f"--file takes ALIAS=PATH, not '{item}'")
+        if alias in files:
+            raise ConfigError(f"--file: alias '{alias}' is given twice")
+        if not Path(path).is_file():
+            raise ConfigError(f"--file {alias}: no file at '{path}'")
+        files[alias] = Path(path)
+    return files
 
 
 def _call_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -175,45 +240,54 @@ def _call_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 async def _send(
-    args: argparse.Namespace,
-    urls: list[str],
-    *,
-    key_id: str,
-    secret: bytes,
-    ctx: dict[str, Any],
-    prefix: str,
+    args: argparse.Namespace, target: _Target, *, ctx: dict[str, Any], files: dict[str, Path]
 ) -> Any:
     encoding = "msgpack" if args.msgpack else "json"
-    async with await Client.connect(
-        urls, key_id, secret, encoding=encoding, prefix=prefix
-    ) as client:
-        if args.run_async:
-            # Submitted through the replica (mode async); then the completion is awaited.
-            if args.name:
-                request: Any = NamedRequest(
-                    name=args.name, ctx=ctx, timeout=args.timeout, mode="async",
-                    request_id=args.request_id,
-                )  # fmt: skip
-            else:
-                request = CodeRequest(
-                    code=args.file.read_text(encoding="utf-8"), ctx=ctx, timeout=args.timeout,
-                    mode="async", request_id=args.request_id,
-                )  # fmt: skip
-            kind = "named" if args.name else "code"
-            accepted = await client.send(f"{prefix}.{kind}", request, 5)
-            if accepted.status != "accepted" or accepted.job_id is None:
-                return accepted
-            print(f"pyexec: job {accepted.job_id} accepted; waiting for its completion",
-                  file=sys.stderr)  # fmt: skip
-            return await client.wait(accepted.job_id, (args.timeout or 30) + 60)
+    async with await target.connect(encoding) as client:
+        refs = {
+            alias: await client.put_file(path, f"{uuid.uuid4().hex}/{path.name}")
+            for alias, path in files.items()
+        }
+        reply = await _request(args, client, ctx, refs or None)
+        if args.out is not None and reply.files:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for item in reply.files:
+                await client.get_file(item.object, args.out / item.name, sha256=item.sha256)
+                print(f"pyexec: saved {args.out / item.name}", file=sys.stderr)
+        return reply
+
+
+async def _request(
+    args: argparse.Namespace, client: Client, ctx: dict[str, Any], files: dict[str, Any] | None
+) -> Any:
+    prefix = client.prefix
+    if args.run_async:
+        # Submitted through the replica (mode async); then the completion is awaited.
         if args.name:
-            return await client.execute_named(
-                args.name, ctx, timeout=args.timeout, request_id=args.request_id
-            )
-        code = args.file.read_text(encoding="utf-8")
-        return await client.execute_code(
-            code, ctx, timeout=args.timeout, request_id=args.request_id
+            request: Any = NamedRequest(
+                name=args.name, ctx=ctx, timeout=args.timeout, mode="async",
+                request_id=args.request_id, files=files,
+            )  # fmt: skip
+        else:
+            request = CodeRequest(
+                code=args.file.read_text(encoding="utf-8"), ctx=ctx, timeout=args.timeout,
+                mode="async", request_id=args.request_id, files=files,
+            )  # fmt: skip
+        kind = "named" if args.name else "code"
+        accepted = await client.send(f"{prefix}.{kind}", request, 5)
+        if accepted.status != "accepted" or accepted.job_id is None:
+            return accepted
+        print(f"pyexec: job {accepted.job_id} accepted; waiting for its completion",
+              file=sys.stderr)  # fmt: skip
+        return await client.wait(accepted.job_id, (args.timeout or 30) + 60)
+    if args.name:
+        return await client.execute_named(
+            args.name, ctx, timeout=args.timeout, request_id=args.request_id, files=files
         )
+    code = args.file.read_text(encoding="utf-8")
+    return await client.execute_code(
+        code, ctx, timeout=args.timeout, request_id=args.request_id, files=files
+    )
 
 
 # -- keygen, scripts ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -336,6 +337,53 @@ def test_call_async_submits_a_job_and_prints_its_completion(embedded: EmbeddedSe
     assert reply["result"]["text"] == "a b"
     assert reply["job_id"]
     assert "accepted" in stderr
+
+
+def test_call_with_files_in_and_out(embedded: EmbeddedServe, tmp_path: Path) -> None:
+    """`pyexec call --file data=PATH --out DIR` puts the file, the script reads in/data and
+    writes out/, and the output is saved into DIR with the digest the reply lists."""
+    (tmp_path / "rows.csv").write_text("a\n1\n2\n")
+    script = tmp_path / "double.py"
+    script.write_text(
+        "import pandas as pd\n"
+        "def execute(ctx):\n"
+        "    frame = pd.read_csv('in/data.csv')\n"
+        "    (frame * 2).to_csv('out/doubled.csv', index=False)\n"
+        "    return int(frame['a'].sum())\n"
+    )
+    out = tmp_path / "results"
+    code, reply, stderr = call(
+        embedded, str(script), "--file", f"data.csv={tmp_path / 'rows.csv'}", "--out", str(out)
+    )
+    assert code == 0, stderr
+    assert reply["result"] == 3
+    [listed] = reply["files"]
+    saved = (out / "doubled.csv").read_bytes()
+    assert saved == b"a\n2\n4\n"
+    assert listed["sha256"] == hashlib.sha256(saved).hexdigest()
+    bad = call(embedded, str(script), "--file", "data.csv")
+    assert bad[0] == 2
+    assert "ALIAS=PATH" in bad[2]
+
+
+def test_job_status_and_cancel(embedded: EmbeddedServe, tmp_path: Path) -> None:
+    """`pyexec job status ID` and `pyexec job cancel ID` print the job's state; an id no job
+    has is unknown and exits 1."""
+    code, reply, stderr = call(
+        embedded, "--name", "text.normalize", "--ctx", '{"text": "x"}', "--async"
+    )
+    assert code == 0, stderr
+    job_id = reply["job_id"]
+    status = run_pyexec("job", "status", job_id, cwd=embedded.cwd)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert shown["state"] == "done"
+    assert shown["completion"]["result"]["text"] == "x"
+    cancel = run_pyexec("job", "cancel", job_id, cwd=embedded.cwd)
+    assert json.loads(cancel.stdout) == {"job_id": job_id, "state": "done"}
+    unknown = run_pyexec("job", "status", "0" * 32, cwd=embedded.cwd)
+    assert unknown.returncode == 1
+    assert json.loads(unknown.stdout)["state"] == "unknown"
 
 
 def test_call_without_server_settings_explains(tmp_path: Path) -> None:

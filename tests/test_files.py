@@ -326,3 +326,74 @@ def execute(ctx):
     assert "allowed" not in failures
     assert content == "input"
     assert names == {"own.txt": b"mine"}
+
+
+def test_named_scripts_take_and_make_files(fleet: tuple[NatsServer, ReplicaProcess]) -> None:
+    """excel.write leaves its workbook in out/ (out_file), which goes straight back in as
+    excel.read's in_file and table.describe's; table.aggregate reads a CSV file and writes its
+    result as one; inline base64 still works for small workbooks."""
+    server, _ = fleet
+    rows = [{"region": ["north", "south"][i % 2], "amount": i} for i in range(500)]
+
+    async def scenario() -> dict[str, Any]:
+        async with await client_for(server) as client:
+            written = await client.execute_named(
+                "excel.write",
+                {"sheets": [{"name": "orders", "rows": rows}], "out_file": "orders.xlsx"},
+                request_id="named-write",
+            )
+            assert written.files, written.error
+            book = written.files[0]
+            ref = FileRef(object=book.object, sha256=book.sha256)
+            read = await client.execute_named(
+                "excel.read", {"in_file": "book.xlsx"}, files={"book.xlsx": ref}
+            )
+            described = await client.execute_named(
+                "table.describe", {"in_file": "book.xlsx"}, files={"book.xlsx": ref}
+            )
+            csv = await client.put_file(
+                (
+                    "region,amount\n" + "".join(f"{r['region']},{r['amount']}\n" for r in rows)
+                ).encode(),
+                "orders.csv",
+            )
+            aggregated = await client.execute_named(
+                "table.aggregate",
+                {
+                    "in_file": "orders.csv",
+                    "group_by": ["region"],
+                    "aggregations": [{"column": "amount", "op": "sum"}],
+                    "out_file": "totals.csv",
+                },
+                files={"orders.csv": csv},
+            )
+            totals = await client.get_file(aggregated.files[0].object) if aggregated.files else None
+            inline = await client.execute_named(
+                "excel.write", {"sheets": [{"name": "s", "rows": [[1]]}]}
+            )
+            return {
+                "written": written,
+                "read": read,
+                "described": described,
+                "aggregated": aggregated,
+                "totals": totals,
+                "inline": inline,
+            }
+
+    seen = run(scenario())
+    assert seen["written"].result["out_file"] == "orders.xlsx"
+    assert "file" not in seen["written"].result
+    assert seen["written"].files[0].object == f"{KEY_ID}/named-write/orders.xlsx"
+    sheet = seen["read"].result["sheets"][0]
+    assert sheet["columns"] == ["region", "amount"]
+    assert len(sheet["rows"]) == 500
+    assert seen["described"].result["rows"] == 500
+    assert seen["aggregated"].status == "ok", seen["aggregated"].error
+    assert seen["aggregated"].result["out_file"] == "totals.csv"
+    assert seen["totals"].decode().splitlines() == [
+        "region,amount_sum",
+        f"north,{sum(range(0, 500, 2))}",
+        f"south,{sum(range(1, 500, 2))}",
+    ]
+    assert seen["inline"].result["file"]
+    assert seen["inline"].files is msgspec.UNSET

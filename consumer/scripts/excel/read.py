@@ -1,4 +1,7 @@
-"""Read an .xlsx workbook (base64) into rows per sheet, with typed cells.
+"""Read an .xlsx workbook (base64, or a request file) into rows per sheet, with typed cells.
+
+The workbook comes inline as base64 (``file``, for small ones) or as a file of the request
+(``in_file``: its alias, read from in/<alias>; any size within the file limits).
 
 Returns {"sheets": [{"name": str, "columns": [str, ...] | None, "rows": [...],
 "truncated": bool}, ...], "sheet_names": [str, ...], "skipped_sheets": [str, ...]}.
@@ -15,7 +18,9 @@ import openpyxl
 
 
 class Input:
-    file: Annotated[str, Meta(min_length=1)]  # the .xlsx file, base64
+    file: Annotated[str, Meta(min_length=1)] | None = None  # the .xlsx file, base64
+    # or: the alias of one of the request's files (read from in/<alias>)
+    in_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")] | None = None
     sheets: list[str] | None = None  # sheet names to read, in this order; None: all
     header: bool = True  # the first row holds the column names
     max_rows: Annotated[int, Meta(ge=1, le=100000)] = 10000  # data rows kept per sheet
@@ -23,7 +28,10 @@ class Input:
 
 
 def execute(ctx):
-    book = open_workbook(ctx["file"])
+    if (ctx["file"] is None) == (ctx["in_file"] is None):
+        raise ValueError("give the workbook as file (base64) or as in_file (a request file)")
+    data = decode(ctx["file"]) if ctx["in_file"] is None else read_input(ctx["in_file"])
+    book = open_workbook(data)
     try:
         names = [sheet.title for sheet in book.worksheets]
         wanted = names if ctx["sheets"] is None else ctx["sheets"]
@@ -37,11 +45,22 @@ def execute(ctx):
     return {"sheets": sheets, "sheet_names": names, "skipped_sheets": wanted[len(read) :]}
 
 
-def open_workbook(text):
+def decode(text):
     try:
-        data = base64.b64decode("".join(text.split()), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except ValueError:
         raise ValueError("file is not valid base64") from None
+
+
+def read_input(alias):
+    try:
+        with open(f"in/{alias}", "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ValueError(f"in_file: the request has no file {alias!r}") from None
+
+
+def open_workbook(data):
     if data[:4] != b"PK\x03\x04":  # every .xlsx is a zip archive
         raise ValueError("file is not an .xlsx workbook (.xls and encrypted files are not read)")
     try:

@@ -1,7 +1,9 @@
-"""Write rows into an .xlsx workbook, returned as base64.
+"""Write rows into an .xlsx workbook, returned as base64 or as a file of the reply.
 
 Returns {"file": str (base64), "bytes": int, "sheets": [{"name": str, "rows": int,
-"columns": int}, ...]}. Each sheet is {"name": str, "rows": [[...], ...] or [{...}, ...],
+"columns": int}, ...]}; with out_file the workbook is written to out/<out_file> instead (stored
+and listed in the reply's files, for workbooks too large for a message) and "file" is left out,
+"out_file" names it. Each sheet is {"name": str, "rows": [[...], ...] or [{...}, ...],
 "columns": [str, ...] (optional)}; with column names the first row is a bold, shaded header.
 Cells are strings, numbers, booleans or null; strings are written as text (ISO dates stay
 strings, "=..." is not a formula unless formulas=true).
@@ -25,6 +27,8 @@ class Input:
     auto_width: bool = True  # widen columns to fit their content (up to 60 characters)
     freeze_header: bool = True  # keep the header row in view when scrolling
     formulas: bool = False  # write strings starting with "=" as formulas
+    # write the workbook to out/<out_file> (listed in the reply's files) instead of base64
+    out_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,94}\.xlsx$")] | None = None
 
 
 def execute(ctx):
@@ -52,6 +56,10 @@ def execute(ctx):
     buffer = io.BytesIO()
     book.save(buffer)
     data = buffer.getvalue()
+    if ctx["out_file"] is not None:
+        with open(f"out/{ctx['out_file']}", "wb") as handle:
+            handle.write(data)
+        return {"out_file": ctx["out_file"], "bytes": len(data), "sheets": written}
     return {"file": base64.b64encode(data).decode(), "bytes": len(data), "sheets": written}
 
 

@@ -1,7 +1,10 @@
 """Filter, group and aggregate or pivot a table of records with pandas; sort and limit.
 
 Returns {"columns": [...], "rows": [[...], ...], "total_rows": int}: the result table as
-column names and rows of values (null for missing), total_rows counted before the limit.
+column names and rows of values (null for missing), total_rows counted before the limit. The
+table comes as records, or as a CSV or .xlsx file of the request (in_file, its alias); with
+out_file the result is written to out/<out_file> as CSV (listed in the reply's files) and
+"rows" is left out.
 Operations are named, never evaluated: a filter is {"column", "op", "value"}, an aggregation
 {"column", "op", "name"}, a pivot {"index", "columns", "values", "op"}.
 """
@@ -48,7 +51,11 @@ class Pivot:
 
 
 class Input:
-    records: Annotated[list[dict], Meta(max_length=200000)]  # [{"column": value, ...}, ...]
+    records: Annotated[list[dict], Meta(max_length=200000)] | None = None  # [{"column": value}]
+    # or: the alias of a request file, a .csv (UTF-8, header row) or an .xlsx (first sheet)
+    in_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")] | None = None
+    # write the result to out/<out_file> as CSV instead of returning its rows
+    out_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,95}\.csv$")] | None = None
     filters: list[Filter] = []  # all must hold
     group_by: list[str] = []  # group on these columns (null is a group of its own)
     aggregations: list[Aggregation] = []
@@ -60,7 +67,7 @@ class Input:
 
 def execute(ctx):
     # Nullable dtypes keep whole numbers whole when a column has nulls.
-    frame = pd.DataFrame.from_records(ctx["records"]).convert_dtypes()
+    frame = load_table(ctx).convert_dtypes()
     for number, spec in enumerate(ctx["filters"]):
         frame = apply_filter(frame, spec, f"filters[{number}]")
     if ctx["pivot"] is not None:
@@ -79,8 +86,28 @@ def execute(ctx):
     total = len(frame)
     if ctx["limit"] is not None:
         frame = frame.head(ctx["limit"])
+    if ctx["out_file"] is not None:
+        frame.to_csv(f"out/{ctx['out_file']}", index=False)
+        return {"columns": list(frame.columns), "out_file": ctx["out_file"], "total_rows": total}
     frame = frame.astype(object).where(frame.notna(), None)
     return {"columns": list(frame.columns), "rows": frame.values.tolist(), "total_rows": total}
+
+
+def load_table(ctx):
+    """The table from records or from the request's file in_file (exactly one of them)."""
+    if (ctx["records"] is None) == (ctx["in_file"] is None):
+        raise ValueError("give the table as records or as in_file (a request file)")
+    if ctx["in_file"] is None:
+        return pd.DataFrame.from_records(ctx["records"])
+    alias = ctx["in_file"]
+    try:
+        if alias.lower().endswith(".xlsx"):
+            return pd.read_excel(f"in/{alias}")
+        if alias.lower().endswith(".csv"):
+            return pd.read_csv(f"in/{alias}")
+    except FileNotFoundError:
+        raise ValueError(f"in_file: the request has no file {alias!r}") from None
+    raise ValueError(f"in_file: {alias!r} is neither a .csv nor an .xlsx file")
 
 
 def check(frame, columns):

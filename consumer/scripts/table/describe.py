@@ -3,7 +3,8 @@
 Returns {"rows": int, "columns": [{"name": str, "dtype": str, "kind": str, "count": int,
 "nulls": int, "unique": int, ...}, ...]}. Columns of numbers add min, max, mean, std, p25,
 median and p75; other columns add "top": [{"value": ..., "count": int}, ...], most frequent
-first. Values JSON has no form for (NaN, an infinite std) are null.
+first. Values JSON has no form for (NaN, an infinite std) are null. The table comes as
+records, or as a CSV or .xlsx file of the request (in_file, its alias).
 """
 
 import json
@@ -20,13 +21,16 @@ KINDS = {
 
 
 class Input:
-    records: Annotated[list[dict], Meta(max_length=200000)]  # [{"column": value, ...}, ...]
+    records: Annotated[list[dict], Meta(max_length=200000)] | None = None  # [{"column": value}]
+    # or: the alias of a request file, a .csv (UTF-8, header row) or an .xlsx (first sheet)
+    in_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")] | None = None
     columns: list[str] | None = None  # only these columns, in this order; None: all
     top: Annotated[int, Meta(ge=0, le=100)] = 5  # most frequent values listed per column
 
 
 def execute(ctx):
-    frame = pd.DataFrame.from_records(ctx["records"])
+    records = load_records(ctx)
+    frame = pd.DataFrame.from_records(records)
     names = [str(name) for name in frame.columns]
     wanted = names if ctx["columns"] is None else ctx["columns"]
     for name in wanted:
@@ -34,12 +38,31 @@ def execute(ctx):
             raise ValueError(f"unknown column {name!r} (columns: {', '.join(names)})")
     columns = []
     for name in wanted:
-        kinds = {KINDS.get(type(r.get(name)), "object") for r in ctx["records"]} - {"null"}
+        kinds = {KINDS.get(type(r.get(name)), "object") for r in records} - {"null"}
         if kinds == {"integer", "float"}:
             kinds = {"number"}
         kind = "empty" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
         columns.append(describe(name, frame[name], kind, ctx["top"]))
     return {"rows": len(frame), "columns": columns}
+
+
+def load_records(ctx):
+    """The records given, or those of the request's file in_file (as JSON values)."""
+    if (ctx["records"] is None) == (ctx["in_file"] is None):
+        raise ValueError("give the table as records or as in_file (a request file)")
+    if ctx["in_file"] is None:
+        return ctx["records"]
+    alias = ctx["in_file"]
+    try:
+        if alias.lower().endswith(".xlsx"):
+            frame = pd.read_excel(f"in/{alias}")
+        elif alias.lower().endswith(".csv"):
+            frame = pd.read_csv(f"in/{alias}")
+        else:
+            raise ValueError(f"in_file: {alias!r} is neither a .csv nor an .xlsx file")
+    except FileNotFoundError:
+        raise ValueError(f"in_file: the request has no file {alias!r}") from None
+    return json.loads(frame.to_json(orient="records", date_format="iso"))
 
 
 def describe(name, series, kind, top):
