@@ -21,6 +21,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -347,19 +348,13 @@ class Client:
         message = refusal.error.message if refusal.error else refusal.status
         raise ClientError(f"the {action} request was refused: {message}")
 
-    async def progress(self, job_id: str) -> AsyncIterator[protocol.Progress]:
-        """The job's progress events as they are published (best effort, core NATS); only
-        events signed for a request of this client that stored the job are given (with none
-        known, every well-formed event naming the job)."""
-        subscription = await self.nc.subscribe(f"{self.prefix}.progress.{job_id}")
-        try:
-            async for msg in subscription.messages:
-                event = self._progress_event(job_id, msg.data, msg.headers)
-                if event is not None:
-                    yield event
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+    def progress(self, job_id: str) -> ProgressEvents:
+        """The job's progress events as they are published (core NATS, best effort):
+        ``async with client.progress(job_id) as events: async for event in events: ...``.
+        Subscribed on entering, so enter before submitting the job. Only events signed for a
+        request of this client that stored the job are given (with none known yet, every
+        well-formed event naming the job)."""
+        return ProgressEvents(self, job_id)
 
     def _progress_event(
         self, job_id: str, data: bytes, headers: dict[str, str] | None
@@ -489,6 +484,35 @@ class Client:
             raise ClientError(f"no executor is listening on '{subject}'") from None
         except NatsTimeout:
             raise ClientError(f"no reply on '{subject}' within {timeout:g} s") from None
+
+
+class ProgressEvents:
+    """The subscription behind :meth:`Client.progress`."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self._client = client
+        self.job_id = job_id
+        self._subscription: Subscription | None = None
+
+    async def __aenter__(self) -> ProgressEvents:
+        nc = self._client.nc
+        self._subscription = await nc.subscribe(f"{self._client.prefix}.progress.{self.job_id}")
+        await nc.flush()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
+    async def __aiter__(self) -> AsyncIterator[protocol.Progress]:
+        if self._subscription is None:
+            raise ClientError("use 'async with client.progress(job_id) as events' first")
+        async for msg in self._subscription.messages:
+            event = self._client._progress_event(self.job_id, msg.data, msg.headers)
+            if event is not None:
+                yield event
 
 
 def _files(files: Mapping[str, protocol.FileRef] | None) -> dict[str, protocol.FileRef] | None:

@@ -44,6 +44,11 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     seq: int = 0  # stream sequence of the job message that owns the job; 0 until known
     state: State = "queued"
 
+    @property
+    def tombstone(self) -> bool:
+        """A cancel of an id no record had: no job known, only 'do not run it if it comes'."""
+        return not self.digest and self.state == "cancelled"
+
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Record)
@@ -78,6 +83,14 @@ class Ledger:
                     if found is None:
                         continue  # expired between the two calls: try creating again
                     record, revision = found
+                    if record.tombstone:
+                        # A cancel of an id no job had then: this submission replaces it.
+                        new = Record(key_id=key_id, digest=digest)
+                        try:
+                            revision = await self._update(job_id, new, revision)
+                        except KeyWrongLastSequenceError:
+                            continue
+                        return None, revision
                     _same(record, key_id, digest)
                     return record, revision
         except (TimeoutError, NatsError) as exc:
@@ -118,6 +131,17 @@ class Ledger:
                             return "run"
                         continue  # created meanwhile by another replica: read it
                     record, revision = found
+                    if record.tombstone and record.key_id == key_id:
+                        # Cancelled by its key before any replica saw it (a job stored straight
+                        # into the stream): it becomes a cancelled job of its own, never run.
+                        cancelled = msgspec.structs.replace(mine, state="cancelled")
+                        try:
+                            await self._update(job_id, cancelled, revision)
+                        except KeyWrongLastSequenceError:
+                            continue
+                        return "cancelled"
+                    if record.tombstone:
+                        record = Record(key_id=key_id, digest=digest)  # another key's: ignored
                     _same(record, key_id, digest)
                     if record.state in FINAL:  # never run again, whichever message
                         return "done" if record.state == "done" else "cancelled"
@@ -155,7 +179,15 @@ class Ledger:
             async with asyncio.timeout(self._timeout):
                 for _ in range(ATTEMPTS):
                     found = await self._read(job_id)
-                    if found is None or found[0].key_id != key_id:
+                    if found is None:
+                        # No record: no job, or one stored straight into the jobs stream that no
+                        # replica has taken yet. A tombstone makes sure the latter never runs;
+                        # the answer is 'unknown' all the same.
+                        tombstone = Record(key_id=key_id, digest="", state="cancelled")
+                        if await self._create(job_id, tombstone):
+                            return None, False
+                        continue
+                    if found[0].key_id != key_id or found[0].tombstone:
                         return None, False
                     record, revision = found
                     if record.state in FINAL:
@@ -188,7 +220,7 @@ class Ledger:
                 found = await self._read(job_id)
         except (TimeoutError, NatsError) as exc:
             raise Overloaded(f"the job ledger cannot be reached ({exc!r}); retry shortly") from None
-        if found is None or found[0].key_id != key_id:
+        if found is None or found[0].key_id != key_id or found[0].tombstone:
             return None
         return found[0]
 
@@ -224,9 +256,12 @@ class Ledger:
         except KeyWrongLastSequenceError:
             return 0
 
-    async def _update(self, job_id: str, record: Record, revision: int) -> None:
+    async def _update(self, job_id: str, record: Record, revision: int) -> int:
+        """Write ``record`` if the key is still at ``revision``; the new revision."""
         data = _encoder.encode(record)
-        await patiently(lambda: self._bucket.update(job_id, data, last=revision), within=self._step)
+        return await patiently(
+            lambda: self._bucket.update(job_id, data, last=revision), within=self._step
+        )
 
     async def _read(self, job_id: str) -> tuple[Record, int] | None:
         try:

@@ -3,8 +3,9 @@ event in its status.
 
 The script's ``progress()`` reports reach the worker through the pool; :class:`ProgressRelay`
 sends at most one event every ``INTERVAL`` seconds (the contract's 5 a second, whatever the
-child sends), a newer report replacing one that waits, and the last one always goes out before
-the job's completion. Events are JSON, signed with the job's key for the job's request like
+child sends): a report that comes when the interval has passed goes out at once, one that comes
+sooner waits (replacing one waiting before) until it has, and the last one always goes out
+before the job's completion. Events are JSON, signed with the job's key for the job's request like
 its completion, so a subscriber can tell them from events anyone on the account could publish.
 """
 
@@ -48,22 +49,30 @@ class ProgressRelay:
         self.ledger = ledger
         self.metrics = metrics
         self._waiting: Progress | None = None
+        self._ready: list[Progress] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._pump: asyncio.Task[None] | None = None
         self._last = -INTERVAL
 
     def offer(self, fraction: float | None, message: str) -> None:
-        """A report from the script: sent now or when the interval has passed."""
+        """A report from the script: sent now if the interval has passed since the last
+        one, else kept (replacing one kept before) until it has."""
         if self._closing:
             return
-        if self._waiting is not None:
-            self.metrics.progress_events.labels(outcome="replaced").inc()
-        self._waiting = Progress(
+        event = Progress(
             fraction=fraction,
             message=message[:200],
             at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
         )
+        now = asyncio.get_running_loop().time()
+        if self._waiting is None and now - self._last >= INTERVAL:
+            self._last = now
+            self._ready.append(event)  # its turn is now, whenever the pump gets to it
+        else:
+            if self._waiting is not None:
+                self.metrics.progress_events.labels(outcome="replaced").inc()
+            self._waiting = event
         if self._pump is None:
             self._pump = asyncio.create_task(self._run())
         self._wake.set()
@@ -74,6 +83,7 @@ class ProgressRelay:
         self._closing = True
         if not flush:
             self._waiting = None
+            self._ready.clear()
         if self._pump is None:
             return
         self._wake.set()
@@ -87,14 +97,17 @@ class ProgressRelay:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            wait = self._last + INTERVAL - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the last event keeps the interval too
-            event, self._waiting = self._waiting, None
-            if event is not None:
-                self._last = loop.time()
-                await self._publish(event)
-            if self._closing and self._waiting is None:
+            while self._ready:
+                await self._publish(self._ready.pop(0))
+            if self._waiting is not None:
+                wait = self._last + INTERVAL - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the last event keeps the interval too
+                event, self._waiting = self._waiting, None
+                if event is not None:
+                    self._last = loop.time()
+                    await self._publish(event)
+            if self._closing and self._waiting is None and not self._ready:
                 return
 
     async def _publish(self, event: Progress) -> None:

@@ -631,12 +631,35 @@ def test_replica_serves_backend_with_the_deploy_permissions(deploy_nats: DeployN
                 stored = await client.submit_code(SOURCE, {"x": 7}, timeout=5)
                 direct = await client.wait(stored, timeout=30)
                 assert (direct.status, direct.result) == ("ok", 14)
+                # Job status, cancel, progress events and files, with these permissions too.
+                assert (await client.status(stored)).state == "done"
+                assert (await client.cancel(stored)).state == "done"
+                ref = await client.put_file(b"deploy", "deploy-test.txt")
+                progress = (
+                    "def execute(ctx):\n"
+                    "    progress(1.0, 'read')\n"
+                    "    open('out/copy.txt', 'w').write(open('in/f.txt').read())\n"
+                )
+                job_id = client.job_id("deploy-progress")
+                async with client.progress(job_id) as events:
+                    await client.submit_code(
+                        progress, files={"f.txt": ref}, request_id="deploy-progress"
+                    )
+                    first = await anext(aiter(events))
+                    assert first.message == "read"
+                copied = await client.wait(job_id, timeout=30)
+                assert copied.status == "ok", copied.error
+                assert copied.files
+                assert await client.get_file(copied.files[0].object) == b"deploy"
+                assert (await client.status(job_id)).progress["message"] == "read"
 
         asyncio.run(check())
     finally:
         assert replica.stop() == 0
     # The NATS password is part of NATS_URL; it never reaches the log.
     assert deploy_nats.executor_password not in "".join(replica.lines)
+    # Nothing the replica does is refused by these permissions.
+    assert "permissions violation" not in "".join(replica.lines).lower()
 
 
 # --- Prometheus ---------------------------------------------------------------------------

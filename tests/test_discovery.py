@@ -104,8 +104,8 @@ def test_ping_answers_with_the_micro_v1_ping_response(
 def test_info_lists_both_endpoints_with_subject_and_queue_group(
     nats_server: NatsServer, target: Target, level: str
 ) -> None:
-    """``$SRV.INFO`` lists the code, named and job status endpoints, their subjects and the
-    queue group."""
+    """``$SRV.INFO`` lists the code, named, job status and job cancel endpoints, their subjects
+    and the queue group."""
     subject = control_subject("INFO", level, target.service_id)
     answer = answer_from(nats_server.url, subject, target.service_id)
     assert answer["type"] == INFO_TYPE
@@ -118,6 +118,7 @@ def test_info_lists_both_endpoints_with_subject_and_queue_group(
         "code": (f"{prefix}.code", prefix),
         "named": (f"{prefix}.named", prefix),
         "job_status": (f"{prefix}.job.status", prefix),
+        "job_cancel": (f"{prefix}.job.cancel", prefix),
     }
 
 
@@ -138,6 +139,7 @@ def test_stats_answers_with_the_micro_v1_stats_response(
     prefix = target.replica.prefix
     assert sorted((e.name, e.subject, e.queue_group) for e in endpoints) == [
         ("code", f"{prefix}.code", prefix),
+        ("job_cancel", f"{prefix}.job.cancel", prefix),
         ("job_status", f"{prefix}.job.status", prefix),
         ("named", f"{prefix}.named", prefix),
     ]
@@ -179,7 +181,7 @@ def test_stats_count_requests_and_errors_per_endpoint(nats_server: NatsServer) -
         assert unknown.reply.status == "rejected"
         assert unknown.headers.get("Nats-Service-Error-Code") == "404"
 
-        expected = {"code": (4, 2), "named": (2, 1), "job_status": (0, 0)}
+        expected = {"code": (4, 2), "named": (2, 1), "job_status": (0, 0), "job_cancel": (0, 0)}
         deadline = time.monotonic() + 10
         stats = stats_of(target, nats_server.url)
         while time.monotonic() < deadline and any(
@@ -195,7 +197,7 @@ def test_stats_count_requests_and_errors_per_endpoint(nats_server: NatsServer) -
         assert stats["code"]["last_error"] == unsigned.reply.error.message
         assert stats["named"]["last_error"] == unknown.reply.error.message
         for name, entry in stats.items():
-            if name == "job_status":
+            if name in ("job_status", "job_cancel"):
                 continue  # asked nothing
             assert entry["processing_time"] > 0
             assert entry["average_processing_time"] == (

@@ -252,3 +252,41 @@ def test_reply_example_matches_an_independent_computation_and_the_executor() -> 
     job = hmac.new(secret, b"v1-job\ndoc-example-1", hashlib.sha256).hexdigest()[:32]
     assert job == ex["job_id_of_doc_example_1"]
     assert job_id_for(secret, "doc-example-1") == job
+
+
+def test_the_long_job_example_prints_what_the_doc_shows(tmp_path: Path) -> None:
+    """The Python program under "A long job with files, progress and cancel" runs against a
+    real replica and nats-server and prints exactly the output shown below it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import NatsServer, environment_with, free_port, start_replica
+
+    text = protocol_text()
+    section = text[text.index("### A long job with files, progress and cancel") :]
+    program = re.search(r"```python\n(.*?)\n```", section, re.DOTALL)
+    shown = re.search(r"It prints:\n\n```text\n(.*?)\n```", section, re.DOTALL)
+    assert program is not None
+    assert shown is not None
+    secret = "d0c5" * 16
+    server = NatsServer(port=free_port(), store=tmp_path / "js")
+    server.start()
+    replica = start_replica(
+        server.url, "pyexec", EXECUTOR_API_KEYS=f"backend-1:{secret}", EXECUTOR_MAX_TIMEOUT="60"
+    )
+    try:
+        script = tmp_path / "long_job.py"
+        script.write_text(program.group(1), encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            env=environment_with(NATS_URL=server.url, PYEXEC_SECRET=secret, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    finally:
+        replica.stop()
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == shown.group(1).splitlines()

@@ -270,3 +270,31 @@ async def until_state_in(client: Client, job_id: str, prefix: str) -> None:
     while (await client.status(job_id)).state != "running":
         assert time.monotonic() < deadline, f"{prefix}: job {job_id} never ran"
         await asyncio.sleep(0.05)
+
+
+def test_a_job_stored_straight_into_the_stream_and_cancelled_before_any_replica_took_it(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    """A job published straight into the jobs stream has no record until a replica takes it:
+    its cancel answers 'unknown' (as for an id no job has), yet when the replica takes it, it
+    is not run: it completes 'cancelled', and its status says so from then on."""
+    server, _ = fleet
+
+    async def scenario() -> tuple[str, str, Reply, str, list[dict[str, Any]]]:
+        async with await Client.connect(server.url, KEY_ID, SECRET, prefix=PREFIX) as client:
+            blocker = (await client.send(f"{PREFIX}.code", job(SPIN))).job_id
+            assert blocker is not None
+            await until_state(client, blocker, "running")
+            direct = await client.submit_code(QUICK, {"n": 9}, timeout=30)
+            answer = (await client.cancel(direct)).state
+            before = (await client.status(direct)).state
+            await client.cancel(blocker)
+            completion = await client.wait(direct, timeout=60)
+            after = (await client.status(direct)).state
+            return answer, before, completion, after, await completions_of(client.nc, direct)
+
+    answer, before, completion, after, stored = asyncio.run(scenario())
+    assert (answer, before) == ("unknown", "unknown")
+    assert completion.status == "cancelled"
+    assert after == "cancelled"
+    assert [c["status"] for c in stored] == ["cancelled"]

@@ -60,12 +60,13 @@ def test_a_jobs_progress_is_published_rate_limited_and_kept_in_its_status(
             job_id = client.job_id(request_id)
             events: list[Progress] = []
 
-            async def listen() -> None:
-                async for event in client.progress(job_id):
+            async def listen(watch: Any) -> None:
+                async for event in watch:
                     events.append(event)
 
-            listener = asyncio.create_task(listen())
-            await client.nc.flush()
+            watch = client.progress(job_id)
+            await watch.__aenter__()
+            listener = asyncio.create_task(listen(watch))
             started = time.monotonic()
             request = CodeRequest(code=CHATTY, mode="async", request_id=request_id, timeout=30)
             await client.send(f"{PREFIX}.code", request)
@@ -73,6 +74,7 @@ def test_a_jobs_progress_is_published_rate_limited_and_kept_in_its_status(
             elapsed = time.monotonic() - started
             await asyncio.sleep(0.5)
             listener.cancel()
+            await watch.__aexit__()
             status = await client.status(job_id)
             return events, elapsed, completion, status
 
@@ -105,12 +107,13 @@ def test_forged_progress_events_are_not_given_to_the_client(
             request = CodeRequest(code=source, mode="async", request_id=request_id, timeout=30)
             events: list[Progress] = []
 
-            async def listen() -> None:
-                async for event in client.progress(job_id):
+            async def listen(watch: Any) -> None:
+                async for event in watch:
                     events.append(event)
 
-            listener = asyncio.create_task(listen())
-            await client.nc.flush()
+            watch = client.progress(job_id)
+            await watch.__aenter__()
+            listener = asyncio.create_task(listen(watch))
             await client.send(f"{PREFIX}.code", request)
             forger = await nats.connect(server.url)
             forged = json.dumps(
@@ -121,6 +124,7 @@ def test_forged_progress_events_are_not_given_to_the_client(
             await client.wait(job_id, timeout=60)
             await asyncio.sleep(0.5)
             listener.cancel()
+            await watch.__aexit__()
             return events
 
     events = asyncio.run(scenario())
