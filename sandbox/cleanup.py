@@ -69,6 +69,10 @@ def _lift_subfolders(root: int, name: str, prefix: str, moved: int) -> tuple[int
     folder = _open_folder(name, root)
     count = 0
     try:
+        if not os.fstat(folder).st_mode & stat.S_IWUSR:
+            # A read-only folder (a run's in/): its owner may make it writable to empty it.
+            with contextlib.suppress(OSError):
+                os.fchmod(folder, 0o700)
         with os.scandir(folder) as listing:
             entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
         for child, is_folder in entries:

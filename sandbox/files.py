@@ -51,6 +51,9 @@ def place_inputs(scratch: str, inputs: Iterable[InputFile]) -> None:
                 _copy(item.fd, target, item.size)
             finally:
                 os.close(target)
+        # Nothing may be added, removed or renamed in in/ by the run either (the run's user
+        # may own the folder, and seccomp refuses chmod).
+        os.fchmod(folder, 0o555)
     finally:
         os.close(folder)
 

@@ -32,6 +32,7 @@ from tests.conftest import (
     ReplicaProcess,
     free_port,
     start_replica,
+    until,
 )
 
 PREFIX = "files"
@@ -298,7 +299,7 @@ def execute(ctx):
         except OSError:
             pass
     open("out/own.txt", "w").write("mine")
-    return [failures, open("in/data.txt").read()]
+    return [failures, open("in/data.txt").read(), os.getcwd()]
 """
 
     async def scenario() -> Any:
@@ -318,11 +319,17 @@ def execute(ctx):
             names = {item.name: os.pread(item.fd, 100, 0) for item in outcome.files}
             for item in outcome.files:
                 os.close(item.fd)
+            # The run's folder, its read-only in/ included, is removed once it is reaped
+            # (while the pool, and so its scratch root, is still there).
+            folder = Path(outcome.result[2])
+            await asyncio.to_thread(
+                until, lambda: not folder.exists(), what="the run's folder removed"
+            )
             return outcome, names
 
     outcome, names = run(scenario())
     assert outcome.status == "ok", outcome.error
-    failures, content = outcome.result
+    failures, content, _ = outcome.result
     assert "allowed" not in failures
     assert content == "input"
     assert names == {"own.txt": b"mine"}

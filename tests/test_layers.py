@@ -293,7 +293,8 @@ def test_landlock_alone_allows_the_scratch_folder(landlock_pool: LivePool) -> No
             os.rmdir("sub")
             return [text, listed, os.listdir(".")]
         """
-    assert ok_result(landlock_pool.run(source)) == ["kept", ["data.txt"], []]
+    # out/ is made for every run (what the script leaves there is stored).
+    assert ok_result(landlock_pool.run(source)) == ["kept", ["data.txt"], ["out"]]
 
 
 def test_landlock_alone_lets_standard_library_modules_load_lazily(landlock_pool: LivePool) -> None:
@@ -567,7 +568,7 @@ def test_scratch_folder_exists_during_the_run_and_is_removed_after(
     cwd = Path(seen["cwd"])
     assert seen["is_dir"]
     assert seen["mode"] == 0o700
-    assert seen["files"] == ["probe.txt"]
+    assert sorted(seen["files"]) == ["out", "probe.txt"]  # out/ is made for every run
     assert re.fullmatch("[0-9a-f]{32}", cwd.name)  # random: no run can guess another's
     assert str(seen["pid"]) not in cwd.name
     assert cwd.parent.parent == Path(pool.config.scratch_dir)

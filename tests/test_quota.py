@@ -44,7 +44,7 @@ def test_files_under_the_quota_are_fine(quota_pool: LivePool) -> None:
                     handle.write(b"x" * (1024 * 1024))
             return sorted(os.listdir(".")), os.listdir("sub")
         """
-    assert ok_result(quota_pool.run(source)) == [["a", "b", "sub"], ["c"]]
+    assert ok_result(quota_pool.run(source)) == [["a", "b", "out", "sub"], ["c"]]
 
 
 def test_many_files_each_under_the_cap_end_the_run(quota_pool: LivePool) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import functools
+import hashlib
 import io
 import json
 import re
@@ -15,7 +18,16 @@ import openpyxl
 import pytest
 
 from consumer import protocol
-from tests.conftest import ROOT, Caller, NatsServer, ReplicaProcess, start_replica
+from consumer.client import Client
+from tests.conftest import (
+    KEY_ID,
+    ROOT,
+    SECRET,
+    Caller,
+    NatsServer,
+    ReplicaProcess,
+    start_replica,
+)
 from tests.loopback_api import LoopbackAPI, serve
 
 DOC = ROOT / "docs" / "scripts.md"
@@ -27,6 +39,7 @@ def examples() -> list[tuple[str, str]]:
     return PAIR.findall(DOC.read_text(encoding="utf-8"))
 
 
+@functools.cache
 def orders_workbook() -> str:
     """The workbook the excel examples read, as base64: an Orders sheet and a Notes sheet."""
     book = openpyxl.Workbook()
@@ -52,8 +65,17 @@ def api() -> Iterator[LoopbackAPI]:
 
 @pytest.fixture(scope="module")
 def documented(nats_server: NatsServer, api: LoopbackAPI) -> Iterator[ReplicaProcess]:
-    """A replica that may reach the loopback API the network examples call."""
+    """A replica that may reach the loopback API the network examples call, with the orders
+    workbook put into its file store as ``<key id>/docs/orders.xlsx``."""
     replica = start_replica(nats_server.url, EXECUTOR_NET_ALLOW=f"127.0.0.1:{api.port}")
+
+    async def put() -> None:
+        async with await Client.connect(
+            nats_server.url, KEY_ID, SECRET, prefix=replica.prefix
+        ) as client:
+            await client.put_file(base64.b64decode(orders_workbook()), "docs/orders.xlsx")
+
+    asyncio.run(put())
     yield replica
     replica.stop()
 
@@ -111,11 +133,18 @@ def test_documented_example(
     reply_text: str,
 ) -> None:
     """The documented request gets the documented reply."""
-    values = {"XLSX": orders_workbook(), "BASE_URL": api.base_url}
+    workbook = orders_workbook()
+    values = {
+        "XLSX": workbook,
+        "XLSX_SHA256": hashlib.sha256(base64.b64decode(workbook)).hexdigest(),
+        "KEY_ID": KEY_ID,
+        "BASE_URL": api.base_url,
+    }
     request = json.loads(substitute(request_text, values))
     expected = json.loads(substitute(reply_text, values))
+    files = {alias: protocol.FileRef(**ref) for alias, ref in (request.get("files") or {}).items()}
     reply = Caller(nats_server.url, documented.prefix).named(
-        request["name"], request.get("ctx"), timeout=request.get("timeout")
+        request["name"], request.get("ctx"), timeout=request.get("timeout"), files=files or None
     )
     got = json.loads(protocol.encode(reply, protocol.JSON))
     assert got["status"] == expected["status"], got

@@ -179,8 +179,9 @@ def test_excel_read_a_file_that_is_not_xlsx_is_a_script_error(
 @pytest.mark.parametrize(
     ("ctx", "field"),
     [
-        ({}, "`file`"),
         ({"file": ""}, "ctx.file"),
+        ({"in_file": "../x.xlsx"}, "ctx.in_file"),
+        ({"in_file": ".hidden"}, "ctx.in_file"),
         ({"file": "UEs=", "max_rows": 0}, "ctx.max_rows"),
         ({"file": "UEs=", "max_rows": 100001}, "ctx.max_rows"),
         ({"file": "UEs=", "max_sheets": 101}, "ctx.max_sheets"),
@@ -194,6 +195,26 @@ def test_excel_read_refuses_bad_input_naming_the_field(
 ) -> None:
     """excel.read's typed input refuses missing, mistyped, out-of-range and unknown fields."""
     invalid(caller.named("excel.read", ctx), field)
+
+
+@pytest.mark.parametrize(
+    ("ctx", "message"),
+    [
+        ({}, "give the workbook as file (base64) or as in_file"),
+        ({"file": "UEs=", "in_file": "a.xlsx"}, "give the workbook as file (base64) or as in_file"),
+        ({"in_file": "missing.xlsx"}, "in_file: the request has no file 'missing.xlsx'"),
+    ],
+)
+def test_excel_read_needs_exactly_one_workbook(
+    caller: Caller, ctx: dict[str, Any], message: str
+) -> None:
+    """Neither or both of file and in_file, or an alias the request has no file for: a
+    script_error saying so."""
+    reply = caller.named("excel.read", ctx)
+    assert reply.status == "error"
+    assert reply.error is not None
+    assert reply.error.code == "script_error"
+    assert reply.error.message.startswith(message)
 
 
 # -- excel.write -------------------------------------------------------------------------------

@@ -811,12 +811,15 @@ def test_a_dotted_prefix_names_its_streams_and_buckets(server: NatsServer) -> No
     assert names == [
         "KV_PYEXEC_JOB_IDS_STAGING_PYEXEC",
         "KV_PYEXEC_NONCES_STAGING_PYEXEC",
+        "OBJ_PYEXEC_FILES_STAGING_PYEXEC",
         "PYEXEC_JOBS_STAGING_PYEXEC",
         "PYEXEC_RESULTS_STAGING_PYEXEC",
     ]
     root = Path(__file__).resolve().parent.parent
     for doc in ("docs/configuration.md", "deploy/nats.conf"):
-        assert "PYEXEC_JOBS_STAGING_PYEXEC" in (root / doc).read_text(encoding="utf-8")
+        text = (root / doc).read_text(encoding="utf-8")
+        assert "PYEXEC_JOBS_STAGING_PYEXEC" in text
+    assert "PYEXEC_FILES_STAGING_PYEXEC" in (root / "deploy/nats.conf").read_text()
 
 
 def test_a_request_cut_by_shutdown_is_answered_worker_lost(server: NatsServer) -> None:
