@@ -9,7 +9,11 @@ Starts a nats-server of its own (file storage, as in production) and measures, f
 - ``ledger``: what an async submission pays on top of storing the job (registering a new job
   id in a bucket shaped like ``PYEXEC_JOB_IDS``, then noting the message that owns it), and
   what the worker pays (its claim, which marks the job running, then marking it done), and
-  what a ``job.status`` request pays on top of the replay check (one read of the record).
+  what a ``job.status`` request pays on top of the replay check (one read of the record, and
+  one of the last progress event once the job runs);
+- ``lifecycle``: what a ``job.cancel`` pays (a read and a compare-and-set of the record), what
+  the worker pays per progress event it keeps (one put), and what a status of a running job
+  with progress pays.
 
 Usage: ``python benchmarks/trust_cost.py [N]`` (default 2000 per measurement).
 """
@@ -31,6 +35,7 @@ from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
 from consumer.ledger import Ledger, Record, digest_of
 from consumer.nonces import SharedNonces
+from consumer.protocol import Progress
 from consumer.streams import STORE_TIMEOUT, ensure_buckets
 
 
@@ -97,7 +102,7 @@ async def measure(url: str, runs: int) -> None:
             register.append(time.perf_counter() - started)
             started = time.perf_counter()
             await ledger.claim(job_id, "bench", digest, n + 1)
-            await ledger.done(job_id)
+            await ledger.settle(job_id, "done")
             read.append(time.perf_counter() - started)
         print(summary("ledger: submission", register))
         print(summary("ledger: worker claim + done", read))
@@ -108,8 +113,32 @@ async def measure(url: str, runs: int) -> None:
             await ledger.lookup(job_id, "bench")
             lookups.append(time.perf_counter() - started)
         print(summary("ledger: a status look-up", lookups))
+        await lifecycle(ledger, runs)
     finally:
         await nc.close()
+
+
+async def lifecycle(ledger: Ledger, runs: int) -> None:
+    """A progress event kept, a status of a running job (record and progress), a cancel."""
+    cancels, progress, running_status = [], [], []
+    event = Progress(fraction=0.5, message="half way", at="2026-12-01T00:00:00.000+00:00")
+    for n in range(runs):
+        job_id = secrets.token_hex(16)
+        digest = digest_of("code", b"%d" % n)
+        await ledger.register(job_id, "bench", digest)
+        await ledger.claim(job_id, "bench", digest, n + 1)
+        started = time.perf_counter()
+        await ledger.set_progress(job_id, event)
+        progress.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await asyncio.gather(ledger.lookup(job_id, "bench"), ledger.progress(job_id))
+        running_status.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await ledger.cancel(job_id, "bench")
+        cancels.append(time.perf_counter() - started)
+    print(summary("lifecycle: a progress event", progress))
+    print(summary("lifecycle: status, running", running_status))
+    print(summary("lifecycle: a cancel", cancels))
 
 
 def main() -> None:

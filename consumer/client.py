@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -31,6 +31,7 @@ from consumer import protocol
 from consumer.auth import NONCE_HEADER, sign, verify_reply
 from consumer.errors import ClientError
 from consumer.jobs import MSG_ID, job_id_for
+from consumer.objects import ObjectMismatch, read_object
 from consumer.protocol import Encoding, Reply
 
 # Seconds the client waits past the script's own timeout for the reply to arrive.
@@ -69,6 +70,7 @@ class Client:
         # the one that stored it, which may be any of them (a retry after a lost reply).
         self._jobs: dict[str, list[tuple[str, str]]] = {}
         self._files: ObjectStore | None = None
+        self._files_bucket = ""
 
     @classmethod
     async def connect(
@@ -407,18 +409,20 @@ class Client:
         against ``sha256`` when given (raises :class:`ClientError` if it differs)."""
         store = await self._file_store()
         try:
+            info = await store.get_info(object_name)
+            expected = sha256 or protocol.hex_digest(info.digest)
             if path is None:
-                result = await store.get(object_name)
-                data = result.data or b""
-                if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
-                    raise ClientError(f"{object_name} does not have the SHA-256 given")
-                return data
-            with open(path, "wb") as writer:  # noqa: ASYNC230 - written by nats-py's executor
-                result = await store.get(object_name, writeinto=writer)
+                buffer = io.BytesIO()
+                await read_object(self.nc.jetstream(), self._files_bucket, info, buffer, expected)
+                return buffer.getvalue()
+            with open(path, "wb") as writer:  # noqa: ASYNC230 - written as the chunks come
+                await read_object(self.nc.jetstream(), self._files_bucket, info, writer, expected)
+        except ObjectMismatch:
+            raise ClientError(
+                f"{object_name} does not hold what its size and SHA-256 say"
+            ) from None
         except NatsError as exc:
             raise ClientError(f"{object_name} cannot be read: {exc!r}") from None
-        if sha256 is not None and protocol.hex_digest(result.info.digest) != sha256.lower():
-            raise ClientError(f"{object_name} does not have the SHA-256 given")
         return None
 
     async def _file_store(self) -> ObjectStore:
@@ -426,6 +430,7 @@ class Client:
             bucket = protocol.stream_name(protocol.FILES_BUCKET, self.prefix)
             try:
                 self._files = await self.nc.jetstream().object_store(bucket)
+                self._files_bucket = bucket
             except NatsError as exc:
                 raise ClientError(f"the file store {bucket} cannot be opened: {exc!r}") from None
         return self._files

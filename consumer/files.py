@@ -15,7 +15,6 @@ an object replaced by anyone else on the account no longer matches and is refuse
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import tempfile
@@ -34,6 +33,7 @@ from nats.js.object_store import ObjectStore
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded
 from consumer.metrics import Metrics
+from consumer.objects import ObjectMismatch, read_object
 from consumer.protocol import FILE_NAME, FILES_BUCKET, FileRef, OutFile, hex_digest
 from sandbox import InputFile, OutputFile
 
@@ -42,8 +42,6 @@ log = structlog.get_logger("pyexec.files")
 _ALIAS = re.compile(FILE_NAME)
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _MB = 1024 * 1024
-# Seconds to wait for the next chunk of an object before giving up.
-CHUNK_TIMEOUT = 10.0
 
 
 def check_refs(files: Mapping[str, FileRef], key_id: str) -> None:
@@ -190,36 +188,16 @@ class FileStore:
     async def _download(self, alias: str, ref: FileRef, info: ObjectInfo, handle: IO[bytes]) -> int:
         """Copy one object's chunks into ``handle``; its size. Refused if it holds more than
         its info says or does not hash to the digest in the request."""
-        expected = int(info.size or 0)
-        nuid = info.nuid or ""
-        digest = hashlib.sha256()
-        written = 0
-        if expected:
-            sub = await self.js.subscribe(f"$O.{self.bucket}.C.{nuid}", ordered_consumer=True)
-            try:
-                while written < expected:
-                    try:
-                        msg = await sub.next_msg(timeout=CHUNK_TIMEOUT)
-                    except NatsError as exc:
-                        raise Overloaded(
-                            f"files[{alias!r}]: reading the object stalled ({exc!r}); retry"
-                        ) from None
-                    written += len(msg.data)
-                    if written > expected:
-                        break
-                    digest.update(msg.data)
-                    handle.write(msg.data)
-                    if msg.metadata.num_pending == 0:
-                        break
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if written != expected or digest.hexdigest() != ref.sha256.lower():
+        try:
+            return await read_object(self.js, self.bucket, info, handle, ref.sha256)
+        except ObjectMismatch:
             raise InvalidRequest(
                 f"files[{alias!r}]: object {ref.object!r} does not hold what its digest says"
-            )
-        handle.flush()
-        return written
+            ) from None
+        except NatsError as exc:
+            raise Overloaded(
+                f"files[{alias!r}]: reading the object stalled ({exc!r}); retry"
+            ) from None
 
     async def put_outputs(
         self, key_id: str, run_id: str, outputs: tuple[OutputFile, ...]

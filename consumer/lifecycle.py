@@ -14,6 +14,7 @@ stored now, the worker that holds or next receives the job stores it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -150,10 +151,14 @@ class LifecycleDesk:
         if not JOB_ID.fullmatch(job_id):
             # Not of the form every job id has: no job of anyone's, and no store is asked.
             return JobStatus(job_id=job_id, state="unknown")
-        record = await self.ledger.lookup(job_id, key_id)
+        # Both reads at once: the progress of a job that is not the caller's is dropped.
+        record, progress = await asyncio.gather(
+            self.ledger.lookup(job_id, key_id), self.ledger.progress(job_id)
+        )
         if record is None:
             return JobStatus(job_id=job_id, state="unknown")
-        progress = None if record.state == "queued" else await self.ledger.progress(job_id)
+        if record.state == "queued":
+            progress = None
         if record.state in ("queued", "running"):
             return JobStatus(job_id=job_id, state=record.state, progress=progress)
         completion = await self.completions.body(job_id)
