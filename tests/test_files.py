@@ -404,3 +404,60 @@ def test_named_scripts_take_and_make_files(fleet: tuple[NatsServer, ReplicaProce
     ]
     assert seen["inline"].result["file"]
     assert seen["inline"].files is msgspec.UNSET
+
+
+def test_input_files_over_the_limit_are_refused_before_anything_runs(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    """The request's files may hold EXECUTOR_FILES_MAX_MB (24 here) in all: 25 MB is
+    invalid_request naming the alias, nothing runs."""
+    server, _ = fleet
+
+    async def scenario() -> Reply:
+        async with await client_for(server) as client:
+            ref = await client.put_file(os.urandom(25 * 1024 * 1024), "too-big.bin")
+            return await client.execute_code(
+                "def execute(ctx):\n    open('out/ran.txt', 'w').write('ran')\n",
+                files={"big.bin": ref},
+            )
+
+    reply = run(scenario())
+    assert reply.status == "rejected"
+    assert reply.error is not None
+    assert reply.error.code == "invalid_request"
+    assert "'big.bin'" in reply.error.message
+    assert "24 MB" in reply.error.message
+
+
+@pytest.mark.parametrize("disabled", [(), ("policy",)], ids=["all layers", "policy off"])
+def test_input_files_count_toward_the_scratch_quota(disabled: tuple[str, ...]) -> None:
+    """A run whose scratch folder may hold 8 MB gets a 6 MB input: writing 1 MB more is fine,
+    writing 3 MB more ends disk_limit (the input is counted), with the policy layer off too."""
+    write = (
+        "def execute(ctx):\n"
+        "    with open('mine.bin', 'wb') as handle:\n"
+        "        for _ in range(ctx['mb']):\n"
+        "            handle.write(b'x' * (1024 * 1024))\n"
+        "    return ctx['mb']\n"
+    )
+
+    async def scenario() -> list[Any]:
+        config = PoolConfig(
+            workers=1, warm_children=1, scratch_limit_mb=8, disabled_layers=disabled
+        )
+        outcomes = []
+        async with Pool(config) as pool:
+            with tempfile.TemporaryFile() as handle:
+                handle.write(os.urandom(6 * 1024 * 1024))
+                handle.flush()
+                item = InputFile(alias="six.bin", fd=handle.fileno(), size=6 * 1024 * 1024)
+                for mb in (1, 3):
+                    job = Job(source=write, ctx={"mb": mb}, timeout=20, inputs=(item,))
+                    outcomes.append(await pool.run(job))
+        return outcomes
+
+    fits, over = run(scenario())
+    assert (fits.status, fits.result) == ("ok", 1)
+    assert over.status == "error"
+    assert over.error is not None
+    assert over.error.code == "disk_limit"
