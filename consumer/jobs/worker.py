@@ -6,9 +6,8 @@ acknowledged only after its completion is stored in ``PYEXEC_RESULTS``. A job de
 often than ``EXECUTOR_JOB_MAX_DELIVER`` completes as ``worker_lost`` without running again.
 
 A cancelled job is never started (its record says so at the claim) and a running one is stopped
-(its child killed) as soon as the cancel's notice arrives, or at the latest at the next look at
-its record (every ``CANCEL_POLL`` seconds); a run that ends as the cancel lands keeps whichever
-completion the results stream stored first.
+by :class:`~consumer.jobs.stopper.RunningJobs` (its child killed); a run that ends as the cancel
+lands keeps whichever completion the results stream stored first.
 """
 
 from __future__ import annotations
@@ -28,9 +27,10 @@ from consumer import protocol, tracing
 from consumer.config import Settings
 from consumer.errors import Conflict, StoreUnavailable
 from consumer.handler import AdmittedJob, Handler
-from consumer.jobs import CANCEL_NOTICE, MSG_ID
+from consumer.jobs import MSG_ID
 from consumer.jobs.admit import Admission, Refused
 from consumer.jobs.completions import Completions
+from consumer.jobs.stopper import RunningJobs
 from consumer.ledger import Ledger, State, digest_of
 from consumer.metrics import Metrics
 from consumer.progress import ProgressRelay
@@ -43,8 +43,6 @@ log = structlog.get_logger("pyexec.jobs")
 DURABLE = "pyexec-workers"
 FETCH_TIMEOUT = 1.0
 BACKLOG_INTERVAL = 5.0
-# Seconds between looks at a running job's record, for a cancel whose notice was lost.
-CANCEL_POLL = 2.0
 # Seconds before a job is offered again when the ledger could not be reached.
 LEDGER_RETRY_DELAY = 2.0
 
@@ -81,10 +79,7 @@ class JobWorker:
         self._stopping = False
         self._fetching = False
         self._refusals = RefusalLog()
-        # The runs going on, by job id, and those being stopped because they were cancelled.
-        self._runs: dict[str, asyncio.Future[Response]] = {}
-        self._cancelled: set[str] = set()
-        self._checks: set[asyncio.Task[None]] = set()
+        self.stopper = RunningJobs(nc, settings, ledger)
 
     async def start(self) -> None:
         self._sub = await self.js.pull_subscribe(
@@ -98,9 +93,7 @@ class JobWorker:
                 deliver_policy=DeliverPolicy.ALL,
             ),
         )
-        self._notices = await self.nc.subscribe(
-            self.settings.subject(CANCEL_NOTICE), cb=self._on_cancel_notice
-        )
+        await self.stopper.start()
         self._loop_task = asyncio.create_task(self._fetch_loop())
         self._backlog_task = asyncio.create_task(self._watch_backlog())
         self.metrics.jobs_in_flight.set_function(lambda: float(len(self._running)))
@@ -228,46 +221,14 @@ class JobWorker:
             ledger=self.ledger,
             metrics=self.metrics,
         )
-        run = asyncio.ensure_future(self.handler.run_job(job, relay.offer))
-        self._runs[job.job_id] = run
-        watch = asyncio.create_task(self._watch_cancel(job.job_id))
+        finished = False
         try:
-            response = await run
-        except asyncio.CancelledError:
-            await relay.close(flush=False)
-            task = asyncio.current_task()
-            if job.job_id in self._cancelled and (task is None or not task.cancelling()):
-                log.info("job stopped: it was cancelled")
-                return None
-            raise  # the replica is stopping: the job is handed back
-        else:
-            await relay.close()
+            response = await self.stopper.run(job.job_id, self.handler.run_job(job, relay.offer))
+            finished = response is not None
             return response
         finally:
-            watch.cancel()
-            self._runs.pop(job.job_id, None)
-            self._cancelled.discard(job.job_id)
-
-    async def _on_cancel_notice(self, msg: Msg) -> None:
-        job_id = msg.data[:64].decode(errors="replace")
-        if job_id in self._runs:
-            check = asyncio.create_task(self._stop_if_cancelled(job_id))
-            self._checks.add(check)
-            check.add_done_callback(self._checks.discard)
-
-    async def _watch_cancel(self, job_id: str) -> None:
-        while True:
-            await asyncio.sleep(CANCEL_POLL)
-            await self._stop_if_cancelled(job_id)
-
-    async def _stop_if_cancelled(self, job_id: str) -> None:
-        """Stop the job's run if its record says cancelled (a notice alone proves nothing)."""
-        run = self._runs.get(job_id)
-        if run is None or run.done():
-            return
-        if await self.ledger.state_of(job_id) == "cancelled":
-            self._cancelled.add(job_id)
-            run.cancel()
+            # A cancelled job's last report is dropped; a finished one's goes out first.
+            await relay.close(flush=finished)
 
     async def _complete_cancelled(self, job: AdmittedJob, msg: Msg) -> None:
         """Store the job's ``cancelled`` completion unless one is stored, then acknowledge."""
@@ -371,8 +332,7 @@ class JobWorker:
         # Its inbox would otherwise hold up draining the connection.
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await self._notices.unsubscribe()
+        await self.stopper.stop()
 
     @property
     def running(self) -> set[asyncio.Task[None]]:
