@@ -33,7 +33,7 @@ import nats
 from consumer.auth import Verifier
 from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
-from consumer.ledger import Ledger, Record, digest_of
+from consumer.ledger import Ledger, digest_of
 from consumer.nonces import SharedNonces
 from consumer.protocol import Progress
 from consumer.streams import STORE_TIMEOUT, ensure_buckets
@@ -98,11 +98,11 @@ async def measure(url: str, runs: int) -> None:
             digest = digest_of("code", b"%d" % n)
             started = time.perf_counter()
             _, revision = await ledger.register(job_id, "bench", digest)
-            await ledger.owned_by(job_id, Record(key_id="bench", digest=digest), revision, n + 1)
+            await ledger.owned_by(job_id, revision, n + 1)
             register.append(time.perf_counter() - started)
             started = time.perf_counter()
             await ledger.claim(job_id, "bench", digest, n + 1)
-            await ledger.settle(job_id, "done")
+            await ledger.settle(job_id, "done", n + 1)
             read.append(time.perf_counter() - started)
         print(summary("ledger: submission", register))
         print(summary("ledger: worker claim + done", read))

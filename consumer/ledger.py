@@ -43,6 +43,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     digest: str
     seq: int = 0  # stream sequence of the job message that owns the job; 0 until known
     state: State = "queued"
+    completion: int = 0  # stream sequence of its completion in the results stream, once final
 
     @property
     def tombstone(self) -> bool:
@@ -84,8 +85,12 @@ class Ledger:
                         continue  # expired between the two calls: try creating again
                     record, revision = found
                     if record.tombstone:
-                        # A cancel of an id no job had then: this submission replaces it.
-                        new = Record(key_id=key_id, digest=digest)
+                        # The key cancelled this id before any replica saw a job under it (one
+                        # stored straight into the stream, perhaps this very submission): the
+                        # job is stored, and completes 'cancelled' without running. Another
+                        # key's tombstone is not this caller's to keep: it is replaced.
+                        state: State = "cancelled" if record.key_id == key_id else "queued"
+                        new = Record(key_id=key_id, digest=digest, state=state)
                         try:
                             revision = await self._update(job_id, new, revision)
                         except KeyWrongLastSequenceError:
@@ -97,12 +102,17 @@ class Ledger:
             raise Overloaded(f"the job ledger cannot be reached ({exc!r}); retry shortly") from None
         raise Overloaded("the job ledger is changing too fast; retry shortly")
 
-    async def owned_by(self, job_id: str, record: Record, revision: int, seq: int) -> None:
+    async def owned_by(self, job_id: str, revision: int, seq: int) -> None:
         """Note which stream message owns the job, if the record is still at ``revision``
-        (best effort: a worker claims the job anyway)."""
+        (best effort: a worker claims the job anyway). The rest of the record is kept as it
+        is (a job registered cancelled stays cancelled)."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._update(job_id, msgspec.structs.replace(record, seq=seq), revision)
+                found = await self._read(job_id)
+                if found is None or found[1] != revision:
+                    return  # claimed, cancelled or gone meanwhile: the record is newer
+                record = msgspec.structs.replace(found[0], seq=seq)
+                await self._update(job_id, record, revision)
         except (TimeoutError, NatsError, KeyWrongLastSequenceError):
             return
 
@@ -158,14 +168,16 @@ class Ledger:
             raise StoreUnavailable(repr(exc)) from None
         raise StoreUnavailable("the record kept changing")
 
-    async def settle(self, job_id: str, state: State) -> None:
-        """Write the job's final state (the one its stored completion says), which also
-        restarts the record's time to live; best effort."""
+    async def settle(self, job_id: str, state: State, completion: int) -> None:
+        """Write the job's final state and where its completion is stored (the stream
+        sequence of the one that counts), which also restarts the record's time to live; best
+        effort."""
         try:
             async with asyncio.timeout(self._timeout):
                 found = await self._read(job_id)
                 if found is not None:
-                    data = _encoder.encode(msgspec.structs.replace(found[0], state=state))
+                    final = msgspec.structs.replace(found[0], state=state, completion=completion)
+                    data = _encoder.encode(final)
                     await patiently(lambda: self._bucket.put(job_id, data), within=self._step)
         except (TimeoutError, NatsError):
             return

@@ -161,7 +161,7 @@ class LifecycleDesk:
             progress = None
         if record.state in ("queued", "running"):
             return JobStatus(job_id=job_id, state=record.state, progress=progress)
-        completion = await self.completions.body(job_id)
+        completion = await self.completions.body_at(record.completion)
         return JobStatus(
             job_id=job_id, state=record.state, progress=progress, completion=completion
         )
@@ -200,14 +200,11 @@ class LifecycleDesk:
             return "cancelled"
         if job.job_id != job_id:
             return "cancelled"
-        response = self.completions.cancelled(job)
         outcome = await self.completions.store(
-            job_id, response.data, dict(response.headers or {}), retry_delays=CANCEL_STORE_DELAYS
+            job, self.completions.cancelled(job), retry_delays=CANCEL_STORE_DELAYS
         )
-        if outcome != "duplicate":
-            return "cancelled"  # stored, or left to the worker
-        state = await self.completions.stored_state(job) or "cancelled"
-        if state == "done":
-            # The run ended and its completion was stored just before: the job is done.
-            await self.ledger.settle(job_id, "done")
-        return state
+        if outcome.found is None:
+            return "cancelled"  # left to the worker that holds or next receives the job
+        # "done" if the run ended and its completion was stored just before this one.
+        await self.ledger.settle(job_id, outcome.found.state, outcome.found.seq)
+        return outcome.found.state

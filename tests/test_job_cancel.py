@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -297,4 +298,36 @@ def test_a_job_stored_straight_into_the_stream_and_cancelled_before_any_replica_
     assert (answer, before) == ("unknown", "unknown")
     assert completion.status == "cancelled"
     assert after == "cancelled"
+    assert [c["status"] for c in stored] == ["cancelled"]
+
+
+def test_a_cancelled_direct_job_stays_cancelled_when_the_same_job_is_sent_again(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    """The job stored straight into the stream and cancelled before any replica took it is
+    sent again, the same body through pyexec.code (a client's retry): accepted, and it still
+    never runs; its one completion is 'cancelled'."""
+    server, _ = fleet
+
+    async def scenario() -> tuple[str, Reply, Reply, str, list[dict[str, Any]]]:
+        async with await Client.connect(server.url, KEY_ID, SECRET, prefix=PREFIX) as client:
+            blocker = (await client.send(f"{PREFIX}.code", job(SPIN))).job_id
+            assert blocker is not None
+            await until_state(client, blocker, "running")
+            request = CodeRequest(
+                code=QUICK, ctx={"n": 4}, mode="async", timeout=30, request_id=uuid.uuid4().hex
+            )
+            direct = await client.submit(f"{PREFIX}.jobs.code", request)
+            answer = (await client.cancel(direct)).state
+            again = await client.send(f"{PREFIX}.code", request)
+            await client.cancel(blocker)
+            completion = await client.wait(direct, timeout=60)
+            state = (await client.status(direct)).state
+            return answer, again, completion, state, await completions_of(client.nc, direct)
+
+    answer, again, completion, state, stored = asyncio.run(scenario())
+    assert answer == "unknown"
+    assert again.status == "accepted"
+    assert completion.status == "cancelled"
+    assert state == "cancelled"
     assert [c["status"] for c in stored] == ["cancelled"]

@@ -31,6 +31,7 @@ from consumer.auth import sign
 from consumer.client import Client
 from consumer.config import DEFAULT_MAX_REQUEST_BYTES
 from consumer.errors import ClientError
+from consumer.protocol import CodeRequest, Reply
 from tests.conftest import (
     KEY_ID,
     OLD_KEY_ID,
@@ -897,3 +898,39 @@ def test_a_flood_is_refused_unread_past_what_a_replica_can_hold(server: NatsServ
     assert len(refused) >= 30
     assert all(r["error"]["code"] == "overloaded" for r in refused)
     assert after.reply["result"] == {"after": True}
+
+
+def test_a_forged_completion_stored_first_is_not_the_jobs_completion(server: NatsServer) -> None:
+    """A client with no key, allowed to publish on the results subjects (no permissions on
+    this server), stores an unsigned 'completion' under the job's id as message id before the
+    job ends: the job's real, signed completion is still stored and is the one the caller
+    waits for, and the signed status reply embeds the real one, never the forgery."""
+    replica = start_replica(server.url, PREFIX)
+    try:
+
+        async def scenario() -> tuple[Reply, Any, int]:
+            async with await Client.connect(server.url, KEY_ID, SECRET, prefix=PREFIX) as client:
+                request_id = f"forged-{time.time_ns()}"
+                job_id = client.job_id(request_id)
+                forger = await nats.connect(server.url)
+                forged = {"request_id": request_id, "job_id": job_id, "status": "ok", "result": 1e9}
+                await forger.jetstream().publish(
+                    f"{PREFIX}.results.{job_id}",
+                    json.dumps(forged).encode(),
+                    headers={"Nats-Msg-Id": job_id},
+                )
+                await forger.close()
+                source = "def execute(ctx):\n    return 42\n"
+                await client.send(
+                    f"{PREFIX}.code",
+                    CodeRequest(code=source, mode="async", request_id=request_id, timeout=10),
+                )
+                completion = await client.wait(job_id, timeout=60)
+                status = await client.status(job_id)
+                return completion, status.completion, 0
+
+        completion, embedded, _ = asyncio.run(scenario())
+    finally:
+        replica.stop()
+    assert (completion.status, completion.result) == ("ok", 42)
+    assert embedded["result"] == 42

@@ -5,17 +5,25 @@ A job has one completion: it is published with the job id as ``Nats-Msg-Id``, so
 replicas that publish for the same job inside the results stream's duplicate window (a worker
 finishing as a cancel lands, a redelivered job) the stream keeps the first and drops the
 other. Whoever publishes second learns it from the acknowledgement and reads which one was kept;
-the job's state in the ledger always follows the stored completion.
+the job's state in the ledger always follows the stored completion, and the ledger notes its
+stream sequence, which is what a status reply embeds.
+
+Only a message signed as the answer to the job's request and naming the job is its completion.
+A message someone else put on the subject first (anyone allowed to publish there) does not
+count: the completion is then published again under a second message id (and, should that be
+taken too, with none), so the job's real completion is stored and found whatever sits beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from consumer import protocol, tracing
 from consumer.config import Settings
@@ -30,7 +38,26 @@ log = structlog.get_logger("pyexec.jobs")
 
 # Seconds between attempts to store a completion (about a minute in all).
 STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-Stored = Literal["stored", "duplicate", "failed"]
+Outcome = Literal["stored", "duplicate", "failed"]
+# How many messages on one job's subject are looked at for its completion.
+SCAN_LIMIT = 16
+
+
+@dataclass(frozen=True)
+class Found:
+    """The job's completion as stored: the state it gives the job and its stream sequence."""
+
+    state: State
+    seq: int
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What storing a completion came to. ``found`` is the job's completion in the stream
+    (this one if "stored"; the one stored before if "duplicate"; None if "failed")."""
+
+    outcome: Outcome
+    found: Found | None
 
 
 class Completions:
@@ -40,29 +67,49 @@ class Completions:
         self.js = js
         self.settings = settings
         self.replies = replies
+        self.stream = settings.stream(RESULTS_STREAM)
 
     def subject(self, job_id: str) -> str:
         return self.settings.subject(f"results.{job_id}")
 
     async def store(
         self,
-        job_id: str,
-        data: bytes,
-        headers: dict[str, str],
+        job: AdmittedJob,
+        response: Response,
         *,
         retry_delays: tuple[float, ...] = STORE_RETRY_DELAYS,
     ) -> Stored:
-        """Publish a completion, retrying through leader elections and reconnections.
-        "duplicate": the stream holds a completion of this job already (this one is dropped);
-        "failed": it could not be stored in time."""
-        headers = {**headers, MSG_ID: job_id}
+        """Publish the job's completion ``response``, retrying through leader elections and
+        reconnections. "duplicate": the stream holds a completion of this job already (this
+        one is dropped); "failed": it could not be stored in time."""
+        state: State = "cancelled" if response.reply.status == "cancelled" else "done"
+        for msg_id in (job.job_id, f"{job.job_id}.2", None):
+            headers = dict(response.headers or {})
+            if msg_id is not None:
+                headers[MSG_ID] = msg_id
+            ack = await self._publish(job.job_id, response.data, headers, retry_delays)
+            if ack is None:
+                return Stored("failed", None)
+            if not ack.duplicate:
+                return Stored("stored", Found(state, ack.seq))
+            # The id is taken: by this job's completion (ours, retried, or another replica's),
+            # or by a message that is not one.
+            found = await self.find(job)
+            if found is not None:
+                return Stored("duplicate", found)
+            log.warning("a message that is not the job's completion holds its id; stored again")
+        return Stored("failed", None)
+
+    async def _publish(
+        self, job_id: str, data: bytes, headers: dict[str, str], retry_delays: tuple[float, ...]
+    ) -> PubAck | None:
         for attempt, delay in enumerate((*retry_delays, None), start=1):
             try:
-                ack = await self.js.publish(self.subject(job_id), data, headers=headers, timeout=5)
+                return await self.js.publish(self.subject(job_id), data, headers=headers, timeout=5)
             except Exception as exc:  # noqa: BLE001 - no stream leader, disconnected, timeout
                 if delay is None:
                     log.error("storing the completion failed", error=repr(exc))
-                    return "failed"
+                    return None
                 log.warning(
                     "storing the completion failed; retrying",
                     attempt=attempt,
@@ -70,34 +117,38 @@ class Completions:
                     error=repr(exc),
                 )
                 await asyncio.sleep(delay)
-            else:
-                # A retry of our own that the stream had stored is a duplicate too: the caller
-                # reads the stored one to know which it is.
-                return "duplicate" if ack.duplicate else "stored"
-        return "failed"
+        return None
 
-    async def stored_state(self, job: AdmittedJob) -> State | None:
-        """The state the stored completion of ``job`` gives it ("done" or "cancelled"), or
-        None when there is none: only a message stored with the job id as message id and
-        signed as the answer to the job's request is taken for its completion."""
-        found = await self._read(job.job_id)
-        if found is None:
-            return None
-        headers, data = found
-        if headers.get(MSG_ID) != job.job_id or not job.caller.answered_by(headers, data):
-            return None
-        return "cancelled" if _status_of(headers, data) == "cancelled" else "done"
+    async def find(self, job: AdmittedJob) -> Found | None:
+        """The job's completion in the stream: the first message on its subject that is
+        signed as the answer to the job's request and names the job; None if there is none."""
+        seq = 1
+        for _ in range(SCAN_LIMIT):
+            try:
+                stored = await self.js.get_msg(
+                    self.stream, seq=seq, subject=self.subject(job.job_id), next=True
+                )
+            except Exception:  # noqa: BLE001 - none left, or cannot tell
+                return None
+            headers, data = dict(stored.headers or {}), stored.data or b""
+            if job.caller.answered_by(headers, data):
+                reply = _reply_of(headers, data)
+                if reply is not None and reply.job_id == job.job_id:
+                    state: State = "cancelled" if reply.status == "cancelled" else "done"
+                    return Found(state, stored.seq or 0)
+            seq = (stored.seq or seq) + 1
+        return None
 
-    async def body(self, job_id: str) -> Any:
-        """The stored completion as plain values; None once it has expired or cannot be read."""
-        found = await self._read(job_id)
-        if found is None:
+    async def body_at(self, seq: int) -> Any:
+        """The completion stored at ``seq`` as plain values; None once it has expired or
+        cannot be read."""
+        if not seq:
             return None
-        headers, data = found
         try:
-            encoding = protocol.reply_encoding(headers.get("Content-Type"))
-            return protocol.decode_any(data, encoding)
-        except Exception:  # noqa: BLE001 - unreadable: no completion
+            stored = await self.js.get_msg(self.stream, seq=seq)
+            encoding = protocol.reply_encoding((stored.headers or {}).get("Content-Type"))
+            return protocol.decode_any(stored.data or b"", encoding)
+        except Exception:  # noqa: BLE001 - expired or unreadable: no completion
             return None
 
     def cancelled(self, job: AdmittedJob) -> Response:
@@ -122,19 +173,10 @@ class Completions:
             reply=response.reply,
         )
 
-    async def _read(self, job_id: str) -> tuple[dict[str, str], bytes] | None:
-        try:
-            stored = await self.js.get_msg(
-                self.settings.stream(RESULTS_STREAM), subject=self.subject(job_id)
-            )
-        except Exception:  # noqa: BLE001 - not found, or cannot tell
-            return None
-        return dict(stored.headers or {}), stored.data or b""
 
-
-def _status_of(headers: dict[str, str], data: bytes) -> str | None:
+def _reply_of(headers: dict[str, str], data: bytes) -> Reply | None:
     try:
         encoding = protocol.reply_encoding(headers.get("Content-Type"))
-        return protocol.decode_reply(data, encoding).status
+        return protocol.decode_reply(data, encoding)
     except Exception:  # noqa: BLE001 - not a reply body
         return None

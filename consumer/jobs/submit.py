@@ -21,7 +21,7 @@ from consumer.errors import Conflict, Overloaded, Rejected
 from consumer.handler import Submission
 from consumer.jobs import MSG_ID, ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER, job_id_for
 from consumer.jobs.admit import Admission, Refused
-from consumer.ledger import Ledger, Record, digest_of
+from consumer.ledger import Ledger, digest_of
 from consumer.streams import JOBS_STREAM
 
 
@@ -70,8 +70,7 @@ class Submitter:
         # Noted after the reply, off its path: best effort, since the worker that takes the job
         # claims it in the record anyway. (A copy the stream dropped as a duplicate names the
         # stored one's sequence.)
-        record = before or Record(key_id=caller.key_id, digest=digest)
-        task = asyncio.create_task(self.ledger.owned_by(job_id, record, revision, ack.seq))
+        task = asyncio.create_task(self.ledger.owned_by(job_id, revision, ack.seq))
         self._noting.add(task)
         task.add_done_callback(self._noting.discard)
         return job_id

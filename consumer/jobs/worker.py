@@ -178,35 +178,30 @@ class JobWorker:
         try:
             if meta.num_delivered > 1:
                 self.metrics.jobs_redelivered.inc()
-                state = await self.completions.stored_state(job)
-                if state is not None:
+                found = await self.completions.find(job)
+                if found is not None:
                     # Its completion was stored but the acknowledgement was lost: do not run
                     # the script a second time.
                     await self._settle(msg, nak=False)
-                    await self.ledger.settle(job.job_id, state)
+                    await self.ledger.settle(job.job_id, found.state, found.seq)
                     log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
                     return
             if meta.num_delivered > self.settings.job_max_deliver:
-                data, headers = self._worker_lost(job, meta.num_delivered)
-                status = "error"
+                response = self._worker_lost(job, meta.num_delivered)
                 self.metrics.jobs_lost.inc()
             else:
-                response = await self._run(job)
-                if response is None or await self.ledger.state_of(job.job_id) == "cancelled":
+                ran = await self._run(job)
+                if ran is None or await self.ledger.state_of(job.job_id) == "cancelled":
                     await self._complete_cancelled(job, msg)
                     return
-                data, headers = response.data, dict(response.headers or {})
-                status = response.reply.status
-            stored = await self.completions.store(job.job_id, data, headers)
-            if stored == "failed":
-                await self._settle(msg, nak=True)
-                return
-            # A completion stored first (a cancel's) is the job's one: the state follows it.
-            state = "done" if stored == "stored" else await self._stored_or(job, "done")
-            await self._settle(msg, nak=False)
-            await self.ledger.settle(job.job_id, state)
-            self.metrics.jobs_completed.labels(status=status if state == "done" else state).inc()
-            log.info("job completed", status=status, state=state, deliveries=meta.num_delivered)
+                response = ran
+            state = await self._complete(job, msg, response)
+            log.info(
+                "job completed",
+                status=response.reply.status,
+                state=state,
+                deliveries=meta.num_delivered,
+            )
         finally:
             alive.cancel()
 
@@ -230,24 +225,24 @@ class JobWorker:
             # A cancelled job's last report is dropped; a finished one's goes out first.
             await relay.close(flush=finished)
 
+    async def _complete(self, job: AdmittedJob, msg: Msg, response: Response) -> State | None:
+        """Store the job's completion unless one is stored, acknowledge, and record the state
+        the stored one gives it (a completion stored first, a cancel's say, is the job's one).
+        None: it could not be stored, and the job is handed back."""
+        stored = await self.completions.store(job, response)
+        if stored.found is None:
+            await self._settle(msg, nak=True)
+            return None
+        await self._settle(msg, nak=False)
+        await self.ledger.settle(job.job_id, stored.found.state, stored.found.seq)
+        if stored.outcome == "stored":
+            self.metrics.jobs_completed.labels(status=response.reply.status).inc()
+        return stored.found.state
+
     async def _complete_cancelled(self, job: AdmittedJob, msg: Msg) -> None:
         """Store the job's ``cancelled`` completion unless one is stored, then acknowledge."""
-        response = self.completions.cancelled(job)
-        stored = await self.completions.store(
-            job.job_id, response.data, dict(response.headers or {})
-        )
-        if stored == "failed":
-            await self._settle(msg, nak=True)
-            return
-        state = "cancelled" if stored == "stored" else await self._stored_or(job, "cancelled")
-        await self._settle(msg, nak=False)
-        await self.ledger.settle(job.job_id, state)
-        if stored == "stored":
-            self.metrics.jobs_completed.labels(status="cancelled").inc()
+        state = await self._complete(job, msg, self.completions.cancelled(job))
         log.info("job cancelled; acknowledged without a run", state=state)
-
-    async def _stored_or(self, job: AdmittedJob, default: State) -> State:
-        return await self.completions.stored_state(job) or default
 
     async def _take(self, msg: Msg, meta: Msg.Metadata) -> AdmittedJob | None:
         """The job to run, once admitted and claimed; None when the message was settled
@@ -295,7 +290,7 @@ class JobWorker:
         except Exception as exc:  # noqa: BLE001 - disconnected: JetStream redelivers it
             log.warning("settling the job failed", nak=nak, error=repr(exc))
 
-    def _worker_lost(self, job: AdmittedJob, deliveries: int) -> tuple[bytes, dict[str, str]]:
+    def _worker_lost(self, job: AdmittedJob, deliveries: int) -> Response:
         reply = Reply(
             request_id=job.request_id,
             job_id=job.job_id,
@@ -312,7 +307,11 @@ class JobWorker:
         response = self.replies.respond(
             reply, job.encoding, caller=job.caller, started=time.perf_counter()
         )
-        return response.data, {**(response.headers or {}), **trace.headers()}
+        return Response(
+            data=response.data,
+            headers={**(response.headers or {}), **trace.headers()},
+            reply=response.reply,
+        )
 
     async def stop_fetching(self) -> None:
         """Take no more jobs; those running go on."""
