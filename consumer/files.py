@@ -128,6 +128,10 @@ class FileStore:
             raise Overloaded("the file store is not open yet; retry shortly")
         return self._store
 
+    def check_names(self, key_id: str, files: Mapping[str, FileRef]) -> None:
+        """The aliases and object names, without a look at the store."""
+        check_refs(files, key_id)
+
     async def check(self, key_id: str, files: Mapping[str, FileRef]) -> None:
         """What can be told without reading the objects (names, existence, sizes, digests):
         for a job, at submission."""

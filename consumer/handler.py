@@ -8,9 +8,10 @@ reply bytes, their headers and their signature come from :mod:`consumer.replies`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 import msgspec
@@ -230,24 +231,27 @@ class Handler:
         on_progress: OnProgress | None = None,
     ) -> tuple[Reply, float] | None:
         """Stage the request's files, run it, store what it left in ``out/``: its reply and
-        the milliseconds it waited; None if a sync run was cut (the replica is stopping)."""
+        the milliseconds it waited; None if a sync run was cut (the replica is stopping).
+        The files are fetched and stored while the request holds its worker slot, so what a
+        replica holds of them is bounded by its workers, as runs are."""
         job = self._job_of(request, cap)
-        staged = None
         if request.files:
-            staged = await self._files().stage(caller.key_id, request.files)
-            job = msgspec.structs.replace(job, inputs=staged.inputs)
-        try:
-            outcome, waited = await self._run(
-                job, is_job=job_id is not None, on_progress=on_progress
-            )
-        finally:
-            if staged is not None:
-                staged.close()
-        if outcome is None:
-            return None
-        reply = from_outcome(request_id, outcome, job_id)
-        if outcome.files or request.files is not None:
-            reply = await self._with_outputs(reply, outcome, caller, job_id or request_id)
+            self._files().check_names(caller.key_id, request.files)
+        async with self._slot(is_job=job_id is not None) as waited:
+            staged = None
+            if request.files:
+                staged = await self._files().stage(caller.key_id, request.files)
+                job = msgspec.structs.replace(job, inputs=staged.inputs)
+            try:
+                outcome = await self._run(job, is_job=job_id is not None, on_progress=on_progress)
+            finally:
+                if staged is not None:
+                    staged.close()
+            if outcome is None:
+                return None
+            reply = from_outcome(request_id, outcome, job_id)
+            if outcome.files or request.files is not None:
+                reply = await self._with_outputs(reply, outcome, caller, job_id or request_id)
         return reply, waited * 1000 + outcome.wait_ms
 
     async def _with_outputs(
@@ -351,31 +355,37 @@ class Handler:
             source, ctx = script.source, script.check(request.name, ctx)
         return Job(source=source, ctx=ctx, timeout=timeout)
 
-    async def _run(
-        self, job: Job, *, is_job: bool = False, on_progress: OnProgress | None = None
-    ) -> tuple[Outcome | None, float]:
-        """Run ``job`` when a worker is free: its outcome and the seconds waited. A sync run
-        still going when :attr:`cut` is set is stopped (its child killed): outcome None."""
+    @contextlib.asynccontextmanager
+    async def _slot(self, *, is_job: bool) -> AsyncIterator[float]:
+        """A worker slot for one request (the seconds it waited for it), counted in flight."""
         self.metrics.runs_in_flight.inc()
         try:
             async with self.admission.slot(job=is_job) as waited:
-                running = asyncio.ensure_future(self.pool.run(job, on_progress))
-                if is_job:
-                    return await running, waited
-                cut = asyncio.ensure_future(self.cut.wait())
-                try:
-                    await asyncio.wait({running, cut}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    cut.cancel()
-                if not running.done():
-                    running.cancel()
-                    await asyncio.gather(running, return_exceptions=True)
-                    return None, waited
-                return running.result(), waited
-        except PoolError as exc:
-            raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
+                yield waited
         finally:
             self.metrics.runs_in_flight.dec()
+
+    async def _run(
+        self, job: Job, *, is_job: bool, on_progress: OnProgress | None = None
+    ) -> Outcome | None:
+        """Run ``job`` in the pool (the caller holds a worker slot). A sync run still going
+        when :attr:`cut` is set is stopped (its child killed): None."""
+        try:
+            running = asyncio.ensure_future(self.pool.run(job, on_progress))
+            if is_job:
+                return await running
+            cut = asyncio.ensure_future(self.cut.wait())
+            try:
+                await asyncio.wait({running, cut}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cut.cancel()
+            if not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+                return None
+            return running.result()
+        except PoolError as exc:
+            raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
 
     def _rejected(
         self,

@@ -12,6 +12,8 @@ import base64
 import hashlib
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -461,3 +463,59 @@ def test_input_files_count_toward_the_scratch_quota(disabled: tuple[str, ...]) -
     assert over.status == "error"
     assert over.error is not None
     assert over.error.code == "disk_limit"
+
+
+def held_in_deleted_files(pid: int) -> int:
+    """Bytes a process holds in open files that have no name any more (staged inputs)."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).endswith("(deleted)"):
+                total += fd.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def test_files_are_fetched_only_by_requests_that_hold_a_worker(server: NatsServer) -> None:
+    """One worker, no queue: twelve requests at once naming an 8 MB object. The replica fetches
+    the object for the one request that runs, never for all twelve at once: the others are
+    answered 'overloaded' without it, and what it holds of staged files stays one object."""
+    replica = start_replica(
+        server.url,
+        "filesbound",
+        EXECUTOR_WORKERS="1",
+        EXECUTOR_QUEUE_LIMIT="0",
+        EXECUTOR_FILES_MAX_MB="16",
+    )
+    peak = [0]
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            peak[0] = max(peak[0], held_in_deleted_files(replica.process.pid))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+
+        async def scenario() -> list[Reply]:
+            async with await Client.connect(server.url, KEY_ID, SECRET, prefix="filesbound") as c:
+                ref = await c.put_file(os.urandom(8 * 1024 * 1024), "eight.bin")
+                source = "import time\ndef execute(ctx):\n    time.sleep(1)\n    return 1\n"
+                watcher.start()
+                return list(
+                    await asyncio.gather(
+                        *(c.execute_code(source, files={"e.bin": ref}) for _ in range(12))
+                    )
+                )
+
+        replies = run(scenario())
+    finally:
+        watching.set()
+        replica.stop()
+    statuses = sorted(r.status for r in replies)
+    assert "ok" in statuses
+    assert set(statuses) <= {"ok", "rejected"}
+    assert all(r.error.code == "overloaded" for r in replies if r.status == "rejected")
+    assert peak[0] <= 10 * 1024 * 1024, peak[0]
