@@ -36,6 +36,9 @@ RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 STABLE_SECONDS = 30.0
 CHILD_WAIT_FLOOR = 2.0
 LEARNING_AT_ONCE = 4
+# Progress frames a run may send: the builtin sends at most 5 a second (and one at the end).
+REPORTS_PER_SECOND = 10.0
+REPORTS_BURST = 20
 # Receives a job's progress reports: (fraction 0..1 or None, message).
 OnProgress = Callable[[float | None, str], None]
 
@@ -521,6 +524,7 @@ class Pool:
         )
         deadline = time.monotonic() + job.timeout
         network = RunNetwork()
+        reports = _Budget(per_second=REPORTS_PER_SECOND, burst=REPORTS_BURST)
         try:
             writer.write(protocol.frame(request))
             async with asyncio.timeout(job.timeout):
@@ -532,6 +536,11 @@ class Pool:
                     if isinstance(message, protocol.ChildReady):
                         raise ProtocolError("the child said it was ready twice")
                     if isinstance(message, protocol.Progress):
+                        if not reports.take():
+                            # Faster than the builtin ever sends: written to the socket by a
+                            # script below the policy. Its run ends here.
+                            child.signal(signal.SIGKILL)
+                            return _progress_flood()
                         if on_progress is not None:
                             on_progress(message.fraction, message.message)
                         continue
@@ -633,6 +642,37 @@ def _disk_limit(usage: Usage, ended: protocol.RunResult) -> protocol.RunResult:
         status="error",
         error=ErrorInfo(code="disk_limit", type="DiskLimit", message=usage.exceeded or ""),
         stdout=ended.stdout,
+    )
+
+
+class _Budget:
+    """A token bucket: ``burst`` at once, refilled at ``per_second``."""
+
+    def __init__(self, *, per_second: float, burst: int) -> None:
+        self.per_second = per_second
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def _progress_flood() -> protocol.RunResult:
+    return protocol.RunResult(
+        status="error",
+        error=ErrorInfo(
+            code="policy_violation",
+            type="PolicyViolation",
+            message="refused by the sandbox policy: the run sent progress reports faster "
+            "than progress() sends them (written to its socket directly)",
+        ),
     )
 
 

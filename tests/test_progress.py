@@ -210,3 +210,46 @@ def execute(ctx):
     assert len(got) <= 4
     pause_report = got[-2][0]
     assert pause_report < elapsed - 1.0  # sent during the pause, not with the result
+
+
+def test_a_run_that_floods_its_socket_with_reports_is_stopped() -> None:
+    """Below the policy (layer off), a script writes progress frames straight to its socket,
+    thousands a second: the pool stops the run at once (policy_violation) instead of decoding
+    them for the rest of its timeout."""
+    source = r"""
+import os, socket, struct, time
+def execute(ctx):
+    fd = None
+    for candidate in range(3, 256):
+        try:
+            probe = socket.socket(fileno=os.dup(candidate))
+        except OSError:
+            continue
+        if probe.family == socket.AF_UNIX and probe.type == socket.SOCK_STREAM:
+            fd = candidate
+        probe.close()
+    body = b'{"kind":"progress","fraction":0.5,"message":"flood"}'
+    frames = (struct.pack(">I", len(body)) + body) * 1000
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        os.write(fd, frames)
+    return "survived"
+"""
+
+    async def scenario() -> tuple[Any, float, int]:
+        config = PoolConfig(workers=1, warm_children=1, disabled_layers=("policy",))
+        async with Pool(config) as pool:
+            got: list[Any] = []
+            started = time.monotonic()
+            outcome = await pool.run(
+                Job(source=source, ctx={}, timeout=30), lambda f, m: got.append(m)
+            )
+            return outcome, time.monotonic() - started, len(got)
+
+    outcome, elapsed, delivered = asyncio.run(scenario())
+    assert outcome.status == "error"
+    assert outcome.error is not None
+    assert outcome.error.code == "policy_violation"
+    assert "progress reports faster" in outcome.error.message
+    assert delivered <= 20
+    assert elapsed < 20  # stopped long before the script's own 20 s loop would end
