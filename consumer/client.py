@@ -31,7 +31,7 @@ from consumer import protocol
 from consumer.auth import NONCE_HEADER, sign, verify_reply
 from consumer.errors import ClientError
 from consumer.jobs import MSG_ID, job_id_for
-from consumer.objects import ObjectMismatch, read_object
+from consumer.objects import ObjectMismatch, read_object, write_object
 from consumer.protocol import Encoding, Reply
 
 # Seconds the client waits past the script's own timeout for the reply to arrive.
@@ -388,14 +388,20 @@ class Client:
         """Put a file (bytes, or the path of one) into ``PYEXEC_FILES`` under this key's id
         (``<key id>/<name>``; a random name when none is given) and return the reference a
         request's ``files`` takes, with the SHA-256 computed here."""
-        store = await self._file_store()
+        await self._file_store()
         object_name = f"{self.key_id}/{name or uuid.uuid4().hex}"
-        if isinstance(data, bytes):
-            info = await store.put(object_name, data)
-        else:
-            with open(data, "rb") as reader:  # noqa: ASYNC230 - read in chunks by nats-py's executor
-                info = await store.put(object_name, reader)
-        return protocol.FileRef(object=object_name, sha256=protocol.hex_digest(info.digest))
+        js = self.nc.jetstream()
+        try:
+            if isinstance(data, bytes):
+                _, sha256 = await write_object(
+                    js, self._files_bucket, object_name, io.BytesIO(data)
+                )
+            else:
+                with open(data, "rb") as reader:  # noqa: ASYNC230 - read a chunk at a time
+                    _, sha256 = await write_object(js, self._files_bucket, object_name, reader)
+        except NatsError as exc:
+            raise ClientError(f"{object_name} could not be stored: {exc!r}") from None
+        return protocol.FileRef(object=object_name, sha256=sha256)
 
     async def get_file(
         self,

@@ -26,14 +26,14 @@ from urllib.parse import quote
 import structlog
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ObjectInfo, ObjectMeta, ObjectStoreConfig, StorageType
+from nats.js.api import ObjectInfo, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded
 from consumer.metrics import Metrics
-from consumer.objects import ObjectMismatch, read_object
+from consumer.objects import ObjectMismatch, read_object, write_object, written_for
 from consumer.protocol import FILE_NAME, FILES_BUCKET, FileRef, OutFile, hex_digest
 from sandbox import InputFile, OutputFile
 
@@ -176,6 +176,11 @@ class FileStore:
                 raise InvalidRequest(f"files[{alias!r}]: object {ref.object!r} is a link")
             if info.deleted:
                 raise InvalidRequest(f"files[{alias!r}]: object {ref.object!r} was deleted")
+            if not await written_for(self.js, self.bucket, info):
+                raise InvalidRequest(
+                    f"files[{alias!r}]: object {ref.object!r} names data that was not "
+                    "written for it"
+                )
             if hex_digest(info.digest) != ref.sha256.lower():
                 raise InvalidRequest(
                     f"files[{alias!r}]: object {ref.object!r} does not have the SHA-256 given"
@@ -194,11 +199,9 @@ class FileStore:
         its info says or does not hash to the digest in the request."""
         try:
             return await read_object(self.js, self.bucket, info, handle, ref.sha256)
-        except ObjectMismatch:
-            raise InvalidRequest(
-                f"files[{alias!r}]: object {ref.object!r} does not hold what its digest says"
-            ) from None
-        except NatsError as exc:
+        except ObjectMismatch as exc:
+            raise InvalidRequest(f"files[{alias!r}]: object {ref.object!r}: {exc}") from None
+        except (NatsError, TimeoutError) as exc:
             raise Overloaded(
                 f"files[{alias!r}]: reading the object stalled ({exc!r}); retry"
             ) from None
@@ -213,15 +216,8 @@ class FileStore:
             for item in outputs:
                 name = prefix + item.name
                 with os.fdopen(os.dup(item.fd), "rb") as reader:
-                    info = await self.store.put(name, reader, meta=ObjectMeta(name=name))
-                stored.append(
-                    OutFile(
-                        name=item.name,
-                        object=name,
-                        bytes=int(info.size or 0),
-                        sha256=hex_digest(info.digest),
-                    )
-                )
+                    size, sha256 = await write_object(self.js, self.bucket, name, reader)
+                stored.append(OutFile(name=item.name, object=name, bytes=size, sha256=sha256))
         finally:
             for item in outputs:
                 with contextlib.suppress(OSError):

@@ -200,6 +200,12 @@ class LifecycleDesk:
             return "cancelled"
         if job.job_id != job_id:
             return "cancelled"
+        found = await self.completions.find(job)
+        if found is not None:
+            # Its run ended and its completion is stored (the record said running because
+            # the replica that stored it was lost before writing it): the job is done.
+            await self.ledger.settle(job_id, found.state, found.seq)
+            return found.state
         outcome = await self.completions.store(
             job, self.completions.cancelled(job), retry_delays=CANCEL_STORE_DELAYS
         )

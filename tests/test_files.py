@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -519,3 +520,100 @@ def test_files_are_fetched_only_by_requests_that_hold_a_worker(server: NatsServe
     assert set(statuses) <= {"ok", "rejected"}
     assert all(r.error.code == "overloaded" for r in replies if r.status == "rejected")
     assert peak[0] <= 10 * 1024 * 1024, peak[0]
+
+
+async def plant_meta(nc: Any, bucket: str, meta: dict[str, Any]) -> None:
+    """Write object metadata as any client allowed to write the bucket could."""
+    token = base64.urlsafe_b64encode(meta["name"].encode()).decode()
+    await nc.jetstream().publish(
+        f"$O.{bucket}.M.{token}", json.dumps(meta).encode(), headers={"Nats-Rollup": "sub"}
+    )
+
+
+def test_metadata_that_borrows_another_objects_data_is_refused(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    """Key 'old' copies the metadata of key 'test''s object (chunk id, size, digest) under a
+    name of its own, or names every chunk ('>') or many one-byte chunks: each is
+    invalid_request, and the victim's data never reaches the attacker's run."""
+    server, _ = fleet
+    bucket = "PYEXEC_FILES_FILES"
+    source = "def execute(ctx):\n    return open('in/x', 'rb').read().decode()\n"
+
+    async def scenario() -> list[Reply]:
+        async with await client_for(server) as victim:
+            secret = await victim.put_file(b"salary,alice,123456\n", "payroll.csv")
+            store = await victim.nc.jetstream().object_store(bucket)
+            info = await store.get_info(secret.object)
+        async with await client_for(server, OLD_KEY_ID, OLD_SECRET) as attacker:
+            nc = attacker.nc
+            borrowed = {**info.as_dict(), "name": f"{OLD_KEY_ID}/borrowed.csv"}
+            every = {**borrowed, "name": f"{OLD_KEY_ID}/every.csv", "nuid": ">"}
+            await plant_meta(nc, bucket, borrowed)
+            await plant_meta(nc, bucket, every)
+            tiny_nuid = "tiny0123456789"
+            for _ in range(300):
+                await nc.jetstream().publish(f"$O.{bucket}.C.{tiny_nuid}", b"x")
+            tiny = {
+                **borrowed,
+                "name": f"{OLD_KEY_ID}/tiny.bin",
+                "nuid": tiny_nuid,
+                "size": 300,
+                "chunks": 300,
+                "digest": "SHA-256="
+                + base64.urlsafe_b64encode(hashlib.sha256(b"x" * 300).digest()).decode(),
+            }
+            await plant_meta(nc, bucket, tiny)
+            replies = []
+            for name, digest in (
+                ("borrowed.csv", secret.sha256),
+                ("every.csv", secret.sha256),
+                ("tiny.bin", hashlib.sha256(b"x" * 300).hexdigest()),
+            ):
+                ref = FileRef(object=f"{OLD_KEY_ID}/{name}", sha256=digest)
+                replies.append(await attacker.execute_code(source, files={"x": ref}))
+            return replies
+
+    for reply in run(scenario()):
+        assert reply.status == "rejected", reply
+        assert reply.error is not None
+        assert reply.error.code == "invalid_request"
+        assert "files['x']" in reply.error.message
+        assert "salary" not in json.dumps(msgspec.to_builtins(reply))
+
+
+def test_metadata_planted_at_an_output_name_purges_nothing(
+    fleet: tuple[NatsServer, ReplicaProcess],
+) -> None:
+    """Metadata planted at the name a run's output will get, naming every chunk ('>'): the
+    replica stores the output over it, and every other object is still there, intact."""
+    server, _ = fleet
+    bucket = "PYEXEC_FILES_FILES"
+
+    async def scenario() -> tuple[Reply, bytes | None]:
+        async with await client_for(server) as client:
+            keep = await client.put_file(b"keep me", "keep.txt")
+            request_id = f"planted-{time.time_ns()}"
+            await plant_meta(
+                client.nc,
+                bucket,
+                {
+                    "name": f"{KEY_ID}/{request_id}/report.csv",
+                    "bucket": bucket,
+                    "nuid": ">",
+                    "size": 1,
+                    "chunks": 1,
+                    "digest": "SHA-256=x",
+                    "deleted": False,
+                    "options": {"max_chunk_size": 131072},
+                },
+            )
+            reply = await client.execute_code(
+                "def execute(ctx):\n    open('out/report.csv', 'w').write('r')\n",
+                request_id=request_id,
+            )
+            return reply, await client.get_file(keep.object, sha256=keep.sha256)
+
+    reply, kept = run(scenario())
+    assert reply.status == "ok", reply.error
+    assert kept == b"keep me"

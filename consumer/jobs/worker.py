@@ -182,8 +182,8 @@ class JobWorker:
                 if found is not None:
                     # Its completion was stored but the acknowledgement was lost: do not run
                     # the script a second time.
-                    await self._settle(msg, nak=False)
                     await self.ledger.settle(job.job_id, found.state, found.seq)
+                    await self._settle(msg, nak=False)
                     log.info("job already completed; acknowledged", deliveries=meta.num_delivered)
                     return
             if meta.num_delivered > self.settings.job_max_deliver:
@@ -233,8 +233,10 @@ class JobWorker:
         if stored.found is None:
             await self._settle(msg, nak=True)
             return None
-        await self._settle(msg, nak=False)
+        # The record first, then the acknowledgement: a replica lost between the two leaves
+        # the job to be delivered again, and the next one finds the completion and acks.
         await self.ledger.settle(job.job_id, stored.found.state, stored.found.seq)
+        await self._settle(msg, nak=False)
         if stored.outcome == "stored":
             self.metrics.jobs_completed.labels(status=response.reply.status).inc()
         return stored.found.state
