@@ -185,6 +185,10 @@ class FileStore:
                 raise InvalidRequest(
                     f"files[{alias!r}]: object {ref.object!r} does not have the SHA-256 given"
                 )
+            if (info.size or 0) < 0:
+                raise InvalidRequest(
+                    f"files[{alias!r}]: object {ref.object!r} claims a size below 0"
+                )
             total += info.size or 0
             if total > self.max_bytes:
                 raise InvalidRequest(

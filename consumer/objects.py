@@ -47,8 +47,10 @@ async def read_object(
     if not _NUID.fullmatch(nuid):
         # A wildcard or a dot would read other objects' chunks.
         raise ObjectMismatch(f"its chunk id {nuid[:80]!r} is not a plain token")
-    most = expected // MIN_CHUNK + 2
-    if int(info.chunks or 0) > most:
+    if expected < 0:
+        raise ObjectMismatch(f"it claims a size of {expected} bytes")
+    most = min(expected // MIN_CHUNK + 2, max(int(info.chunks or 0), 1))
+    if int(info.chunks or 0) > expected // MIN_CHUNK + 2:
         raise ObjectMismatch(f"it claims {info.chunks} chunks for {expected} bytes")
     digest = hashlib.sha256()
     written = 0

@@ -310,6 +310,8 @@ class Doors:
             self._refuse("'open' with an opener or closefd")
         if type(buffering) is not int or buffering == 0:
             self._refuse("'open' unbuffered (buffering=0 gives a raw file object)")
+        if isinstance(file, str | bytes) and _SCHEME.match(os.fsdecode(file).strip(_URL_STRIP)):
+            self._refuse("'open' with a URL (open takes a path in the run's scratch folder)")
         path = self.checked_path(file, "open")
         return open(
             path,

@@ -617,3 +617,46 @@ def test_metadata_planted_at_an_output_name_purges_nothing(
     reply, kept = run(scenario())
     assert reply.status == "ok", reply.error
     assert kept == b"keep me"
+
+
+def test_open_takes_a_path_not_a_url(fleet: tuple[NatsServer, ReplicaProcess]) -> None:
+    """open('http://...') is a policy violation: open reads and writes the scratch folder."""
+    server, _ = fleet
+
+    async def scenario() -> Reply:
+        async with await client_for(server) as client:
+            return await client.execute_code(
+                "def execute(ctx):\n    return open('http:/etc/passwd').read()\n"
+            )
+
+    reply = run(scenario())
+    assert reply.status == "error"
+    assert reply.error is not None
+    assert reply.error.code == "policy_violation"
+    assert "URL" in reply.error.message
+
+
+@pytest.mark.parametrize(
+    ("call", "refused"),
+    [
+        ("open('/etc/passwd')", "only the run's scratch folder"),
+        ("open('../x', 'w')", "only the run's scratch folder"),
+        ("open(0)", "file descriptor"),
+        ("open('out/x', 'wb', 0)", "unbuffered"),
+        ("open('out/x', 'w', opener=len)", "opener"),
+    ],
+)
+def test_open_is_guarded(fleet: tuple[NatsServer, ReplicaProcess], call: str, refused: str) -> None:
+    """The open builtin refuses paths outside the scratch folder, descriptors, raw unbuffered
+    files and openers, as policy violations."""
+    server, _ = fleet
+
+    async def scenario() -> Reply:
+        async with await client_for(server) as client:
+            return await client.execute_code(f"def execute(ctx):\n    return {call}\n")
+
+    reply = run(scenario())
+    assert reply.status == "error"
+    assert reply.error is not None
+    assert reply.error.code == "policy_violation", reply.error
+    assert refused in reply.error.message
