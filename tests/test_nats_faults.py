@@ -38,6 +38,8 @@ from tests.test_operations import get, scrape, status, value
 PREFIX = "pyexec"  # the default prefix: streams PYEXEC_JOBS and PYEXEC_RESULTS
 JOBS = "PYEXEC_JOBS"
 RESULTS = "PYEXEC_RESULTS"
+# The key-value buckets of the replay store and the job ledger, as streams.
+STORES = ("KV_PYEXEC_NONCES", "KV_PYEXEC_JOB_IDS")
 QUICK = "def execute(ctx):\n    return ctx['n']\n"
 SLOW = "import time\ndef execute(ctx):\n    time.sleep(ctx['seconds'])\n    return ctx['n'] * 10\n"
 # Jobs come back quickly after a lost delivery; graceful stops do not hang the test.
@@ -336,6 +338,14 @@ class Outcome:
     leaders: dict[str, str | None] = field(default_factory=dict)
 
 
+async def store_leader(client: Client, stream: str) -> str | None:
+    """The stream's leader, or None while it has none (or cannot be asked)."""
+    try:
+        return await leader(client, stream)
+    except Exception:  # noqa: BLE001 - no leader to answer yet
+        return None
+
+
 async def leader(client: Client, stream: str, consumer: str | None = None) -> str | None:
     js = client.nc.jetstream()
     info = await (js.consumer_info(stream, consumer) if consumer else js.stream_info(stream))
@@ -411,6 +421,14 @@ async def kill_under_load(node_a: Node, node_c: Node, on_a: ReplicaProcess) -> O
         await until_async(
             lambda: bool(events(on_a, "nats reconnected")), 30, "the replica on A reconnected"
         )
+        # The shared stores every request uses elect new leaders too; until they have one a
+        # request is refused 'overloaded' (fail closed), which under load can outlast the
+        # replica's reconnect.
+        for store in STORES:
+            deadline = time.monotonic() + 30
+            while await store_leader(client, store) in (None, node_a.name):
+                assert time.monotonic() < deadline, f"{store}: no leader after the kill"
+                await asyncio.sleep(0.2)
         outcome.timeline["reconnected"] = time.monotonic()
         await asyncio.sleep(3)  # requests that arrive after the reconnect
         stop.set()
@@ -450,8 +468,8 @@ def handled_ok(replica: ReplicaProcess) -> set[str]:
 
 def assert_sync_requests(outcome: Outcome, on_b: ReplicaProcess) -> None:
     """Only requests in flight on A's replica may fail, and requests sent before the reconnect
-    may be refused overloaded (the replay store's leader was on A); every one after the
-    reconnect succeeds."""
+    and the shared stores' new leaders may be refused overloaded (the replay store's leader may
+    have been on A); every one after both succeeds."""
     kill, reconnected = outcome.timeline["kill"], outcome.timeline["reconnected"]
     failed = [entry for entry in outcome.sent if entry.reply is None]
     print(
