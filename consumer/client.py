@@ -275,20 +275,23 @@ class Client:
             return None
         if reply.job_id != job_id or reply.status == "accepted":
             return None  # another job's, or a receipt: a completion is never "accepted"
+        return reply if self._from_job(job_id, headers, data) else None
+
+    def _from_job(self, job_id: str, headers: dict[str, str] | None, data: bytes) -> bool:
+        """Whether ``data`` is signed for one of the requests this client sent that stored
+        ``job_id`` (true when it sent none: a job submitted elsewhere cannot be checked)."""
         sent = self._jobs.get(job_id)
-        if not sent:
-            return reply
-        for subject, nonce in sent:
-            if verify_reply(
+        return not sent or any(
+            verify_reply(
                 self._secret,
                 self.key_id,
                 headers,
                 data,
                 request_subject=subject,
                 request_nonce=nonce,
-            ):
-                return reply
-        return None
+            )
+            for subject, nonce in sent
+        )
 
     async def completions(self, durable: str) -> AsyncIterator[Reply]:
         """Every completion, once each, through a durable consumer named by the caller; a
@@ -367,20 +370,7 @@ class Client:
             return None
         if event.job_id != job_id:
             return None
-        sent = self._jobs.get(job_id)
-        if sent and not any(
-            verify_reply(
-                self._secret,
-                self.key_id,
-                headers,
-                data,
-                request_subject=subject,
-                request_nonce=nonce,
-            )
-            for subject, nonce in sent
-        ):
-            return None
-        return event
+        return event if self._from_job(job_id, headers, data) else None
 
     async def put_file(
         self, data: bytes | str | os.PathLike[str], name: str | None = None

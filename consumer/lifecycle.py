@@ -121,7 +121,7 @@ class LifecycleDesk:
         try:
             if len(body) > MAX_BODY:
                 # A job reference is some 80 bytes: a big body is not hashed to find that out.
-                raise InvalidRequest(f"a job status body is at most {MAX_BODY} bytes")
+                raise InvalidRequest(f"a job status or cancel body is at most {MAX_BODY} bytes")
             caller, refused = await authenticate(self.verifier, self.nonces, subject, headers, body)
             if refused is not None:
                 raise refused

@@ -251,7 +251,6 @@ class Replica:
             handler=handler,
             admission=job_admission,
             ledger=ledger,
-            replies=replies,
             completions=completions,
             metrics=self.metrics,
         )

@@ -76,6 +76,21 @@ def stop_process(process: subprocess.Popen[Any], signum: int, timeout: float) ->
             process.wait()
 
 
+async def stored_on(nc: nats.NATS, subject: str, settle: float = 1.0) -> list[Any]:
+    """Every message a stream holds on ``subject``, read by an ordered consumer until none
+    comes for ``settle`` seconds."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    found = []
+    try:
+        while True:
+            try:
+                found.append(await sub.next_msg(timeout=settle))
+            except nats.errors.TimeoutError:
+                return found
+    finally:
+        await sub.unsubscribe()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -31,6 +31,7 @@ from tests.conftest import (
     free_port,
     reply_signed,
     start_replica,
+    stored_on,
 )
 
 PREFIX = "cancel"
@@ -68,19 +69,8 @@ async def until_state(client: Client, job_id: str, state: str) -> None:
 
 
 async def completions_of(nc: nats.NATS, job_id: str, prefix: str = PREFIX) -> list[dict[str, Any]]:
-    """Every message the results stream holds for the job."""
-    js = nc.jetstream()
-    sub = await js.subscribe(f"{prefix}.results.{job_id}", ordered_consumer=True)
-    found = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except nats.errors.TimeoutError:
-                return found
-            found.append(json.loads(msg.data))
-    finally:
-        await sub.unsubscribe()
+    """Every message the results stream holds for the job, decoded."""
+    return [json.loads(msg.data) for msg in await stored_on(nc, f"{prefix}.results.{job_id}")]
 
 
 def test_cancel_while_queued_never_runs_it(fleet: tuple[NatsServer, ReplicaProcess]) -> None:
@@ -219,7 +209,7 @@ def test_cancel_racing_the_loss_of_the_replica_running_it(
             async with await Client.connect(server.url, KEY_ID, SECRET, prefix=prefix) as client:
                 job_id = (await client.send(f"{prefix}.code", job(SPIN))).job_id
                 assert job_id is not None
-                await until_state_in(client, job_id, prefix)
+                await until_state(client, job_id, "running")
                 deadline = time.monotonic() + SETTLE
                 while True:
                     running = [
@@ -264,13 +254,6 @@ def test_cancel_racing_the_loss_of_the_replica_running_it(
             if replica.process.poll() is None:
                 replica.stop()
         server.stop()
-
-
-async def until_state_in(client: Client, job_id: str, prefix: str) -> None:
-    deadline = time.monotonic() + SETTLE
-    while (await client.status(job_id)).state != "running":
-        assert time.monotonic() < deadline, f"{prefix}: job {job_id} never ran"
-        await asyncio.sleep(0.05)
 
 
 def test_a_job_stored_straight_into_the_stream_and_cancelled_before_any_replica_took_it(

@@ -163,6 +163,11 @@ class Completions:
                 message="the job was cancelled before it finished",
             ),
         )
+        return self.signed_for(job, reply)
+
+    def signed_for(self, job: AdmittedJob, reply: Reply) -> Response:
+        """A completion the worker makes itself (not a run's), encoded and signed for the
+        job's request, with the job's trace context."""
         response = self.replies.respond(
             reply, job.encoding, caller=job.caller, started=time.perf_counter()
         )

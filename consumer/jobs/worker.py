@@ -35,7 +35,7 @@ from consumer.ledger import Ledger, State, digest_of
 from consumer.metrics import Metrics
 from consumer.progress import ProgressRelay
 from consumer.protocol import ErrorBody, Reply
-from consumer.replies import Replies, Response
+from consumer.replies import Response
 from consumer.streams import JOBS_STREAM
 
 log = structlog.get_logger("pyexec.jobs")
@@ -58,7 +58,6 @@ class JobWorker:
         handler: Handler,
         admission: Admission,
         ledger: Ledger,
-        replies: Replies,
         completions: Completions,
         metrics: Metrics,
     ) -> None:
@@ -68,7 +67,6 @@ class JobWorker:
         self.handler = handler
         self.admission = admission
         self.ledger = ledger
-        self.replies = replies
         self.completions = completions
         self.metrics = metrics
         self.slots = max(1, math.floor(settings.workers * settings.job_share))
@@ -306,14 +304,7 @@ class JobWorker:
         )
         trace = tracing.continue_from(job.headers)
         log.warning("job lost", deliveries=deliveries, **trace.log_fields())
-        response = self.replies.respond(
-            reply, job.encoding, caller=job.caller, started=time.perf_counter()
-        )
-        return Response(
-            data=response.data,
-            headers={**(response.headers or {}), **trace.headers()},
-            reply=response.reply,
-        )
+        return self.completions.signed_for(job, reply)
 
     async def stop_fetching(self) -> None:
         """Take no more jobs; those running go on."""
