@@ -42,6 +42,7 @@ from tests.conftest import (
     free_port,
     reply_signed,
     start_replica,
+    stored_on,
     until,
 )
 
@@ -158,16 +159,7 @@ async def publish_job(
 
 async def completions(nc: nats.NATS, job_id: str, settle: float = 1.0) -> list[nats.aio.msg.Msg]:
     """Every message stored on the job's results subject."""
-    sub = await nc.jetstream().subscribe(f"{PREFIX}.results.{job_id}", ordered_consumer=True)
-    found = []
-    try:
-        while True:
-            try:
-                found.append(await sub.next_msg(timeout=settle))
-            except nats.errors.TimeoutError:
-                return found
-    finally:
-        await sub.unsubscribe()
+    return await stored_on(nc, f"{PREFIX}.results.{job_id}", settle)
 
 
 async def completion(nc: nats.NATS, job_id: str, timeout: float = 30) -> nats.aio.msg.Msg:
@@ -926,7 +918,11 @@ def test_a_forged_completion_stored_first_is_not_the_jobs_completion(server: Nat
                     CodeRequest(code=source, mode="async", request_id=request_id, timeout=10),
                 )
                 completion = await client.wait(job_id, timeout=60)
-                status = await client.status(job_id)
+                # The record says done just after the completion is stored.
+                deadline = time.monotonic() + 30
+                while (status := await client.status(job_id)).state != "done":
+                    assert time.monotonic() < deadline, status
+                    await asyncio.sleep(0.05)
                 return completion, status.completion, 0
 
         completion, embedded, _ = asyncio.run(scenario())
