@@ -2,6 +2,7 @@
 
     python benchmarks/run_cost.py                      # every scenario, 300 runs each
     python benchmarks/run_cost.py --runs 500 --scenario trivial --callers 2
+    python benchmarks/run_cost.py --tiers full --no-huge-pages   # one library parent, 4 KiB pages
     PYTHONPATH=/path/to/other/checkout python benchmarks/run_cost.py   # the same on another tree
 
 Each scenario runs as a closed loop (``--callers`` runs in flight) after a warm-up. CPU per run
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -55,6 +57,12 @@ def busy_ticks() -> int:
     return sum(fields[:8]) - idle
 
 
+def own_cpu() -> float:
+    """CPU seconds of this process (the pool's side of every run: sockets, broker, quota)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def measure(pool: Pool, source: str, runs: int, callers: int) -> dict[str, float]:
     ctx = {"n": 1, "rows": ROWS}
     job = Job(source=source, ctx=ctx, timeout=30)
@@ -73,14 +81,16 @@ async def measure(pool: Pool, source: str, runs: int, callers: int) -> dict[str,
             if outcome.status != "ok":
                 raise RuntimeError(f"run failed: {outcome.error}")
 
-    ticks, started = busy_ticks(), time.perf_counter()
+    ticks, started, own = busy_ticks(), time.perf_counter(), own_cpu()
     await asyncio.gather(*(caller() for _ in range(callers)))
     seconds = time.perf_counter() - started
     cpu_ms = (busy_ticks() - ticks) / os.sysconf("SC_CLK_TCK") * 1000 / runs
+    pool_ms = (own_cpu() - own) * 1000 / runs
     latencies.sort()
     return {
         "runs_per_s": round(runs / seconds, 1),
         "cpu_ms_per_run": round(cpu_ms, 2),
+        "of_which_pool_process_ms": round(pool_ms, 2),
         "p50_ms": round(statistics.median(latencies), 2),
         "p90_ms": round(latencies[int(len(latencies) * 0.9)], 2),
     }
@@ -88,7 +98,12 @@ async def measure(pool: Pool, source: str, runs: int, callers: int) -> dict[str,
 
 async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    config = PoolConfig(workers=max(args.callers, 1), warm_children=max(args.callers, 1))
+    config = PoolConfig(
+        workers=max(args.callers, 1),
+        warm_children=max(args.callers, 1),
+        tiers=tuple(args.tiers.split(",")),  # type: ignore[arg-type]
+        huge_pages=args.huge_pages,
+    )
     results: dict[str, dict[str, float]] = {}
     async with Pool(config) as pool:
         for name in names:
@@ -102,6 +117,8 @@ if __name__ == "__main__":
     parser.add_argument("--scenario", choices=["all", *SCENARIOS], default="all")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--callers", type=int, default=1)
+    parser.add_argument("--tiers", default="stdlib,full", help="warm-parent tiers to keep")
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     results = asyncio.run(main(args))

@@ -10,7 +10,6 @@ import os
 import secrets
 import sys
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,10 @@ from consumer.embedded import EmbeddedNats
 from consumer.errors import ClientError, ConfigError, UnknownScript
 from consumer.protocol import CodeRequest, NamedRequest
 from consumer.service import Replica
-from sandbox import LayerStatus, Pool
+from consumer.target import DEV_ENV_FILE, Target, find_target
+from sandbox import LayerStatus, Pool, TierState
 
 DEV_KEY_ID = "dev"
-DEV_ENV_FILE = "dev.env"
 EXIT_CODES = {"ok": 0, "accepted": 0, "error": 1, "timeout": 1, "rejected": 2}
 
 
@@ -161,14 +160,14 @@ def _call(args: argparse.Namespace) -> int:
     if not isinstance(ctx, dict):
         raise ConfigError("--ctx must be a JSON object")
     files = _file_arguments(args.files)
-    target = _target(args.key_id)
+    target = find_target(args.key_id)
     reply = asyncio.run(_send(args, target, ctx=ctx, files=files))
     print(json.dumps(msgspec.to_builtins(reply), indent=2, ensure_ascii=False))
     return EXIT_CODES.get(reply.status, 1)
 
 
 def _job(args: argparse.Namespace) -> int:
-    target = _target(args.key_id)
+    target = find_target(args.key_id)
 
     async def ask() -> Any:
         async with await target.connect() as client:
@@ -179,37 +178,6 @@ def _job(args: argparse.Namespace) -> int:
     answer = asyncio.run(ask())
     print(json.dumps(msgspec.to_builtins(answer), indent=2, ensure_ascii=False))
     return 0 if answer.state != "unknown" else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """Where ``call`` and ``job`` send, and with which key."""
-
-    urls: list[str]
-    key_id: str
-    secret: bytes = dataclasses.field(repr=False)
-    prefix: str
-
-    async def connect(self, encoding: str = "json") -> Client:
-        return await Client.connect(
-            self.urls, self.key_id, self.secret, encoding=encoding, prefix=self.prefix
-        )
-
-
-def _target(key_id: str | None) -> _Target:
-    env = _call_environment(os.environ)
-    urls = env.get("NATS_URL", "").strip()
-    if not urls:
-        raise ConfigError("NATS_URL is not set and no embedded server's dev.env was found")
-    keyring = config.parse_keys(env)
-    if not keyring:
-        raise ConfigError("no key to sign with: set EXECUTOR_API_KEYS or EXECUTOR_API_KEY")
-    key_id = key_id or keyring.ids[0]
-    secret = keyring.secret(key_id)
-    if secret is None:
-        raise ConfigError(f"--key-id '{key_id}' is not in EXECUTOR_API_KEYS")
-    prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "").strip() or "pyexec"
-    return _Target(urls=urls.split(","), key_id=key_id, secret=secret, prefix=prefix)
 
 
 def _file_arguments(given: list[str]) -> dict[str, Path]:
@@ -226,21 +194,8 @@ def _file_arguments(given: list[str]) -> dict[str, Path]:
     return files
 
 
-def _call_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment, completed from the embedded server's dev.env where it is silent."""
-    merged = dict(environ)
-    data_dir = Path(environ.get("EXECUTOR_DATA_DIR", "") or ".pyexec")
-    env_file = data_dir / DEV_ENV_FILE
-    if not environ.get("NATS_URL") and env_file.is_file():
-        for line in env_file.read_text().splitlines():
-            name, _, value = line.partition("=")
-            if name and not merged.get(name):
-                merged[name] = value
-    return merged
-
-
 async def _send(
-    args: argparse.Namespace, target: _Target, *, ctx: dict[str, Any], files: dict[str, Path]
+    args: argparse.Namespace, target: Target, *, ctx: dict[str, Any], files: dict[str, Path]
 ) -> Any:
     encoding = "msgpack" if args.msgpack else "json"
     async with await target.connect(encoding) as client:
@@ -302,21 +257,29 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    """Start a pool as ``serve`` would and report its isolation layers; 1 if any is missing."""
+    """Start a pool as ``serve`` would and report its isolation layers and warm parents; 1 if
+    any layer is missing."""
     settings = config.load()
 
-    async def inspect() -> tuple[list[LayerStatus], dict[str, float]]:
+    async def inspect() -> tuple[list[LayerStatus], list[TierState], dict[str, float]]:
         async with Pool(settings.pool_config(result_limit=900_000)) as pool:
-            return pool.layers, pool.timings
+            return pool.layers, pool.states(), pool.timings
 
-    found, timings = asyncio.run(inspect())
+    found, tiers, timings = asyncio.run(inspect())
     for layer in found:
         mark = "active  " if layer.active else "INACTIVE"
         print(f"{layer.name:9} {mark} {layer.detail}")
+    print("\nwarm parents (each applies every layer above to its children):")
+    for tier in tiers:
+        print(
+            f"  {tier.tier:7} {tier.preloaded:3} modules preloaded, "
+            f"{tier.timings.get('import libraries', 0):7.1f} ms to import, "
+            f"{tier.huge_pages_mb:6.1f} MB in huge pages"
+        )
     if args.timings:
         print("\ntimings (ms):")
         for step, ms in timings.items():
-            print(f"  {step:45} {ms:9.3f}")
+            print(f"  {step:55} {ms:9.3f}")
     missing = [layer.name for layer in found if not layer.active]
     if missing:
         print(

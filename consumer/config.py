@@ -121,6 +121,8 @@ class Settings:
     net_allow: tuple[str, ...] = ()
     read_paths: tuple[str, ...] = ()
     pool_mode: Literal["warm", "fresh"] = "warm"
+    tiers: tuple[Literal["stdlib", "full"], ...] = ("stdlib", "full")
+    huge_pages: bool = True
     job_max_deliver: int = 3
     job_ack_wait: float = 30.0
     job_share: float = 0.5
@@ -161,6 +163,8 @@ class Settings:
             net_allow=self.net_allow,
             read_paths=self.read_paths,
             mode=self.pool_mode,
+            tiers=self.tiers,
+            huge_pages=self.huge_pages,
         )
 
 
@@ -267,6 +271,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         jobs_duplicate_window=_float(env, "EXECUTOR_JOBS_DUPLICATE_WINDOW", 120.0),
         stream_replicas=_int(env, "EXECUTOR_STREAM_REPLICAS", 1, low=1, high=5),
         **_isolation(env),
+        **_warm_parents(env),
     )
 
 
@@ -342,6 +347,25 @@ def _isolation(env: Mapping[str, str]) -> dict[str, Any]:
         "net_allow": tuple(allow),
         "read_paths": tuple(_list(env, "EXECUTOR_READ_PATHS", separator=":")),
         "pool_mode": "fresh" if mode == "fresh" else "warm",
+    }
+
+
+TIERS = ("stdlib", "full")
+
+
+def _warm_parents(env: Mapping[str, str]) -> dict[str, Any]:
+    """Which warm parents a replica keeps, and whether their memory uses huge pages."""
+    tiers = [tier.lower() for tier in _list(env, "EXECUTOR_TIERS")] or list(TIERS)
+    unknown = [tier for tier in tiers if tier not in TIERS]
+    if unknown or len(set(tiers)) != len(tiers):
+        raise ConfigError(
+            "EXECUTOR_TIERS must list 'stdlib', 'full' or both, each once, "
+            f"not '{env.get('EXECUTOR_TIERS', '')}'"
+        )
+    huge = env.get("EXECUTOR_HUGE_PAGES", "").strip()
+    return {
+        "tiers": tuple(tier for tier in TIERS if tier in tiers),
+        "huge_pages": True if not huge else _flag(env, "EXECUTOR_HUGE_PAGES"),
     }
 
 

@@ -18,7 +18,6 @@ import msgspec
 import structlog
 
 from consumer import protocol, tracing
-from consumer.admission import Admission
 from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.catalog import Catalog
 from consumer.config import Settings
@@ -28,7 +27,7 @@ from consumer.metrics import Metrics
 from consumer.nonces import NonceStore, authenticate
 from consumer.protocol import Encoding, ErrorBody, Reply
 from consumer.replies import Replies, Response, from_outcome
-from sandbox import Job, OnProgress, Outcome, Pool, PoolError
+from sandbox import Capacity, CapacityFull, Job, OnProgress, Outcome, Pool, PoolError, Slot
 
 log = structlog.get_logger("pyexec.request")
 
@@ -78,7 +77,7 @@ class Handler:
         pool: Pool,
         replies: Replies,
         metrics: Metrics,
-        admission: Admission,
+        capacity: Capacity,
         submit: Submit | None,
         files: FileStore | None = None,
     ) -> None:
@@ -89,7 +88,7 @@ class Handler:
         self.pool = pool
         self.replies = replies
         self.metrics = metrics
-        self.admission = admission
+        self.capacity = capacity
         self.submit = submit
         self.files = files
         self._kinds = {settings.subject("code"): "code", settings.subject("named"): "named"}
@@ -237,22 +236,26 @@ class Handler:
         job = self._job_of(request, cap)
         if request.files:
             self._files().check_names(caller.key_id, request.files)
-        async with self._slot(is_job=job_id is not None) as waited:
+        async with self._slot(is_job=job_id is not None) as slot:
             staged = None
             if request.files:
                 staged = await self._files().stage(caller.key_id, request.files)
                 job = msgspec.structs.replace(job, inputs=staged.inputs)
             try:
-                outcome = await self._run(job, is_job=job_id is not None, on_progress=on_progress)
+                outcome = await self._run(
+                    job, slot, is_job=job_id is not None, on_progress=on_progress
+                )
             finally:
                 if staged is not None:
                     staged.close()
             if outcome is None:
                 return None
+            # On the request's canonical log line: which warm parent the run was forked from.
+            structlog.contextvars.bind_contextvars(tier=outcome.tier)
             reply = from_outcome(request_id, outcome, job_id)
             if outcome.files or request.files is not None:
                 reply = await self._with_outputs(reply, outcome, caller, job_id or request_id)
-        return reply, waited * 1000 + outcome.wait_ms
+        return reply, slot.waited * 1000 + outcome.wait_ms
 
     async def _with_outputs(
         self, reply: Reply, outcome: Outcome, caller: Caller, run_id: str
@@ -356,22 +359,25 @@ class Handler:
         return Job(source=source, ctx=ctx, timeout=timeout)
 
     @contextlib.asynccontextmanager
-    async def _slot(self, *, is_job: bool) -> AsyncIterator[float]:
-        """A worker slot for one request (the seconds it waited for it), counted in flight."""
+    async def _slot(self, *, is_job: bool) -> AsyncIterator[Slot]:
+        """A worker slot for one request, counted in flight. A synchronous request waits a
+        bounded time in a bounded queue, else is refused ``overloaded``; a job waits."""
         self.metrics.runs_in_flight.inc()
         try:
-            async with self.admission.slot(job=is_job) as waited:
-                yield waited
+            async with self.capacity.slot(job=is_job, bounded=not is_job) as slot:
+                yield slot
+        except CapacityFull as exc:
+            raise Overloaded(str(exc)) from None
         finally:
             self.metrics.runs_in_flight.dec()
 
     async def _run(
-        self, job: Job, *, is_job: bool, on_progress: OnProgress | None = None
+        self, job: Job, slot: Slot, *, is_job: bool, on_progress: OnProgress | None = None
     ) -> Outcome | None:
         """Run ``job`` in the pool (the caller holds a worker slot). A sync run still going
         when :attr:`cut` is set is stopped (its child killed): None."""
         try:
-            running = asyncio.ensure_future(self.pool.run(job, on_progress))
+            running = asyncio.ensure_future(self.pool.run(job, on_progress, slot=slot))
             if is_job:
                 return await running
             cut = asyncio.ensure_future(self.cut.wait())

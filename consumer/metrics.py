@@ -20,9 +20,11 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+
+from sandbox import TierState
 
 # ``*_created`` series double the series count and no dashboard or alert reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -66,6 +68,59 @@ class _ReadCounter(Collector):
 
     def describe(self) -> Iterable[Metric]:
         yield CounterMetricFamily(self.name, self.documentation)
+
+
+class _TierCollector(Collector):
+    """Each warm-parent tier's state, read from the pool when scraped."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], list[TierState]] = list
+
+    def collect(self) -> Iterable[Metric]:
+        states = self.read()
+        runs = CounterMetricFamily(
+            "pyexec_tier_runs", "Runs forked from each tier's warm parent.", labels=["tier"]
+        )
+        warm = GaugeMetricFamily(
+            "pyexec_tier_warm_children",
+            "Children of each tier's warm parent waiting for a run.",
+            labels=["tier"],
+        )
+        up = GaugeMetricFamily(
+            "pyexec_tier_up",
+            "1 while the tier's warm parent runs; 0 while it restarts or after a crash loop.",
+            labels=["tier"],
+        )
+        memory = GaugeMetricFamily(
+            "pyexec_tier_parent_memory_bytes",
+            "The tier's warm parent's memory: pss (its proportional share) and huge_pages "
+            "(anonymous memory in huge pages, shared with every child).",
+            labels=["tier", "kind"],
+        )
+        for state in states:
+            runs.add_metric([state.tier], state.runs)
+            warm.add_metric([state.tier], state.warm)
+            up.add_metric([state.tier], 1.0 if state.live else 0.0)
+            memory.add_metric([state.tier, "pss"], pss_bytes(state.pid))
+            memory.add_metric([state.tier, "huge_pages"], state.huge_pages_mb * 1024 * 1024)
+        yield from (runs, warm, up, memory)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def pss_bytes(pid: int | None) -> float:
+    """A process's proportional set size (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return float(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def latency_buckets(longest: float) -> tuple[float, ...]:
@@ -150,6 +205,15 @@ class Metrics:
             "Times the warm parent process was lost and started again.",
         )
         reg.register(self._restarts)
+        self._tiers = _TierCollector()
+        reg.register(self._tiers)
+        self.parent_exits = Counter(
+            "pyexec_warm_parent_exits",
+            "Warm-parent exits by tier and cause: stopped (by the pool), crashed (killed by a "
+            "signal or a non-zero exit), halted (the exit that ended a crash loop's restarts).",
+            ["tier", "cause"],
+            registry=reg,
+        )
         self.ready = Gauge(
             "pyexec_ready",
             "1 while the replica takes requests (connected and with a live worker pool).",
@@ -273,9 +337,11 @@ class Metrics:
         busy: Callable[[], int],
         warm: Callable[[], int],
         restarts: Callable[[], int],
+        tiers: Callable[[], list[TierState]] = list,
     ) -> None:
         """Read the pool's state at scrape time instead of keeping copies."""
         self._restarts.read = restarts
+        self._tiers.read = tiers
         self.workers.labels(state="busy").set_function(lambda: float(busy()))
         self.workers.labels(state="idle").set_function(lambda: float(max(workers - busy(), 0)))
         self.warm_children.set_function(lambda: float(warm()))

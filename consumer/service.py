@@ -17,7 +17,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from consumer import protocol
-from consumer.admission import Admission
 from consumer.auth import Verifier
 from consumer.catalog import Catalog
 from consumer.config import HEADER_ROOM, Settings
@@ -38,7 +37,7 @@ from consumer.replies import REPLY_OVERHEAD, Replies, Response
 from consumer.streams import STORE_TIMEOUT, ensure_buckets, ensure_streams
 from consumer.subjects import ReplySubjects
 from consumer.transport import connect
-from sandbox import LayerStatus, Pool
+from sandbox import Capacity, LayerStatus, ParentExit, Pool
 
 log = structlog.get_logger("pyexec.service")
 MIN_RESULT_LIMIT = 64 * 1024
@@ -96,9 +95,31 @@ class Replica:
             return "not connected to NATS"
         if self._pool is None or not self.started.is_set():
             return "starting"
+        halted = self._pool.halted
+        if halted:
+            return halted
         if not self._pool.live:
             return "the worker pool is restarting its warm parent"
         return None
+
+    def _parent_exited(self, exit_: ParentExit) -> None:
+        """Log each warm-parent exit with its cause, and count it."""
+        fields = {
+            "tier": exit_.tier,
+            "pid": exit_.pid,
+            "returncode": exit_.returncode,
+            "cause": exit_.cause,
+            "uptime_s": exit_.uptime_s,
+        }
+        if exit_.halted:
+            self.metrics.parent_exits.labels(tier=exit_.tier, cause="halted").inc()
+            log.error("warm parent crash loop: restarts stopped", reason=exit_.halted, **fields)
+        elif exit_.expected:
+            self.metrics.parent_exits.labels(tier=exit_.tier, cause="stopped").inc()
+            log.info("warm parent stopped", **fields)
+        else:
+            self.metrics.parent_exits.labels(tier=exit_.tier, cause="crashed").inc()
+            log.warning("warm parent exited; restarting it", **fields)
 
     def request_stop(self) -> None:
         """Begin a graceful stop; a second call stops without waiting for in-flight work."""
@@ -163,7 +184,18 @@ class Replica:
                     f"EXECUTOR_STDOUT_LIMIT ({self.settings.stdout_limit}) leaves no room for a "
                     f"result in the server's max payload of {nc.max_payload} bytes"
                 )
-            pool = Pool(self.settings.pool_config(result_limit))
+            settings = self.settings
+            capacity = Capacity(
+                settings.workers,
+                queue_limit=settings.queue_limit,
+                max_wait=settings.queue_wait,
+                job_share=settings.job_share,
+            )
+            pool = Pool(
+                settings.pool_config(result_limit),
+                capacity=capacity,
+                on_parent_exit=self._parent_exited,
+            )
             if await self._unless_stopped(pool.start()) is None:
                 return
             self._pool = pool
@@ -171,7 +203,8 @@ class Replica:
                 workers=self.settings.workers,
                 busy=lambda: pool.busy,
                 warm=lambda: pool.warm,
-                restarts=lambda: max(pool.parent_starts - 1, 0),
+                restarts=lambda: pool.parent_restarts,
+                tiers=pool.states,
             )
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)
@@ -227,10 +260,8 @@ class Replica:
         verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
         replies = Replies(nc.max_payload)
         job_admission = JobAdmission(settings, verifier, self.metrics)
-        admission = Admission(
-            settings.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
-        )
-        self.metrics.runs_waiting.set_function(lambda: float(admission.waiting))
+        capacity = pool.capacity
+        self.metrics.runs_waiting.set_function(lambda: float(capacity.waiting))
         nonces = SharedNonces(stores.nonces, timeout=STORE_TIMEOUT)
         handler = Handler(
             settings,
@@ -240,7 +271,7 @@ class Replica:
             pool=pool,
             replies=replies,
             metrics=self.metrics,
-            admission=admission,
+            capacity=capacity,
             submit=Submitter(js, settings, ledger, job_admission),
             files=files,
         )
@@ -252,6 +283,7 @@ class Replica:
             admission=job_admission,
             ledger=ledger,
             completions=completions,
+            capacity=capacity,
             metrics=self.metrics,
         )
         status = LifecycleDesk(

@@ -5,15 +5,19 @@ The consumer side talks to this package only through :class:`Pool`, :class:`Job`
 """
 
 from sandbox.api import ErrorInfo, InputFile, Job, Outcome, OutputFile
+from sandbox.capacity import Capacity, Reservation, Slot
 from sandbox.config import DEFAULT_ALLOWED_MODULES, PoolConfig
-from sandbox.errors import PoolClosed, PoolError, SandboxError, WarmParentFailed
+from sandbox.errors import CapacityFull, PoolClosed, PoolError, SandboxError, WarmParentFailed
 from sandbox.isolation import LAYERS, LayerStatus
 from sandbox.netrules import parse_allow
-from sandbox.pool import OnProgress, Pool
+from sandbox.parent import ParentExit
+from sandbox.pool import OnProgress, Pool, TierState
 
 __all__ = [
     "DEFAULT_ALLOWED_MODULES",
     "LAYERS",
+    "Capacity",
+    "CapacityFull",
     "ErrorInfo",
     "InputFile",
     "Job",
@@ -21,11 +25,15 @@ __all__ = [
     "OnProgress",
     "Outcome",
     "OutputFile",
+    "ParentExit",
     "Pool",
     "PoolClosed",
     "PoolConfig",
     "PoolError",
+    "Reservation",
     "SandboxError",
+    "Slot",
+    "TierState",
     "WarmParentFailed",
     "parse_allow",
 ]

@@ -75,3 +75,5 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     wait_ms: float = 0.0
     files: tuple[OutputFile, ...] = ()
     """What the script left in ``out/``, for a run that ended ``ok`` (else nothing)."""
+    tier: str = ""
+    """The warm parent's tier the run's process was forked from (``stdlib`` or ``full``)."""

@@ -76,6 +76,11 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """Interpreter for the warm parent; empty means the running one."""
     preload: bool = True
     """Import every allowed module in the warm parent before forking (off: import on use)."""
+    tiers: tuple[Literal["stdlib", "full"], ...] = ("stdlib", "full")
+    """Warm parents kept: ``stdlib`` imports only the standard-library modules allowed, ``full``
+    every allowed module; each run goes to the smallest whose preload covers its imports."""
+    huge_pages: bool = True
+    """Back the warm parents' memory with huge pages where the kernel allows (cheaper forks)."""
     mode: Literal["warm", "fresh"] = "warm"
     """``fresh`` starts a new interpreter (imports included) for every run: a benchmark baseline."""
     disabled_layers: tuple[str, ...] = ()

@@ -19,6 +19,10 @@ class WarmParentFailed(PoolError):
     """The warm parent process could not be started or keeps dying."""
 
 
+class CapacityFull(PoolError):
+    """Every worker is busy and the request may not wait (queue full or waited too long)."""
+
+
 class ProtocolError(SandboxError):
     """A frame on a parent/child pipe was malformed, too large or cut short."""
 

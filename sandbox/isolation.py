@@ -321,15 +321,27 @@ def network_rules(config: PoolConfig) -> NetworkRules:
     )
 
 
-def _clean_environment(config: PoolConfig, scratch: str) -> None:
-    """Keep only the allow-listed variables (the warm parent starts with just those)."""
-    allowed = {*config.passthrough_env, *_SET_BY_POOL} - {"PYTHONPATH"}
+def clean_environment(config: PoolConfig) -> None:
+    """Keep only the allow-listed variables, with a fixed PATH and LANG. The warm parent does
+    this once before it forks (it starts with just the allowed ones); each child checks again
+    and adds its own HOME and TMPDIR."""
+    allowed = {*config.passthrough_env, *_SET_BY_POOL, *_SET_PER_RUN} - {"PYTHONPATH"}
     for key in [key for key in os.environ if key not in allowed]:
         del os.environ[key]
-    os.environ.update(
-        PATH="/usr/local/bin:/usr/bin:/bin", HOME=scratch, TMPDIR=scratch, LANG="C.UTF-8"
-    )
+    for key, value in _FIXED.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _clean_environment(config: PoolConfig, scratch: str) -> None:
+    clean_environment(config)
+    os.environ["HOME"] = scratch
+    os.environ["TMPDIR"] = scratch
     tempfile.tempdir = scratch
+
+
+_FIXED = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+_SET_PER_RUN = ("HOME", "TMPDIR")
 
 
 # Set by the pool for the warm parent: numeric libraries must not start thread pools.
@@ -356,11 +368,14 @@ def limit_cpu(timeout: float) -> None:
 
 
 def _address_space_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """This process's address space (``/proc/self/statm``, read without the text-file stack:
+    in a freshly forked child that stack's first use costs more than the rest of the step)."""
+    fd = os.open("/proc/self/statm", os.O_RDONLY)
+    try:
+        fields = os.read(fd, 256).split()
+    finally:
+        os.close(fd)
+    return int(fields[0]) * os.sysconf("SC_PAGE_SIZE") if fields else 0
 
 
 def _drop_user(plan: Plan) -> None:

@@ -1,40 +1,33 @@
-"""The pool: a warm parent process, its waiting children, and one run per child with a deadline."""
+"""The pool: warm parents (one per tier), their waiting children, and one run per child with a
+deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
 from sandbox import protocol
 from sandbox.api import ErrorCode, ErrorInfo, Job, Outcome, OutputFile
 from sandbox.broker import Broker, RunNetwork
-from sandbox.cleanup import remove_tree
-from sandbox.compiler import CodeCache, code_format, compile_to_marshal
+from sandbox.capacity import Capacity, Slot
+from sandbox.compiler import CodeCache, compile_to_marshal
 from sandbox.config import PoolConfig
-from sandbox.errors import PoolClosed, ProtocolError, WarmParentFailed
+from sandbox.errors import PoolClosed, PoolError, ProtocolError
 from sandbox.files import OutputRefused, close_all, open_outputs, place_inputs
 from sandbox.isolation import LayerStatus, network_rules
+from sandbox.parent import CHILD_WAIT_FLOOR, Child, OnParentExit, Parent, ParentExit
 from sandbox.quota import Limits, ScratchQuota, Usage
+from sandbox.tiers import Router, Tier, tiers_of
 
-START_TIMEOUT = 120.0
 EXIT_STATUS_WAIT = 2.0
-PARENT_EXIT_WAIT = 1.0
-RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
-# A warm parent that dies sooner than this after starting counts as part of a crash loop: the
-# next restart waits the next, longer step of the backoff instead of starting over.
-STABLE_SECONDS = 30.0
-CHILD_WAIT_FLOOR = 2.0
 LEARNING_AT_ONCE = 4
 # Progress frames a run may send: the builtin sends at most 5 a second (and one at the end).
 REPORTS_PER_SECOND = 10.0
@@ -43,76 +36,58 @@ REPORTS_BURST = 20
 OnProgress = Callable[[float | None, str], None]
 
 
-@dataclass(eq=False)
-class _Child:
-    """A forked child waiting for its one run."""
+@dataclass(frozen=True)
+class TierState:
+    """What one tier's warm parent looks like now (for doctor, metrics and logs)."""
 
-    pid: int
-    folder: str
-    sock: socket.socket
-    pidfd: int
-    exited: asyncio.Future[int] = field(repr=False)
-
-    def signal(self, signum: int) -> None:
-        """Signal the child (and its process group) unless it is gone already."""
-        if self.exited.done():
-            return
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.pidfd, signum)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
-
-    def alive(self) -> bool:
-        """True unless the child has exited (its pidfd turns readable when it does)."""
-        if self.exited.done():
-            return False
-        try:
-            readable, _, _ = select.select([self.pidfd], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
-
-    def release(self) -> None:
-        """Kill the child if it still runs and close what this side holds of it."""
-        self.signal(signal.SIGKILL)
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
+    tier: Tier
+    pid: int | None
+    preloaded: int
+    warm: int
+    runs: int
+    starts: int
+    live: bool
+    halted: str | None
+    huge_pages_mb: float
+    timings: dict[str, float]
 
 
 class Pool:
-    """Runs jobs in fresh child processes forked from one warm parent.
+    """Runs jobs in fresh child processes forked from warm parents, one per tier.
 
     ``async with Pool(config) as pool: outcome = await pool.run(job)``. At most
-    ``config.workers`` jobs run at once; more wait their turn. Every job gets a process of
-    its own that exits after the run.
+    ``capacity.workers`` jobs run at once (``config.workers`` unless a :class:`Capacity` is
+    passed in and shared with the caller's admission); more wait their turn. Every job gets a
+    process of its own, forked from the smallest warm parent whose preload covers the script's
+    imports, that exits after the run.
     """
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        capacity: Capacity | None = None,
+        on_parent_exit: OnParentExit | None = None,
+    ) -> None:
         self.config = config
-        self._slots = asyncio.Semaphore(config.workers)
-        self._ready: asyncio.Queue[_Child] = asyncio.Queue()
-        self._exits: dict[int, asyncio.Future[int]] = {}
-        self._control: socket.socket | None = None
-        self._parent: subprocess.Popen[bytes] | None = None
-        self._restarting: asyncio.Task[None] | None = None
+        self.capacity = capacity if capacity is not None else Capacity(config.workers)
+        self._on_parent_exit = on_parent_exit
+        self.tiers = tiers_of(config)
+        self._parents = {tier: Parent(tier, config, self._parent_exited) for tier in self.tiers}
+        self._router = Router(config, self.tiers)
+        self._runs = dict.fromkeys(self.tiers, 0)
         self._closed = False
-        self._running: set[_Child] = set()
+        self._running: set[Child] = set()
         self.failed_imports: list[str] = []
         self.layers: list[LayerStatus] = []
-        self._scratch_root = ""
         self.timings: dict[str, float] = {}
         self._code = CodeCache()
-        self._code_matches = False
         self._learning: dict[str, asyncio.Task[None]] = {}
         self._broker = Broker(network_rules(config))
         self._quota: ScratchQuota | None = None
         self._limits = Limits(
             max_bytes=config.scratch_limit_mb * 1024 * 1024, max_files=config.scratch_files
         )
-        self.parent_starts = 0
-        self._started_at = 0.0
-        self._quick_losses = 0
 
     async def __aenter__(self) -> Pool:
         await self.start()
@@ -130,100 +105,118 @@ class Pool:
 
     @property
     def warm(self) -> int:
-        """Children forked and waiting for a job."""
-        return self._ready.qsize()
+        """Children forked and waiting for a job, of every tier."""
+        return sum(parent.warm for parent in self._parents.values())
+
+    @property
+    def parent_starts(self) -> int:
+        """Warm parents started, of every tier (restarts included)."""
+        return sum(parent.starts for parent in self._parents.values())
+
+    @property
+    def parent_restarts(self) -> int:
+        return sum(max(parent.starts - 1, 0) for parent in self._parents.values())
+
+    @property
+    def halted(self) -> str | None:
+        """Why the pool stopped restarting a warm parent (a crash loop), else None."""
+        return next((p.halted for p in self._parents.values() if p.halted), None)
 
     @property
     def live(self) -> bool:
-        """Whether a run started now would get a process: open, and (warm mode) with its warm
-        parent running rather than being restarted."""
-        if self._closed:
+        """Whether a run started now would get a process: open, no tier halted, and (warm mode)
+        the largest tier's warm parent running rather than being restarted (it covers every
+        script; a smaller tier that is down sends its runs there)."""
+        if self._closed or self.halted:
             return False
-        return self.config.mode == "fresh" or self._control is not None
+        return self.config.mode == "fresh" or self._parents[self.tiers[-1]].live
+
+    def parent_pid(self, tier: Tier | None = None) -> int | None:
+        """The pid of a tier's warm parent now (by default of the smallest tier: where scripts
+        that import no library run)."""
+        return self._parents[tier or self.tiers[0]].pid
+
+    def scratch_root(self, tier: Tier | None = None) -> str:
+        """The folder a tier's runs get their scratch folders in (the smallest by default)."""
+        return self._parents[tier or self.tiers[0]].scratch_root
+
+    def tier_for(self, source: str) -> Tier:
+        """The tier a run of ``source`` goes to now."""
+        live = frozenset(tier for tier, parent in self._parents.items() if parent.live)
+        return self._router.tier_for(source, live=live)
+
+    def states(self) -> list[TierState]:
+        return [
+            TierState(
+                tier=tier,
+                pid=parent.pid,
+                preloaded=len(parent.preload),
+                warm=parent.warm,
+                runs=self._runs[tier],
+                starts=parent.starts,
+                live=parent.live,
+                halted=parent.halted,
+                huge_pages_mb=parent.huge_pages_mb,
+                timings=parent.timings,
+            )
+            for tier, parent in self._parents.items()
+        ]
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> Pool:
-        """Start the warm parent and wait until it has imported the libraries."""
+        """Start the warm parents and wait until they have imported their modules."""
         if self.config.mode == "fresh":
             # Each run starts its own; one is started here only to learn the layers.
-            async with Pool(msgspec.structs.replace(self.config, mode="warm")) as probe:
+            probe_config = msgspec.structs.replace(self.config, mode="warm", tiers=("full",))
+            async with Pool(probe_config) as probe:
                 self.failed_imports, self.layers = probe.failed_imports, probe.layers
                 self.timings = probe.timings
             return self
-        await self._start_parent()
+        try:
+            for parent in self._parents.values():
+                await parent.start()
+        except BaseException:
+            for parent in self._parents.values():
+                await parent.close()
+            raise
+        self._learn_layers()
         if any(layer.name == "limits" and layer.active for layer in self.layers):
             self._quota = ScratchQuota()
             asyncio.get_running_loop().add_reader(self._quota.fd, self._read_quota)
         return self
 
+    def _learn_layers(self) -> None:
+        """The layers every tier applies (a layer counts as active only if it is in all), the
+        imports that failed anywhere, and the largest tier's timings."""
+        parents = list(self._parents.values())
+        largest = parents[-1]
+        inactive = {
+            layer.name: layer for parent in parents for layer in parent.layers if not layer.active
+        }
+        self.layers = [inactive.get(layer.name, layer) for layer in largest.layers]
+        self.failed_imports = sorted({name for p in parents for name in p.failed_imports})
+        self.timings = dict(largest.timings)
+        for parent in parents[:-1]:
+            self.timings.update({f"{parent.tier}: {k}": v for k, v in parent.timings.items()})
+
     async def close(self) -> None:
-        """Stop the warm parent and every waiting child. Running jobs are killed."""
+        """Stop the warm parents and every waiting child. Running jobs are killed."""
         self._closed = True
-        if self._restarting is not None:
-            self._restarting.cancel()
         for task in self._learning.values():
             task.cancel()
-        self._stop_parent()
-        while not self._ready.empty():
-            self._drop(self._ready.get_nowait())
         for child in self._running:
             child.signal(signal.SIGKILL)
-        for waiter in self._exits.values():
-            if not waiter.done():
-                waiter.cancel()
+        await asyncio.gather(*(parent.close() for parent in self._parents.values()))
         if self._quota is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._quota.fd)
             self._quota.close()
             self._quota = None
 
-    async def _start_parent(self) -> None:
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {key: os.environ[key] for key in self.config.passthrough_env if key in os.environ}
-        env.setdefault("PATH", os.defpath)
-        # Numeric libraries must not start thread pools in a process that forks.
-        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        python = self.config.python or sys.executable
-        try:
-            # S603: our own interpreter and module. ASYNC220: fork+exec returns at once.
-            self._parent = subprocess.Popen(  # noqa: S603, ASYNC220
-                [python, "-m", "sandbox.zygote", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        self._control = ours
-        self.parent_starts += 1
-        try:
-            await loop.sock_sendall(
-                ours, protocol.encode_control(protocol.Start(config=self.config))
-            )
-            async with asyncio.timeout(START_TIMEOUT):
-                data = await loop.sock_recv(ours, protocol.CONTROL_PACKET_MAX)
-            started = protocol.decode_from_parent(data) if data else None
-        except (OSError, TimeoutError, ProtocolError) as exc:
-            self._stop_parent()
-            raise WarmParentFailed(f"the warm parent did not start: {exc!r}") from exc
-        except asyncio.CancelledError:
-            self._stop_parent()
-            raise
-        if not isinstance(started, protocol.Started):
-            self._stop_parent()
-            raise WarmParentFailed("the warm parent exited while starting")
-        self.failed_imports = started.failed_imports
-        self.layers = started.layers
-        self._scratch_root = started.scratch_root
-        self._code_matches = started.code_format == code_format()
-        self.timings = started.timings
-        self._started_at = time.monotonic()
-        loop.add_reader(ours.fileno(), self._on_control)
-        self._spawn(self.config.warm_children)
+    def _parent_exited(self, exit_: ParentExit) -> None:
+        if self._on_parent_exit is not None:
+            self._on_parent_exit(exit_)
 
     def _read_quota(self) -> None:
         """The scratch quota's events; if they cannot be taken in, no run goes on unwatched."""
@@ -235,138 +228,53 @@ class Pool:
         except Exception:  # noqa: BLE001 - fail closed, whatever went wrong
             quota.fail("the run's scratch folder could not be accounted for")
 
-    def _stop_parent(self) -> None:
-        if self._control is not None:
-            with contextlib.suppress(ValueError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._control.fileno())
-            self._control.close()
-            self._control = None
-        if self._parent is not None:
-            # With its control socket closed the warm parent kills its children, removes
-            # their scratch folders and exits; SIGKILL only if it does not within a second.
-            try:
-                self._parent.wait(timeout=PARENT_EXIT_WAIT)
-            except subprocess.TimeoutExpired:
-                self._parent.kill()
-                self._parent.wait()
-            self._parent = None
-        if self._scratch_root:
-            remove_tree(self._scratch_root)
-            self._scratch_root = ""
-
-    def _drop(self, child: _Child) -> None:
-        """Kill a child that will not run and forget its exit status."""
-        child.release()
-        self._exits.pop(child.pid, None)
-
-    def _spawn(self, count: int) -> None:
-        if self._control is None or count <= 0:
-            return
-        try:
-            self._control.send(protocol.encode_control(protocol.Spawn(count=count)))
-        except OSError:
-            self._parent_lost()
-
-    def _on_control(self) -> None:
-        """Read every pending control packet from the warm parent."""
-        loop = asyncio.get_running_loop()
-        while self._control is not None:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(
-                    self._control, protocol.CONTROL_PACKET_MAX, 2
-                )
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                self._parent_lost()
-                return
-            try:
-                message = protocol.decode_from_parent(data)
-            except ProtocolError:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            if isinstance(message, protocol.Ready) and len(fds) == 2:
-                exited: asyncio.Future[int] = loop.create_future()
-                self._exits[message.pid] = exited
-                child = _Child(
-                    message.pid, message.folder, socket.socket(fileno=fds[0]), fds[1], exited
-                )
-                if self._closed:
-                    child.release()
-                else:
-                    self._ready.put_nowait(child)
-            elif isinstance(message, protocol.Exited):
-                waiter = self._exits.pop(message.pid, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message.returncode)
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    def _parent_lost(self) -> None:
-        """The warm parent died: drop its waiting children and start a new one."""
-        if time.monotonic() - self._started_at < STABLE_SECONDS:
-            self._quick_losses += 1
-        else:
-            self._quick_losses = 0
-        # The restart is scheduled first: nothing in the clean-up may keep the pool without one.
-        if not self._closed and self._restarting is None:
-            self._restarting = asyncio.get_running_loop().create_task(self._restart())
-        self._stop_parent()
-        while not self._ready.empty():
-            self._drop(self._ready.get_nowait())
-
-    async def _restart(self) -> None:
-        try:
-            # Losses in quick succession start further along the backoff: a crash loop slows
-            # down to one attempt every few seconds instead of spinning.
-            first = max(self._quick_losses - 1, 0)
-            for attempt in range(first, sys.maxsize):
-                delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
-                await asyncio.sleep(delay)
-                try:
-                    await self._start_parent()
-                except WarmParentFailed:
-                    continue
-                return
-        finally:
-            self._restarting = None
-
     # -- running --------------------------------------------------------------------------------
 
-    async def run(self, job: Job, on_progress: OnProgress | None = None) -> Outcome:
+    async def run(
+        self, job: Job, on_progress: OnProgress | None = None, *, slot: Slot | None = None
+    ) -> Outcome:
         """Run one job in a fresh child and return how it ended. ``on_progress`` (given for an
-        async job) receives each ``progress()`` report the script makes, checked."""
+        async job) receives each ``progress()`` report the script makes, checked. ``slot`` is
+        a slot of this pool's capacity the caller already holds; without one the run waits
+        for a slot of its own."""
         if self._closed:
             raise PoolClosed("the pool is closed")
+        if slot is None:
+            async with self.capacity.slot() as held:
+                return await self._run_held(job, on_progress, held.waited)
+        if slot.capacity is not self.capacity or not slot.held:
+            raise PoolError("the run's slot is not one of this pool's, or no longer held")
+        return await self._run_held(job, on_progress, 0.0)
+
+    async def _run_held(self, job: Job, on_progress: OnProgress | None, waited: float) -> Outcome:
+        """The run, in a slot held; ``waited`` is the seconds this pool waited for it."""
         if self.config.mode == "fresh":
             return await self._run_fresh(job, on_progress)
         queued = time.perf_counter()
         outputs: list[OutputFile] = []
+        tier = self.tier_for(job.source)
+        parent = self._parents[tier]
         try:
-            async with self._slots:
-                child = await self._take_child(job.timeout)
-                wait_ms = (time.perf_counter() - queued) * 1000
-                self._running.add(child)
-                started = time.perf_counter()
-                code = self._code.get(job.source) if self._code_matches else None
+            child = await parent.take_child(job.timeout)
+            wait_ms = (time.perf_counter() - queued + waited) * 1000
+            self._running.add(child)
+            self._runs[tier] += 1
+            started = time.perf_counter()
+            code = self._code.get(job.source) if parent.code_matches else None
+            try:
+                outcome, outputs = await self._run_in(child, job, code, on_progress)
+                if outcome.compiled and code is None:
+                    self._learn(job.source, parent.code_matches)
+            finally:
+                self._running.discard(child)
+                child.release()
+                if not outputs:
+                    child.forget()
+            if outputs:
                 try:
-                    outcome, outputs = await self._run_in(child, job, code, on_progress)
-                    if outcome.compiled and code is None:
-                        self._learn(job.source)
+                    outcome, outputs = await self._settled_outputs(child, outcome, outputs)
                 finally:
-                    self._running.discard(child)
-                    child.release()
-                    if not outputs:
-                        self._exits.pop(child.pid, None)
-                if outputs:
-                    try:
-                        outcome, outputs = await self._settled_outputs(child, outcome, outputs)
-                    finally:
-                        self._exits.pop(child.pid, None)
+                    child.forget()
             duration_ms = (time.perf_counter() - started) * 1000
             return Outcome(
                 status=outcome.status,
@@ -376,13 +284,14 @@ class Pool:
                 duration_ms=duration_ms,
                 wait_ms=wait_ms,
                 files=tuple(outputs),
+                tier=tier,
             )
         except BaseException:
             close_all(outputs)
             raise
 
     async def _settled_outputs(
-        self, child: _Child, outcome: protocol.RunResult, outputs: list[OutputFile]
+        self, child: Child, outcome: protocol.RunResult, outputs: list[OutputFile]
     ) -> tuple[protocol.RunResult, list[OutputFile]]:
         """The output files once the run's process is gone (so they no longer change), with
         their final sizes; a run that grew them past the limit meanwhile ends output_limit."""
@@ -401,26 +310,25 @@ class Pool:
     async def _run_fresh(self, job: Job, on_progress: OnProgress | None) -> Outcome:
         """The naive way, for comparison: a new interpreter for this run, which imports what
         the script imports."""
-        async with self._slots:
-            single = msgspec.structs.replace(
-                self.config, mode="warm", workers=1, warm_children=1, preload=False
-            )
-            async with Pool(single) as pool:
-                return await pool.run(job, on_progress)
+        single = msgspec.structs.replace(
+            self.config, mode="warm", workers=1, warm_children=1, preload=False
+        )
+        async with Pool(single) as pool:
+            return await pool.run(job, on_progress)
 
-    def _watch_scratch(self, child: _Child) -> Usage | None:
+    def _watch_scratch(self, child: Child) -> Usage | None:
         """Account for the child's scratch folder; past a limit the child is killed."""
         if self._quota is None:
             return None
-        folder = os.path.join(self._scratch_root, child.folder)
+        folder = os.path.join(child.parent.scratch_root, child.folder)
         return self._quota.watch(
             folder, child.pid, self._limits, lambda _reason: child.signal(signal.SIGKILL)
         )
 
-    def _learn(self, source: str) -> None:
+    def _learn(self, source: str, code_matches: bool) -> None:
         """Compile a script that ran, here, off the request's path: later runs of the same
         source get their own copy of the code instead of compiling it again."""
-        if not self._code_matches or not self._code.wants(source) or self._closed:
+        if not code_matches or not self._code.wants(source) or self._closed:
             return
         if source in self._learning or len(self._learning) >= LEARNING_AT_ONCE:
             return
@@ -435,27 +343,8 @@ class Pool:
 
         self._learning[source] = asyncio.get_running_loop().create_task(learn())
 
-    async def _take_child(self, timeout: float) -> _Child:
-        """A live waiting child (one that died while waiting is dropped), and order another."""
-        # The wait for a child is not part of the script's time, so a tiny timeout does not
-        # make it shorter than a fork takes.
-        wait = max(timeout, CHILD_WAIT_FLOOR)
-        try:
-            async with asyncio.timeout(wait):
-                while True:
-                    child = await self._ready.get()
-                    self._spawn(1)
-                    if child.alive():
-                        return child
-                    self._drop(child)
-        except TimeoutError:
-            why = "" if self.live else "; the warm parent is restarting"
-            raise WarmParentFailed(
-                f"no worker process became ready within {wait:g} s{why}"
-            ) from None
-
     async def _run_in(
-        self, child: _Child, job: Job, code: bytes | None, on_progress: OnProgress | None
+        self, child: Child, job: Job, code: bytes | None, on_progress: OnProgress | None
     ) -> tuple[protocol.RunResult, list[OutputFile]]:
         """Place the job's input files, hand the job to the child and answer its broker
         requests until it answers; open what it left in ``out/`` if it ended ``ok``. A run
@@ -474,7 +363,7 @@ class Pool:
             if not isinstance(ready, protocol.ChildReady):
                 return await self._lost(child), []
             usage = self._watch_scratch(child)
-            folder = os.path.join(self._scratch_root, child.folder)
+            folder = os.path.join(child.parent.scratch_root, child.folder)
             try:
                 if job.inputs:
                     await asyncio.to_thread(place_inputs, folder, job.inputs)
@@ -506,7 +395,7 @@ class Pool:
 
     async def _exchange(
         self,
-        child: _Child,
+        child: Child,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         job: Job,
@@ -552,7 +441,7 @@ class Pool:
             return await self._lost(child)
 
     async def _stop_late(
-        self, child: _Child, reader: asyncio.StreamReader, limit: int, timeout: float
+        self, child: Child, reader: asyncio.StreamReader, limit: int, timeout: float
     ) -> protocol.RunResult:
         """The deadline passed: ask the child to stop, then kill it after a grace period."""
         child.signal(signal.SIGTERM)
@@ -577,7 +466,7 @@ class Pool:
             stdout=stdout,
         )
 
-    async def _lost(self, child: _Child) -> protocol.RunResult:
+    async def _lost(self, child: Child) -> protocol.RunResult:
         """The child closed its socket without an answer: say why, from its exit status."""
         returncode: int | None = None
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):

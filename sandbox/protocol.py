@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -31,6 +31,8 @@ class Start(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="start"
     """Pool to warm parent, first message: the settings every child runs with."""
 
     config: PoolConfig
+    tier: Literal["stdlib", "full"] = "full"
+    """Which modules the parent imports before it forks (see ``sandbox.tiers``)."""
 
 
 class Spawn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="spawn"):
@@ -51,6 +53,8 @@ class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="star
     """What compiled code must match to run here (see ``compiler.code_format``)."""
     timings: dict[str, float]
     """Milliseconds of one-time work (import, warm-up) and of each step a child takes."""
+    huge_pages_mb: float = 0.0
+    """The parent's memory in huge pages once it is ready (shared with every child)."""
 
 
 class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):

@@ -85,12 +85,12 @@ def set_capabilities(capabilities: tuple[int, ...]) -> None:
     syscall(number, ctypes.byref(header), ctypes.byref(data), what="capset")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
 def load_seccomp(program: bytes) -> None:
     """Install a classic BPF seccomp filter given as packed ``sock_filter`` entries."""
-
-    class _SockFprog(ctypes.Structure):
-        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import msgspec
 
-from sandbox import isolation, protocol, seccomp
+from sandbox import hugepages, isolation, protocol, seccomp
 from sandbox.cleanup import remove_tree
 from sandbox.compiler import code_format
 from sandbox.doors import door_table
@@ -30,6 +30,7 @@ from sandbox.errors import ProtocolError
 from sandbox.isolation import LAYERS, LayerStatus, Plan
 from sandbox.netstub import Channel
 from sandbox.runner import Run, install_soft_stop
+from sandbox.tiers import preload_for
 from sandbox.warmup import warm_up
 
 REQUEST_LIMIT = 64 * 1024 * 1024
@@ -269,13 +270,14 @@ def main(argv: list[str]) -> NoReturn:
     if not isinstance(first, protocol.Start):
         raise SystemExit("warm parent: expected a start message first")
     started = time.perf_counter()
-    failed = preload(first.config.allowed_modules) if first.config.preload else []
+    failed = preload(preload_for(first.tier, first.config))
     timings = {"import libraries": round((time.perf_counter() - started) * 1000, 1)}
-    if first.config.preload:
+    if first.config.preload and first.tier == "full":
         timings.update({f"warm up {name}": ms for name, ms in warm_up().items()})
     plan, statuses = isolation.plan(first.config)
     plan, statuses = probe(plan, statuses)
     # Work every run would repeat is done once here and shared with the children.
+    isolation.clean_environment(first.config)
     door_table()
     if "seccomp" in plan.layers:
         seccomp.prepare()
@@ -283,6 +285,11 @@ def main(argv: list[str]) -> NoReturn:
     # Objects made so far are shared with every child; keep the collector off them.
     gc.collect()
     gc.freeze()
+    huge_mb = 0.0
+    if first.config.huge_pages:
+        collapsing = time.perf_counter()
+        huge_mb = hugepages.collapse()
+        timings["huge pages"] = _ms(collapsing)
     ready = protocol.Started(
         pid=os.getpid(),
         preload_ms=(time.perf_counter() - started) * 1000,
@@ -291,6 +298,7 @@ def main(argv: list[str]) -> NoReturn:
         scratch_root=plan.scratch_root,
         code_format=code_format(),
         timings=timings,
+        huge_pages_mb=huge_mb,
     )
     control.send(protocol.encode_control(ready))
     WarmParent(control, plan).serve()

@@ -184,8 +184,11 @@ class LivePool:
         except BaseException:
             self._stop_loop()
             raise
-        assert self.pool._parent is not None
-        self.parent_pid = self.pool._parent.pid
+        pids = [self.pool.parent_pid(tier) for tier in self.pool.tiers]
+        assert None not in pids
+        # The smallest tier's: where scripts that import no library run.
+        self.parent_pids = [pid for pid in pids if pid is not None]
+        self.parent_pid = self.parent_pids[0]
 
     @staticmethod
     async def _start(config: PoolConfig) -> Pool:
@@ -213,7 +216,7 @@ class LivePool:
 
     def close(self) -> None:
         """Close the pool, stop the loop, and check that none of the pool's processes lives."""
-        processes = {self.parent_pid, *children_of(self.parent_pid)}
+        processes = {pid for parent in self.parent_pids for pid in (parent, *children_of(parent))}
         try:
             self._wait(self.pool.close(), SETTLE)
         finally:

@@ -42,6 +42,7 @@ from tests.conftest import (
 
 ZYGOTE_MARK = "sandbox.zygote"
 SETTLE_SECONDS = 20.0
+TIERS = 2  # warm parents of a replica on the default EXECUTOR_TIERS (stdlib and full)
 METADATA = "http://169.254.169.254/latest/meta-data/"
 
 
@@ -1171,14 +1172,19 @@ def process_table() -> dict[int, Proc]:
 
 @dataclass
 class Tree:
-    """The replica's warm parent and its children, as /proc shows them now."""
+    """The replica's warm parents (one per tier) and their children, as /proc shows them now."""
 
-    warm_parent: Proc | None
+    warm_parents: list[Proc]
     children: list[Proc]
     grandchildren: list[Proc]
 
+    @property
+    def warm_parent(self) -> list[Proc] | None:
+        """The warm parents, or None while none (or not every tier's) is there."""
+        return self.warm_parents if len(self.warm_parents) == TIERS else None
+
     def describe(self) -> str:
-        rows = [f"warm parent {self.warm_parent}"]
+        rows = [f"warm parent {parent}" for parent in self.warm_parents]
         rows += [f"  child {c}" for c in self.children]
         rows += [f"    grandchild {g}" for g in self.grandchildren]
         return "\n".join(rows)
@@ -1216,13 +1222,11 @@ class Watch:
             for p in table.values()
             if p.ppid == self.replica.process.pid and ZYGOTE_MARK in p.cmdline
         ]
-        if len(parents) != 1:
-            return Tree(None, [], [])
-        warm = parents[0]
-        children = [p for p in table.values() if p.ppid == warm.pid]
+        warm = {parent.pid for parent in parents}
+        children = [p for p in table.values() if p.ppid in warm]
         pids = {c.pid for c in children}
         grandchildren = [p for p in table.values() if p.ppid in pids and p.state != "Z"]
-        return Tree(warm, children, grandchildren)
+        return Tree(parents, children, grandchildren)
 
     def _measure_steady(self) -> int:
         assert_still_serving(self.caller)

@@ -17,6 +17,7 @@ from consumer import protocol
 from consumer.auth import sign
 from consumer.protocol import CodeRequest, Reply
 from sandbox import Job, Pool, PoolConfig
+from sandbox.parent import CRASH_LOOP_LIMIT
 from tests.conftest import (
     KEY_ID,
     SECRET,
@@ -27,7 +28,7 @@ from tests.conftest import (
     start_replica,
     until,
 )
-from tests.test_operations import scrape, value
+from tests.test_operations import get, scrape, value
 
 SPIN = "def execute(ctx):\n    while True:\n        pass\n"
 QUICK = "def execute(ctx):\n    return ctx.get('n', 1)\n"
@@ -55,6 +56,18 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
+
+
+def warm_parent(replica: int, tier: str = "stdlib") -> int:
+    """The pid of the replica's warm parent of ``tier`` (its command line names the tier)."""
+    for pid in children(replica):
+        try:
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sandbox.zygote" in argv and tier.encode() in argv:
+            return pid
+    raise AssertionError(f"the replica has no {tier} warm parent")
 
 
 def descendants(pid: int) -> set[int]:
@@ -237,9 +250,9 @@ def test_a_child_killed_from_outside_is_memory_limit(
         running: list[int] = []
 
         def spinning() -> bool:
-            # The run's process is a child of the warm parent (the replica's only child); the
-            # one spinning is runnable at two looks in a row.
-            (parent,) = children(unguarded.process.pid)
+            # The run's process is a child of the stdlib warm parent (the script imports no
+            # library); the one spinning is runnable at two looks in a row.
+            parent = warm_parent(unguarded.process.pid)
             first = {pid for pid in children(parent) if state(pid) == "R"}
             time.sleep(0.1)
             running[:] = [pid for pid in children(parent) if state(pid) == "R" and pid in first]
@@ -267,7 +280,7 @@ def test_warm_parent_killed_is_restarted_and_leaves_nothing_behind(
     caller = Caller(nats_server.url, replica.prefix)
     try:
         assert caller.code(QUICK).result == 1
-        (parent,) = children(replica.process.pid)
+        parent = warm_parent(replica.process.pid)
         until(lambda: len(children(parent)) >= 2)
         old = {parent, *descendants(parent)}
         os.kill(parent, signal.SIGKILL)
@@ -276,10 +289,54 @@ def test_warm_parent_killed_is_restarted_and_leaves_nothing_behind(
         for n in range(5):
             assert caller.code(QUICK, {"n": n}).result == n
         until(lambda: all(state(pid) is None for pid in old))
-        (new_parent,) = children(replica.process.pid)
-        assert new_parent != parent
+        assert warm_parent(replica.process.pid) != parent
     finally:
         assert replica.stop() == 0
+
+
+def test_a_crash_loop_stops_the_restarts_and_fails_readiness(nats_server: NatsServer) -> None:
+    """A warm parent that dies right after every start: each exit is logged with its cause,
+    and after the crash-loop limit the replica stops restarting it, logs why and answers
+    /readyz 503 with the reason (instead of spinning), while /healthz still answers."""
+    port = free_port()
+    replica = start_replica(
+        nats_server.url,
+        EXECUTOR_METRICS_PORT=str(port),
+        EXECUTOR_METRICS_HOST="127.0.0.1",
+        EXECUTOR_TIERS="stdlib",
+    )
+    try:
+        for _ in range(CRASH_LOOP_LIMIT):
+            # Killed once it has started (the pool shows it up), so that each exit is a crash.
+            until(lambda: value(scrape(port), "pyexec_tier_up", tier="stdlib") == 1)
+            parent = warm_parent(replica.process.pid)
+            os.kill(parent, signal.SIGKILL)
+            until(lambda: parent not in children(replica.process.pid))  # noqa: B023
+        until(lambda: get(port, "/readyz")[0] == 503, timeout=60)
+        _, text, _ = get(port, "/readyz")
+        assert "restarts stopped" in text
+        assert "killed by SIGKILL" in text
+        assert get(port, "/healthz")[0] == 200
+        samples = scrape(port)
+        assert value(samples, "pyexec_ready") == 0
+        assert value(samples, "pyexec_tier_up", tier="stdlib") == 0
+        crashed = value(samples, "pyexec_warm_parent_exits_total", tier="stdlib", cause="crashed")
+        assert crashed == CRASH_LOOP_LIMIT - 1
+        halted = value(samples, "pyexec_warm_parent_exits_total", tier="stdlib", cause="halted")
+        assert halted == 1
+        time.sleep(1)
+        assert not [pid for pid in children(replica.process.pid) if state(pid) != "Z"]
+    finally:
+        replica.stop()
+    logs = replica.records()
+    exits = [line for line in logs if line.get("event") == "warm parent exited; restarting it"]
+    assert len(exits) == CRASH_LOOP_LIMIT - 1
+    assert all(line["cause"] == "killed by SIGKILL" and line["tier"] == "stdlib" for line in exits)
+    assert all(line["level"] == "warning" for line in exits)
+    halting = "warm parent crash loop: restarts stopped"
+    (halt,) = [line for line in logs if line.get("event") == halting]
+    assert halt["level"] == "error"
+    assert "restarts stopped" in halt["reason"]
 
 
 def test_a_crash_loop_backs_off() -> None:
@@ -287,10 +344,10 @@ def test_a_crash_loop_backs_off() -> None:
 
     async def scenario() -> list[float]:
         starts: list[float] = []
-        async with Pool(PoolConfig(workers=1, warm_children=1)) as pool:
+        async with Pool(PoolConfig(tiers=("stdlib",), workers=1, warm_children=1)) as pool:
             for _ in range(4):
                 seen = pool.parent_starts
-                pid = pool._parent.pid if pool._parent else None
+                pid = pool.parent_pid()
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
                 await asyncio.to_thread(

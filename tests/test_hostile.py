@@ -32,7 +32,6 @@ from hypothesis.control import currently_in_test_context
 from nats.aio.msg import Msg as NatsMsg
 
 from consumer import config, protocol
-from consumer.admission import Admission
 from consumer.auth import (
     KEY_ID_HEADER,
     NONCE_HEADER,
@@ -52,7 +51,7 @@ from consumer.jobs.admit import Refused
 from consumer.metrics import Metrics
 from consumer.protocol import Encoding, Reply, header
 from consumer.replies import REPLY_OVERHEAD, Replies, Response
-from sandbox import Pool
+from sandbox import Capacity, Pool
 from tests.conftest import (
     KEY_ID,
     OLD_KEY_ID,
@@ -243,7 +242,10 @@ class Service:
         self._stop = asyncio.Event()
         settings = self.settings
         result_limit = MAX_PAYLOAD - REPLY_OVERHEAD - 4 * settings.stdout_limit
-        async with Pool(settings.pool_config(result_limit)) as pool:
+        capacity = Capacity(
+            settings.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
+        )
+        async with Pool(settings.pool_config(result_limit), capacity=capacity) as pool:
             verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
             metrics = Metrics(version="test", longest_timeout=settings.max_job_timeout)
             handler = Handler(
@@ -256,11 +258,7 @@ class Service:
                 pool=pool,
                 replies=Replies(MAX_PAYLOAD),
                 metrics=metrics,
-                admission=Admission(
-                    settings.workers,
-                    queue_limit=settings.queue_limit,
-                    max_wait=settings.queue_wait,
-                ),
+                capacity=capacity,
                 submit=self._submit,  # so that mode "async" can be accepted
             )
             self.jobs = JobAdmission(settings, verifier, metrics)

@@ -51,54 +51,66 @@ UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
 # -- fixtures -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=["stdlib", "full"])
+def tier(request: pytest.FixtureRequest) -> str:
+    """Each layer is tested in the children of each tier's warm parent: the standard-library
+    one and the one with the libraries imported (a pool of that tier alone)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def bare_pool(scratch_base: Path) -> Iterator[LivePool]:
+def bare_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """Every layer off: the control where every attempt below works."""
-    with live(only(None, scratch_base)) as pool:
+    with live(only(None, scratch_base, tiers=(tier,))) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def full_pool(scratch_base: Path) -> Iterator[LivePool]:
+def full_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """Every layer on, as configured by default."""
-    with live(PoolConfig(workers=1, warm_children=1, scratch_dir=str(scratch_base))) as pool:
+    config = PoolConfig(workers=1, warm_children=1, scratch_dir=str(scratch_base), tiers=(tier,))
+    with live(config) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def landlock_pool(scratch_base: Path) -> Iterator[LivePool]:
+def landlock_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """Landlock alone."""
     if landlock.abi_version() == 0:
         pytest.skip("Landlock is not available in this kernel")
-    with live(only("landlock", scratch_base)) as pool:
+    with live(only("landlock", scratch_base, tiers=(tier,))) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def seccomp_pool(scratch_base: Path) -> Iterator[LivePool]:
+def seccomp_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """The seccomp filter alone."""
     reason = seccomp.supported()
     if reason is not None:
         pytest.skip(reason)
-    with live(only("seccomp", scratch_base)) as pool:
+    with live(only("seccomp", scratch_base, tiers=(tier,))) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def user_pool(scratch_base: Path) -> Iterator[LivePool]:
+def user_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """The user layer alone."""
-    with live(only("user", scratch_base)) as pool:
+    with live(only("user", scratch_base, tiers=(tier,))) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def user_landlock_pool(scratch_base: Path) -> Iterator[LivePool]:
+def user_landlock_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """The user and Landlock layers together, the policy and the other OS layers off."""
     if landlock.abi_version() == 0:
         pytest.skip("Landlock is not available in this kernel")
     disabled = ("policy", "limits", "seccomp", "network")
     config = PoolConfig(
-        workers=1, warm_children=1, disabled_layers=disabled, scratch_dir=str(scratch_base)
+        workers=1,
+        warm_children=1,
+        disabled_layers=disabled,
+        scratch_dir=str(scratch_base),
+        tiers=(tier,),
     )
     with live(config) as pool:
         yield pool
@@ -114,22 +126,26 @@ LEAKY_ENVIRONMENT = {
 
 
 @pytest.fixture(scope="module")
-def limits_pool(scratch_base: Path) -> Iterator[LivePool]:
+def limits_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """The limits layer alone, started while the test process has service variables set."""
     with pytest.MonkeyPatch.context() as patch:
         for key, value in LEAKY_ENVIRONMENT.items():
             patch.setenv(key, value)
         config = only(
-            "limits", scratch_base, memory_mb=MEMORY_MB, scratch_limit_mb=SCRATCH_LIMIT_MB
+            "limits",
+            scratch_base,
+            memory_mb=MEMORY_MB,
+            scratch_limit_mb=SCRATCH_LIMIT_MB,
+            tiers=(tier,),
         )
         with live(config) as pool:
             yield pool
 
 
 @pytest.fixture(scope="module")
-def network_pool(scratch_base: Path) -> Iterator[LivePool]:
+def network_pool(scratch_base: Path, tier: str) -> Iterator[LivePool]:
     """The network layer alone, with the default ports (80, 443) and no allow list."""
-    with live(only("network", scratch_base)) as pool:
+    with live(only("network", scratch_base, tiers=(tier,))) as pool:
         yield pool
 
 
@@ -540,6 +556,7 @@ def test_limits_timeout_kills_the_run_and_its_grandchild(limits_pool: LivePool) 
 # -- the scratch folder ---------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("tier")  # the pools below are made for each tier
 @pytest.mark.parametrize(
     "pool_name",
     ["bare_pool", "landlock_pool", "seccomp_pool", "user_pool", "limits_pool", "network_pool"],
@@ -596,6 +613,7 @@ def test_every_layer_is_active_by_default(full_pool: LivePool) -> None:
     assert ok_result(outcome) == 120
 
 
+@pytest.mark.usefixtures("tier")  # the pools below are made for each tier
 @pytest.mark.parametrize(
     "pool_name",
     ["landlock_pool", "seccomp_pool", "user_pool", "limits_pool", "network_pool"],
@@ -616,6 +634,7 @@ def test_switched_off_layers_are_reported_inactive(
     assert wrong == {}
 
 
+@pytest.mark.usefixtures("tier")  # the pools below are made for each tier
 @pytest.mark.parametrize(
     "pool_name",
     [
@@ -636,6 +655,7 @@ def test_switched_off_user_layer_is_reported_as_switched_off(
     assert status.detail == "switched off by configuration", status
 
 
+@pytest.mark.usefixtures("tier")  # the pools below are made for each tier
 @pytest.mark.parametrize(
     "layer",
     ["landlock", "seccomp", pytest.param("user", marks=USER_ALONE_XFAIL), "limits", "network"],

@@ -182,6 +182,26 @@ def test_pool_and_connection_gauges(monitored: Monitored) -> None:
     assert build[0]["version"]
 
 
+def test_each_warm_parent_tier_is_shown(monitored: Monitored) -> None:
+    """Both tiers are up with their memory shown; a script that imports only the standard
+    library counts as a run of the stdlib tier, one that imports pandas of the full tier."""
+    before = scrape(monitored.port)
+    for tier in ("stdlib", "full"):
+        assert value(before, "pyexec_tier_up", tier=tier) == 1
+        assert value(before, "pyexec_tier_parent_memory_bytes", tier=tier, kind="pss") > 1e6
+    stdlib = "import math\ndef execute(ctx):\n    return math.floor(2.5)\n"
+    pandas = "import pandas as pd\ndef execute(ctx):\n    return int(pd.Series([2]).sum())\n"
+    assert monitored.caller.code(stdlib).result == 2
+    assert monitored.caller.code(pandas).result == 2
+    after = scrape(monitored.port)
+    for tier in ("stdlib", "full"):
+        runs = "pyexec_tier_runs_total"
+        assert value(after, runs, tier=tier) - value(before, runs, tier=tier) == 1, tier
+    small = value(after, "pyexec_tier_parent_memory_bytes", tier="stdlib", kind="pss")
+    large = value(after, "pyexec_tier_parent_memory_bytes", tier="full", kind="pss")
+    assert small < large
+
+
 def test_probes_and_unknown_paths(monitored: Monitored) -> None:
     """/healthz and /readyz answer 200 when serving; other paths and methods are refused."""
     assert get(monitored.port, "/healthz")[0] == 200
@@ -373,6 +393,7 @@ def test_logs_are_json_with_request_ids_and_no_secrets_or_stdout(monitored: Moni
     assert line["subject"] == monitored.subject("code")
     assert line["status"] == "ok"
     assert line["error_code"] is None
+    assert line["tier"] == "stdlib"  # the script imports no library
     for field in ("duration_ms", "wait_ms", "total_ms", "reply_bytes", "trace_id", "timestamp"):
         assert field in line, field
     assert line["level"] == "info"

@@ -1,6 +1,6 @@
 """The sandbox pool used directly, without NATS: real warm parent, real forked children.
 
-White-box where it has to be: the warm parent's pid is read from ``pool._parent`` so that its
+White-box where it has to be: the warm parent's pid is read from ``pool.parent_pid()`` so that its
 children can be found in /proc and killed from outside.
 """
 
@@ -32,8 +32,9 @@ def job(source: str, timeout: float = 10.0, **ctx: object) -> Job:
 
 
 def parent_pid(pool: Pool) -> int:
-    assert pool._parent is not None
-    return pool._parent.pid
+    pid = pool.parent_pid()
+    assert pid is not None
+    return pid
 
 
 def children_of(pid: int) -> set[int]:
@@ -83,7 +84,7 @@ def with_pool(config: PoolConfig, body: Callable[[Pool], Awaitable[None]]) -> No
 
 
 def one_slot() -> PoolConfig:
-    return PoolConfig(workers=1, warm_children=1)
+    return PoolConfig(tiers=("stdlib",), workers=1, warm_children=1)
 
 
 def assert_ok(outcome: Outcome) -> None:
@@ -106,7 +107,7 @@ def test_a_job_runs_and_returns_its_result() -> None:
         assert outcome.result == {"double": 42, "price": "1.50"}
         assert outcome.stdout == "working\n"
 
-    with_pool(PoolConfig(workers=2, warm_children=2), body)
+    with_pool(PoolConfig(tiers=("stdlib",), workers=2, warm_children=2), body)
 
 
 def test_concurrency_never_exceeds_workers() -> None:
@@ -136,7 +137,7 @@ def test_concurrency_never_exceeds_workers() -> None:
         assert most == 2
         assert pool.busy == 0
 
-    with_pool(PoolConfig(workers=2, warm_children=2), body)
+    with_pool(PoolConfig(tiers=("stdlib",), workers=2, warm_children=2), body)
 
 
 def test_each_run_gets_a_fresh_process() -> None:
@@ -210,7 +211,7 @@ def test_warm_parent_killed_is_replaced() -> None:
         old_children = children_of(old)
         assert len(old_children) == 2
         os.kill(old, signal.SIGKILL)
-        assert await wait_for(lambda: pool.parent_starts == 2 and pool._parent is not None)
+        assert await wait_for(lambda: pool.parent_starts == 2 and pool.parent_pid() is not None)
         assert parent_pid(pool) != old
         for n in range(3):
             outcome = await pool.run(job("def execute(ctx):\n    return ctx['n']\n", n=n))
@@ -219,7 +220,7 @@ def test_warm_parent_killed_is_replaced() -> None:
         assert not alive(old)
         assert await wait_for(lambda: not any(alive(pid) for pid in old_children))
 
-    with_pool(PoolConfig(workers=2, warm_children=2), body)
+    with_pool(PoolConfig(tiers=("stdlib",), workers=2, warm_children=2), body)
 
 
 def live_children_of(pid: int) -> set[int]:
@@ -236,7 +237,7 @@ def test_close_leaves_no_process_behind() -> None:
     """
 
     async def main() -> None:
-        pool = Pool(PoolConfig(workers=2, warm_children=3))
+        pool = Pool(PoolConfig(tiers=("stdlib",), workers=2, warm_children=3))
         await pool.start()
         try:
             assert_ok(await pool.run(job("def execute(ctx):\n    return 1\n")))

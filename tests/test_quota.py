@@ -194,7 +194,7 @@ def test_the_pool_serves_on_after_a_disk_limit(quota_pool: LivePool) -> None:
         """
     outcome = quota_pool.run(source)
     assert_disk_limit(outcome, "MB")
-    root = Path(quota_pool.pool._scratch_root)
+    root = Path(quota_pool.pool.scratch_root())
     assert eventually(lambda: len(list(root.iterdir())) <= quota_pool.config.warm_children)
     assert ok_result(quota_pool.run("def execute(ctx):\n    return 'next'\n")) == "next"
 
@@ -239,5 +239,5 @@ def test_a_deep_folder_tree_is_counted_and_removed(scratch_base: Path) -> None:
     with live(config) as pool:
         assert_disk_limit(pool.run(source, timeout=30), f"more than {LIMIT_MB} MB")
         assert ok_result(pool.run("def execute(ctx):\n    return 'next'\n")) == "next"
-        root = Path(pool.pool._scratch_root)
+        root = Path(pool.pool.scratch_root())
         assert eventually(lambda: len(list(root.iterdir())) <= config.warm_children)

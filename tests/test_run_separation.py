@@ -111,7 +111,7 @@ def test_a_run_cannot_read_a_concurrent_runs_scratch_folder(scratch_base: Path) 
         """
     with live(only("landlock", scratch_base)) as pool:
         pending = pool.submit(writer, hold=3)
-        root = Path(pool.pool._scratch_root)
+        root = Path(pool.pool.scratch_root())
         folders = [path for path in root.iterdir() if (path / "note.txt").exists()]
         for _ in range(100):
             if folders:

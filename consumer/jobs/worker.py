@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 
 import structlog
@@ -37,6 +36,7 @@ from consumer.progress import ProgressRelay
 from consumer.protocol import ErrorBody, Reply
 from consumer.replies import Response
 from consumer.streams import JOBS_STREAM
+from sandbox import Capacity, Reservation
 
 log = structlog.get_logger("pyexec.jobs")
 
@@ -59,6 +59,7 @@ class JobWorker:
         admission: Admission,
         ledger: Ledger,
         completions: Completions,
+        capacity: Capacity,
         metrics: Metrics,
     ) -> None:
         self.nc = nc
@@ -69,9 +70,8 @@ class JobWorker:
         self.ledger = ledger
         self.completions = completions
         self.metrics = metrics
-        self.slots = max(1, math.floor(settings.workers * settings.job_share))
-        self._free = asyncio.Semaphore(self.slots)
-        self._running: dict[asyncio.Task[None], Msg] = {}
+        self.capacity = capacity
+        self._running: dict[asyncio.Task[None], tuple[Msg, Reservation]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -128,15 +128,17 @@ class JobWorker:
 
     async def _fetch_loop(self) -> None:
         while not self._stopping:
-            await self._free.acquire()
+            # A job holds its reservation of the replica's capacity from the fetch until it is
+            # settled: at most ``capacity.job_slots`` jobs at once, whatever they wait for.
+            reservation = await self.capacity.reserve_job()
             self._fetching = True
             try:
                 messages = await self._sub.fetch(1, timeout=FETCH_TIMEOUT)
             except (TimeoutError, NatsTimeout):
-                self._free.release()
+                reservation.release()
                 continue
             except Exception as exc:  # noqa: BLE001 - disconnected or reconnecting: retry
-                self._free.release()
+                reservation.release()
                 log.warning("fetching jobs failed", error=repr(exc))
                 await asyncio.sleep(1)
                 continue
@@ -146,16 +148,17 @@ class JobWorker:
                 for message in messages:
                     with contextlib.suppress(Exception):
                         await message.nak()
-                self._free.release()
+                reservation.release()
                 return
             for message in messages:
                 task = asyncio.create_task(self._process(message))
-                self._running[task] = message
+                self._running[task] = (message, reservation)
                 task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        self._free.release()
+        _message, reservation = self._running.pop(task, (None, None))
+        if reservation is not None:
+            reservation.release()
 
     async def _process(self, msg: Msg) -> None:
         structlog.contextvars.clear_contextvars()
@@ -332,7 +335,7 @@ class JobWorker:
 
     async def hand_back(self) -> None:
         """Stop the jobs still running and give them back (nak) for another replica to run."""
-        for task, message in list(self._running.items()):
+        for task, (message, _reservation) in list(self._running.items()):
             task.cancel()
             with contextlib.suppress(Exception):
                 await message.nak()
