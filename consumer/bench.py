@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer import config
-from consumer.client import Client
+from consumer.client import Client, without_credentials
 from consumer.cpu import machine_busy_seconds, tree_cpu_seconds
 from consumer.embedded import EmbeddedNats
 from consumer.target import find_target
@@ -304,7 +304,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     report: dict[str, Any] = {"machine": machine_facts(), "scenarios": scenarios}
     if args.url:
-        print(f"pyexec bench: the fleet at {args.url}, scenarios {', '.join(scenarios)}")
+        fleet = without_credentials(args.url)
+        print(f"pyexec bench: the fleet at {fleet}, scenarios {', '.join(scenarios)}")
         report["warm"] = [asdict(m) for m in await bench_fleet(args.url, scenarios, args)]
         report["floors"] = await _floors(report["warm"], args)
         return report

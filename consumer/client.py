@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import nats
@@ -86,8 +87,9 @@ class Client:
                 error_cb=_quiet,
             )
         except (OSError, TimeoutError, NatsError) as exc:
-            shown = servers if isinstance(servers, str) else ",".join(servers)
-            raise ClientError(f"cannot connect to NATS at {shown}: {exc!r}") from None
+            listed = servers if isinstance(servers, str) else ",".join(servers)
+            shown, why = without_credentials(listed), redact(exc, servers)
+            raise ClientError(f"cannot connect to NATS at {shown}: {why}") from None
         return cls(nc, key_id, secret, owns_connection=True, **options)
 
     async def __aenter__(self) -> Client:
@@ -528,3 +530,28 @@ def _decode(data: bytes, content_type: str | None) -> Reply:
         return protocol.decode_reply(data, encoding)
     except msgspec.DecodeError as exc:
         raise ClientError(f"the reply could not be decoded: {exc}") from None
+
+
+def without_credentials(urls: str) -> str:
+    """``urls`` (comma-separated) with any user name, password or token taken out, to show."""
+    shown = []
+    for given in urls.split(","):
+        url = given.strip()
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            host = parts.hostname or ""
+            netloc = f"{host}:{parts.port}" if parts.port is not None else host
+            url = urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+        shown.append(url)
+    return ",".join(shown)
+
+
+def redact(exc: BaseException, servers: str | list[str]) -> str:
+    """An error's text with the servers' credentials taken out."""
+    text = repr(exc)
+    for url in [servers] if isinstance(servers, str) else servers:
+        for part in url.split(","):
+            userinfo = urlsplit(part.strip()).netloc.rpartition("@")[0]
+            if userinfo:
+                text = text.replace(userinfo, "***")
+    return text

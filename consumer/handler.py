@@ -376,8 +376,8 @@ class Handler:
     ) -> Outcome | None:
         """Run ``job`` in the pool (the caller holds a worker slot). A sync run still going
         when :attr:`cut` is set is stopped (its child killed): None."""
+        running = asyncio.ensure_future(self.pool.run(job, on_progress, slot=slot))
         try:
-            running = asyncio.ensure_future(self.pool.run(job, on_progress, slot=slot))
             if is_job:
                 return await running
             cut = asyncio.ensure_future(self.cut.wait())
@@ -386,12 +386,15 @@ class Handler:
             finally:
                 cut.cancel()
             if not running.done():
-                running.cancel()
-                await asyncio.gather(running, return_exceptions=True)
                 return None
             return running.result()
         except PoolError as exc:
             raise Overloaded(f"the executor cannot run scripts right now: {exc}") from None
+        finally:
+            # Cut, or this request cancelled: the run ends before its slot is given back.
+            if not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
 
     def _rejected(
         self,

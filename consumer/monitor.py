@@ -34,10 +34,14 @@ class Monitor:
         *,
         host: str,
         port: int,
+        broken: Callable[[], str | None] = lambda: None,
     ) -> None:
-        # ``ready`` returns None when the replica is ready, else why it is not.
+        # ``ready`` returns None when the replica is ready, else why it is not; ``broken``
+        # None unless the replica cannot recover on its own (then /healthz fails too, so that
+        # the orchestrator replaces it).
         self.metrics = metrics
         self.ready = ready
+        self.broken = broken
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -94,6 +98,9 @@ class Monitor:
         if target == "/metrics":
             return 200, METRICS_CONTENT_TYPE, self.metrics.exposition()
         if target == "/healthz":
+            broken = self.broken()
+            if broken is not None:
+                return 503, "text/plain", f"broken: {broken}\n".encode()
             return 200, "text/plain", b"ok\n"
         reason = self.ready()
         if reason is None:

@@ -102,6 +102,10 @@ class Replica:
             return "the worker pool is restarting its warm parent"
         return None
 
+    def broken(self) -> str | None:
+        """Why the replica cannot recover on its own (a warm parent crash-looped), else None."""
+        return self._pool.halted if self._pool is not None else None
+
     def _parent_exited(self, exit_: ParentExit) -> None:
         """Log each warm-parent exit with its cause, and count it."""
         fields = {
@@ -140,6 +144,7 @@ class Replica:
                     self.not_ready,
                     host=self.settings.metrics_host,
                     port=self.settings.metrics_port,
+                    broken=self.broken,
                 )
                 try:
                     self.monitor_port = await monitor.start()

@@ -29,6 +29,8 @@ class Slot:
     capacity: Capacity
     waited: float
     held: bool = True
+    in_use: bool = False
+    """A run is using it (one run per slot)."""
 
 
 @dataclass(eq=False)

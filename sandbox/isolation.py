@@ -344,6 +344,9 @@ _FIXED = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 _SET_PER_RUN = ("HOME", "TMPDIR")
 
 
+MIN_USER_TASKS = 1024
+TASKS_PER_WORKER = 64
+
 # Set by the pool for the warm parent: numeric libraries must not start thread pools.
 _SET_BY_POOL = ("PATH", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -358,6 +361,17 @@ def _limit_resources(config: PoolConfig) -> None:
     # A write past the file-size limit fails with EFBIG instead of killing the run.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
+    # Threads and processes of the runs' user, all runs together: a run that starts threads
+    # without end gets EAGAIN at this count instead of using up the host's (or container's)
+    # process table, which the warm parents need to fork. The kernel checks it for an
+    # unprivileged user only (the user layer); the warm parents have no such limit.
+    tasks = user_task_limit(config)
+    resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
+
+
+def user_task_limit(config: PoolConfig) -> int:
+    """How many threads and processes the runs' user may have at once."""
+    return max(MIN_USER_TASKS, TASKS_PER_WORKER * config.workers + 64)
 
 
 def limit_cpu(timeout: float) -> None:

@@ -128,6 +128,7 @@ class Parent:
         self._restarting: asyncio.Task[None] | None = None
         self._losing: asyncio.Task[None] | None = None
         self._closed = False
+        self._accepted: frozenset[str] | None = None  # the layers of the first start
         self._serving = False  # started, and its control socket open
         self._started_at = 0.0
         self._quick_losses = 0
@@ -150,30 +151,7 @@ class Parent:
     async def start(self) -> None:
         """Start the warm parent and wait until it has imported its modules."""
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {key: os.environ[key] for key in self.config.passthrough_env if key in os.environ}
-        env.setdefault("PATH", os.defpath)
-        # Numeric libraries must not start thread pools in a process that forks.
-        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        python = self.config.python or sys.executable
-        try:
-            # S603: our own interpreter and module. ASYNC220: fork+exec returns at once.
-            self._process = subprocess.Popen(  # noqa: S603, ASYNC220
-                # The tier is in the command line for ps and tests; the parent reads it from
-                # the start message.
-                [python, "-m", "sandbox.zygote", str(theirs.fileno()), self.tier],
-                pass_fds=(theirs.fileno(),),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            self._pidfd = os.pidfd_open(self._process.pid)
-        except OSError as exc:
-            ours.close()
-            self._process = None
-            raise WarmParentFailed(f"the {self.tier} warm parent did not start: {exc!r}") from exc
-        finally:
-            theirs.close()
+        ours = self._launch()
         ours.setblocking(False)
         self._control = ours
         self.starts += 1
@@ -185,14 +163,15 @@ class Parent:
                 data = await loop.sock_recv(ours, protocol.CONTROL_PACKET_MAX)
             started = protocol.decode_from_parent(data) if data else None
         except (OSError, TimeoutError, ProtocolError) as exc:
-            await self._stop(f"did not start: {exc!r}")
+            await self._stop(f"did not start: {exc!r}", failed=True)
             raise WarmParentFailed(f"the {self.tier} warm parent did not start: {exc!r}") from exc
         except asyncio.CancelledError:
             await self._stop("start cancelled")
             raise
         if not isinstance(started, protocol.Started):
-            await self._stop("exited while starting")
+            await self._stop("exited while starting", failed=True)
             raise WarmParentFailed(f"the {self.tier} warm parent exited while starting")
+        await self._check_layers(started.layers)
         self.failed_imports = started.failed_imports
         self.layers = started.layers
         self.scratch_root = started.scratch_root
@@ -202,6 +181,55 @@ class Parent:
         loop.add_reader(ours.fileno(), self._on_control)
         self._serving = True
         self.spawn(self.config.warm_children)
+
+    def _launch(self) -> socket.socket:
+        """Start the warm parent's process; return the pool's end of its control socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {key: os.environ[key] for key in self.config.passthrough_env if key in os.environ}
+        env.setdefault("PATH", os.defpath)
+        # Numeric libraries must not start thread pools in a process that forks.
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        python = self.config.python or sys.executable
+        try:
+            # S603: our own interpreter and module (fork and exec return at once).
+            self._process = subprocess.Popen(  # noqa: S603
+                # The tier is in the command line for ps and tests; the parent reads it from
+                # the start message.
+                [python, "-m", "sandbox.zygote", str(theirs.fileno()), self.tier],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self._pidfd = os.pidfd_open(self._process.pid)
+        except OSError as exc:
+            ours.close()
+            if self._process is not None:
+                # Never told to start: it dies at once (reaped by subprocess's own clean-up
+                # if not by the poll here; no blocking wait on the event loop).
+                self._process.kill()
+                self._process.poll()
+            self._process = None
+            raise WarmParentFailed(f"the {self.tier} warm parent did not start: {exc!r}") from exc
+        finally:
+            theirs.close()
+        return ours
+
+    async def _check_layers(self, layers: list[LayerStatus]) -> None:
+        """A restarted parent must isolate its children as the first one did: a layer that
+        stopped working on the host meanwhile (a user removed, say) fails the start."""
+        active = frozenset(layer.name for layer in layers if layer.active)
+        if self._accepted is None:
+            self._accepted = active
+            return
+        if self._accepted <= active:
+            return
+        missing = ", ".join(sorted(self._accepted - active))
+        await self._stop(f"started without isolation layers it had: {missing}", failed=True)
+        raise WarmParentFailed(
+            f"the {self.tier} warm parent started without the isolation layers it had before: "
+            f"{missing}"
+        )
 
     async def close(self) -> None:
         """Stop the warm parent and every waiting child; wait for the parent to exit."""
@@ -214,9 +242,10 @@ class Parent:
             if not waiter.done():
                 waiter.cancel()
 
-    async def _stop(self, why: str) -> None:
+    async def _stop(self, why: str, *, failed: bool = False) -> None:
         """Close the control socket (the parent then kills its children, removes their folders
-        and exits), wait for the exit, SIGKILL if it takes over a second; report it."""
+        and exits), wait for the exit, SIGKILL if it takes over a second; report it (``failed``:
+        as a crash, the parent could not be started)."""
         self._unwire()
         process, pidfd = self._process, self._pidfd
         if process is None:
@@ -235,7 +264,8 @@ class Parent:
             remove_tree(self.scratch_root)
             self.scratch_root = ""
         cause = f"{why} ({_cause(returncode)})"
-        self._report(process.pid, returncode, cause, expected=True, restarting=False)
+        restarting = failed and self._restarting is not None and not self._closed
+        self._report(process.pid, returncode, cause, expected=not failed, restarting=restarting)
 
     def _unwire(self) -> None:
         """Stop listening to the parent and drop its waiting children."""

@@ -242,9 +242,13 @@ class Pool:
         if slot is None:
             async with self.capacity.slot() as held:
                 return await self._run_held(job, on_progress, held.waited)
-        if slot.capacity is not self.capacity or not slot.held:
-            raise PoolError("the run's slot is not one of this pool's, or no longer held")
-        return await self._run_held(job, on_progress, 0.0)
+        if slot.capacity is not self.capacity or not slot.held or slot.in_use:
+            raise PoolError("the run's slot is not one of this pool's, no longer held, or in use")
+        slot.in_use = True
+        try:
+            return await self._run_held(job, on_progress, 0.0)
+        finally:
+            slot.in_use = False
 
     async def _run_held(self, job: Job, on_progress: OnProgress | None, waited: float) -> Outcome:
         """The run, in a slot held; ``waited`` is the seconds this pool waited for it."""

@@ -4,14 +4,14 @@ A fork costs in proportion to the parent's memory: page tables are copied at the
 down at the exit. A script that imports nothing but the standard library has no use for a
 parent with pandas and numpy imported, so the pool keeps a small ``stdlib`` parent beside the
 ``full`` one and sends each run to the smallest parent whose preload covers what the script
-imports. The imports are read from the script's syntax tree (every ``import`` and ``from``
-statement, wherever it is, including in functions never called); an import the tree does not
-show (code a script builds and hands to ``exec``) still works, loaded on demand in the child.
+imports. The imports are read from the script's text (every ``import`` and ``from ... import``
+statement, wherever it is, including in functions never called); an import the scan misses
+still works, loaded on demand in the child.
 """
 
 from __future__ import annotations
 
-import ast
+import re
 import sys
 from collections import OrderedDict
 from typing import Literal
@@ -43,19 +43,37 @@ def tiers_of(config: PoolConfig) -> tuple[Tier, ...]:
     return tiers
 
 
-def imported_modules(source: str) -> frozenset[str] | None:
-    """The top-level modules ``source``'s import statements name; None if it does not parse."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
+def imported_modules(source: str) -> frozenset[str]:
+    """The top-level modules ``source``'s import statements name.
+
+    A scan of the text, not a parse: parsing a large script takes long enough to stall the
+    caller's event loop, and the answer only picks a parent. It errs on the safe side: a word
+    ``import`` in a string or comment may add a name (the run then goes to a larger parent,
+    which works); an import it misses (split over lines with a backslash) is loaded on demand.
+    """
     names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.partition(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.partition(".")[0])
+    # "from a.b import c, d" names a; the names after its import are not modules.
+    for match in _FROM.finditer(source):
+        if _starts_a_word(source, match.start()):
+            names.add(match.group(1))
+    rest = _FROM.sub(" ", source)
+    for match in _IMPORT.finditer(rest):
+        if not _starts_a_word(rest, match.start()):
+            continue
+        for item in match.group(1).split(","):
+            name = item.strip().split(" ", 1)[0].partition(".")[0]
+            if name.isidentifier():
+                names.add(name)
     return frozenset(names)
+
+
+def _starts_a_word(text: str, at: int) -> bool:
+    return at == 0 or not (text[at - 1].isalnum() or text[at - 1] in "_.")
+
+
+# Both start with a literal, which keeps the scan of a large script fast (a leading \b does not).
+_FROM = re.compile(r"from[ \t]+([A-Za-z_]\w*)[\w.]*[ \t]+import\b")
+_IMPORT = re.compile(r"import[ \t]+([^\n;#()]+)")
 
 
 class Router:
@@ -65,6 +83,10 @@ class Router:
         self.tiers = tiers
         self._preloads = {tier: frozenset(preload_for(tier, config)) for tier in tiers}
         self._routes: OrderedDict[str, Tier] = OrderedDict()
+        smallest = self._preloads[tiers[0]]
+        self._larger_only = sorted(
+            {name for preload in self._preloads.values() for name in preload} - smallest
+        )
 
     def tier_for(self, source: str, *, live: frozenset[Tier] | None = None) -> Tier:
         """The smallest tier whose preload covers the script's imports (of those ``live``, when
@@ -72,7 +94,7 @@ class Router:
         key = source_key(source)
         tier = self._routes.get(key)
         if tier is None:
-            tier = self._route(imported_modules(source))
+            tier = self._route(source)
             self._routes[key] = tier
             while len(self._routes) > ROUTES_KEPT:
                 self._routes.popitem(last=False)
@@ -83,7 +105,12 @@ class Router:
         larger = [t for t in self.tiers[self.tiers.index(tier) :] if t in live]
         return larger[0] if larger else tier
 
-    def _route(self, imports: frozenset[str] | None) -> Tier:
+    def _route(self, source: str) -> Tier:
+        # Cheap first: a script that does not even mention a module only a larger tier has
+        # preloaded needs the smallest (an import names its module literally).
+        if not any(name in source for name in self._larger_only):
+            return self.tiers[0]
+        imports = imported_modules(source)
         if not imports:
             return self.tiers[0]
         for tier in self.tiers:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import importlib
+import mimetypes
 import os
 import select
 import signal
@@ -34,6 +35,7 @@ from sandbox.tiers import preload_for
 from sandbox.warmup import warm_up
 
 REQUEST_LIMIT = 64 * 1024 * 1024
+SPAWN_RETRY = 0.2  # seconds before a fork the system refused is tried again
 
 
 def preload(modules: tuple[str, ...]) -> list[str]:
@@ -133,6 +135,7 @@ class WarmParent:
         self.control = control
         self.plan = plan
         self.children: dict[int, str] = {}  # pid -> its scratch folder's name
+        self.owed = 0  # children the pool ordered that are not forked yet
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
 
@@ -142,8 +145,13 @@ class WarmParent:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:
+            # Children ordered but not forked yet (the system was out of processes or memory)
+            # are tried again after a pause; the parent never dies of it.
+            wait = SPAWN_RETRY if self.owed else None
             try:
-                readable, _, _ = select.select([self.control.fileno(), self.wake_read], [], [])
+                readable, _, _ = select.select(
+                    [self.control.fileno(), self.wake_read], [], [], wait
+                )
             except InterruptedError:
                 continue
             if self.wake_read in readable:
@@ -152,6 +160,7 @@ class WarmParent:
                 self._reap()
             if self.control.fileno() in readable:
                 self._on_control()
+            self._spawn_owed()
 
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
         self._shutdown()
@@ -168,19 +177,40 @@ class WarmParent:
         except ProtocolError:
             return  # Nothing the pool sends is worth dying for; ignore what cannot be read.
         if isinstance(message, protocol.Spawn):
-            for _ in range(message.count):
-                self._spawn()
+            self.owed += max(message.count, 0)
 
-    def _spawn(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _spawn_owed(self) -> None:
+        while self.owed > 0:
+            if not self._spawn():
+                return  # Try again in SPAWN_RETRY seconds.
+            self.owed -= 1
+
+    def _spawn(self) -> bool:
+        """Fork one waiting child and hand it to the pool; False if the system refused (no
+        process or memory left: a run may have used them up), to be tried again."""
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return False
         folder = isolation.new_scratch_name()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return False
         if pid == 0:
             ours.close()
             self._become_child(theirs, folder)
         theirs.close()
         self.children[pid] = folder
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # Without a pidfd the pool cannot watch it: the child goes, and another is tried.
+            os.kill(pid, signal.SIGKILL)
+            ours.close()
+            return False
         try:
             socket.send_fds(
                 self.control,
@@ -192,6 +222,7 @@ class WarmParent:
         finally:
             ours.close()
             os.close(pidfd)
+        return True
 
     def _reap(self) -> None:
         while self.children:
@@ -228,6 +259,8 @@ class WarmParent:
             self.control.close()
             os.close(self.wake_read)
             os.close(self.wake_write)
+            # Nothing of the siblings stays in this process (their folders' names).
+            self.children.clear()
             os.setsid()
             # Whatever C code writes to the terminal is dropped; Python output is captured.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -278,6 +311,9 @@ def main(argv: list[str]) -> NoReturn:
     plan, statuses = probe(plan, statuses)
     # Work every run would repeat is done once here and shared with the children.
     isolation.clean_environment(first.config)
+    # Libraries imported on demand in a child read the system's MIME table (openpyxl's save,
+    # through mimetypes) where Landlock no longer lets them: read it here, once.
+    mimetypes.init()
     door_table()
     if "seccomp" in plan.layers:
         seccomp.prepare()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.config import environment_with
-from tests.conftest import KEY_ID, ROOT, SECRET, NatsServer, start_replica
+from tests.conftest import KEY_ID, ROOT, SECRET, NatsServer, free_port, start_replica
 
 
 def bench(tmp_path: Path, *args: str, **env: str) -> tuple[dict[str, Any], str]:
@@ -75,3 +75,24 @@ def test_bench_reports_the_replica_tree_cpu_per_run_and_the_ratio_to_the_floor(
     assert floor["compared"] == "tree"
     assert floor["ratio"] == round(measured["tree_cpu_ms"] / floor["tree_cpu_ms"], 2)
     assert "cpu/run: replica" in printed
+
+
+def test_bench_url_never_shows_credentials_in_the_url(tmp_path: Path) -> None:
+    """A NATS URL with a user and password (here to a loopback port nobody listens on): the
+    bench names the server, without them, in what it prints and in its error."""
+    url = f"nats://alice:hunter2-secret@127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "bench", "--url", url, "--scenario", "trivial",
+         "--duration", "1"],
+        env=environment_with(EXECUTOR_API_KEYS=f"{KEY_ID}:{SECRET}"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "cannot connect to NATS at nats://***@127.0.0.1" in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "alice" not in done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr

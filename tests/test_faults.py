@@ -297,7 +297,7 @@ def test_warm_parent_killed_is_restarted_and_leaves_nothing_behind(
 def test_a_crash_loop_stops_the_restarts_and_fails_readiness(nats_server: NatsServer) -> None:
     """A warm parent that dies right after every start: each exit is logged with its cause,
     and after the crash-loop limit the replica stops restarting it, logs why and answers
-    /readyz 503 with the reason (instead of spinning), while /healthz still answers."""
+    /readyz and /healthz 503 with the reason (instead of spinning)."""
     port = free_port()
     replica = start_replica(
         nats_server.url,
@@ -316,7 +316,10 @@ def test_a_crash_loop_stops_the_restarts_and_fails_readiness(nats_server: NatsSe
         _, text, _ = get(port, "/readyz")
         assert "restarts stopped" in text
         assert "killed by SIGKILL" in text
-        assert get(port, "/healthz")[0] == 200
+        # Broken for good: liveness fails too, so that the orchestrator replaces the replica.
+        code, text, _ = get(port, "/healthz")
+        assert code == 503
+        assert "restarts stopped" in text
         samples = scrape(port)
         assert value(samples, "pyexec_ready") == 0
         assert value(samples, "pyexec_tier_up", tier="stdlib") == 0

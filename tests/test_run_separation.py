@@ -217,3 +217,30 @@ def test_every_run_starts_from_fresh_randomness(scratch_base: Path) -> None:
     for position in range(len(runs[0])):
         values = [run[position] for run in runs]
         assert len(set(values)) == len(values), (position, values)
+
+
+SIBLINGS = """
+import sys
+
+def execute(ctx):
+    frame = sys._getframe()
+    while frame is not None and frame.f_code.co_name != "_become_child":
+        frame = frame.f_back
+    parent = frame.f_locals["self"]
+    return {"siblings": list(parent.children.values()), "found": True}
+"""
+
+
+def test_a_run_holds_no_names_of_its_siblings_folders(scratch_base: Path) -> None:
+    """Below the policy, the warm parent's table of its children (their scratch folders'
+    names) is reachable from a run's frames; it is emptied in each child before anything
+    else, so a run cannot learn where another run's files are."""
+    config = PoolConfig(
+        workers=2, warm_children=3, disabled_layers=("policy",), scratch_dir=str(scratch_base)
+    )
+    with live(config) as pool:
+        # Another run in flight, and children waiting: the table had entries when forked.
+        pending = pool.submit("import time\ndef execute(ctx):\n    time.sleep(2)\n")
+        outcome = ok_result(pool.run(SIBLINGS))
+        assert outcome == {"siblings": [], "found": True}
+        pending.result(30)

@@ -6,18 +6,22 @@ Real warm parents and children throughout. Which tier ran a script is read from 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import platform
 import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
+import msgspec
 import pytest
 
 from consumer.config import load
 from consumer.errors import ConfigError
 from sandbox import Capacity, Job, Outcome, ParentExit, Pool, PoolConfig, PoolError
+from sandbox.isolation import user_task_limit
 from sandbox.parent import CRASH_LOOP_LIMIT
 from sandbox.tiers import Router, imported_modules
 from tests.test_pool import wait_for
@@ -51,11 +55,29 @@ def job(source: str, timeout: float = 20.0, **ctx: object) -> Job:
 
 def test_imports_are_read_from_every_import_statement() -> None:
     source = (
-        "import json, os.path\nfrom collections import abc\nfrom . import sibling\n"
+        "import json, os.path\nfrom collections import abc\n"
         "def execute(ctx):\n    import pandas.io.formats\n    from sqlglot import exp\n"
+        "x = 1; import numpy as np\nimport a as b, c\nreimport = foo.import_thing\n"
     )
-    assert imported_modules(source) == {"json", "os", "collections", "pandas", "sqlglot"}
-    assert imported_modules("def execute(ctx:\n") is None
+    found = imported_modules(source)
+    assert found == {"json", "os", "collections", "pandas", "sqlglot", "numpy", "a", "c"}
+    assert imported_modules("def execute(ctx:\n") == frozenset()
+
+
+def test_routing_reads_the_text_and_never_parses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing runs on the service's event loop: parsing a 1 MB script there held the loop for
+    seconds, so the imports are read by a scan of the text instead (``ast.parse`` is made to
+    fail here to show it is not used)."""
+
+    def no_parse(*_args: object, **_kwargs: object) -> NoReturn:
+        raise AssertionError("the router parsed a script")
+
+    monkeypatch.setattr(ast, "parse", no_parse)
+    router = Router(PoolConfig(), ("stdlib", "full"))
+    filler = "x = foo(1, 2) + bar[3]  # a comment\n" * 28000
+    assert router.tier_for(filler + TRIVIAL) == "stdlib"
+    assert router.tier_for("# pandas\n" + filler + TRIVIAL) == "stdlib"
+    assert router.tier_for("import pandas\n" + filler + TRIVIAL) == "full"
 
 
 def test_the_router_picks_the_smallest_tier_that_covers_the_imports() -> None:
@@ -172,6 +194,12 @@ def test_a_capacity_passed_in_limits_the_pool() -> None:
             async with capacity.slot() as slot:
                 assert capacity.busy == 1
                 assert ok(await pool.run(job(TRIVIAL), slot=slot)) == 1
+                # One run per slot: a second run in it while the first goes on is refused.
+                first_run = asyncio.create_task(pool.run(job(SLEEPER, s=0.3), slot=slot))
+                await asyncio.sleep(0.05)
+                with pytest.raises(PoolError, match="in use"):
+                    await pool.run(job(TRIVIAL), slot=slot)
+                assert ok(await first_run) == "woke"
             with pytest.raises(PoolError, match="slot"):
                 await pool.run(job(TRIVIAL), slot=slot)  # no longer held
             async with Capacity(1).slot() as foreign:
@@ -295,6 +323,73 @@ def test_stopping_a_stuck_warm_parent_does_not_block_the_event_loop() -> None:
     longest, pid = asyncio.run(scenario())
     assert longest < 0.5
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+
+
+def test_a_restarted_parent_with_fewer_layers_than_before_never_serves() -> None:
+    """A warm parent restarted after a layer stopped working on the host is refused: it is
+    stopped, reported as a failed start, and never gets a run; the pool halts instead of
+    running scripts less isolated than before. (The host losing a layer is stood in for by
+    switching seccomp off in the config the parent is restarted with: removing the run user
+    or the kernel feature from this shared machine is not an option.)"""
+    exits: list[ParentExit] = []
+
+    async def scenario() -> None:
+        config = PoolConfig(workers=1, warm_children=1, tiers=("stdlib",))
+        async with Pool(config, on_parent_exit=exits.append) as pool:
+            ok(await pool.run(job(TRIVIAL)))
+            parent = pool._parents["stdlib"]
+            parent.config = msgspec.structs.replace(config, disabled_layers=("seccomp",))
+            pid = pool.parent_pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert await wait_for(lambda: pool.halted is not None, timeout=60)
+            assert pool.halted is not None
+            assert "seccomp" in pool.halted
+            (state,) = pool.states()
+            assert state.runs == 1  # nothing ran after the kill
+            with pytest.raises(PoolError):
+                await pool.run(job(TRIVIAL, timeout=0.1))
+
+    asyncio.run(scenario())
+    refused = [item for item in exits if "started without isolation layers" in item.cause]
+    assert refused
+    assert all("seccomp" in item.cause and not item.expected for item in refused)
+
+
+THREADS = """
+import threading, time
+
+def execute(ctx):
+    threading.stack_size(65536)
+    made = 0
+    try:
+        for _ in range(ctx["cap"]):
+            threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+            made += 1
+    except RuntimeError:
+        return ["refused", made]
+    return ["all", made]
+"""
+
+
+def test_a_run_starting_threads_without_end_is_stopped_short_and_the_parents_survive() -> None:
+    """Below the policy, a run that starts threads without end gets an error at the runs'
+    task limit instead of using up the process table; both warm parents keep running and the
+    next runs work."""
+
+    async def scenario() -> None:
+        config = PoolConfig(workers=1, warm_children=1, disabled_layers=("policy",))
+        limit = user_task_limit(config)
+        async with Pool(config) as pool:
+            before = {tier: pool.parent_pid(tier) for tier in pool.tiers}
+            outcome = await pool.run(job(THREADS, timeout=30, cap=limit + 500))
+            kind, made = ok(outcome)  # type: ignore[misc]
+            assert (kind, made < limit) == ("refused", True)
+            for source in (TRIVIAL, PANDAS):
+                assert ok(await pool.run(job(source, n=6))) == 6
+            assert {tier: pool.parent_pid(tier) for tier in pool.tiers} == before
+
+    asyncio.run(scenario())
 
 
 # -- configuration -----------------------------------------------------------------------------
