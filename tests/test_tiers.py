@@ -364,7 +364,7 @@ def execute(ctx):
     made = 0
     try:
         for _ in range(ctx["cap"]):
-            threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+            threading.Thread(target=time.sleep, args=(10,), daemon=True).start()
             made += 1
     except RuntimeError:
         return ["refused", made]
@@ -378,7 +378,10 @@ def test_a_run_starting_threads_without_end_is_stopped_short_and_the_parents_sur
     next runs work."""
 
     async def scenario() -> None:
-        config = PoolConfig(workers=1, warm_children=1, disabled_layers=("policy",))
+        # Memory enough for the threads' stacks: at the default EXECUTOR_MEMORY_MB the address
+        # space ends first (about 680 threads of 64 KiB), and a thread that cannot start then
+        # leaves Thread.start() waiting until the run's timeout.
+        config = PoolConfig(workers=1, warm_children=1, disabled_layers=("policy",), memory_mb=2048)
         limit = user_task_limit(config)
         async with Pool(config) as pool:
             before = {tier: pool.parent_pid(tier) for tier in pool.tiers}
