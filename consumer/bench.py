@@ -34,9 +34,9 @@ from typing import Any
 
 from consumer import config
 from consumer.client import Client, without_credentials
-from consumer.cpu import machine_busy_seconds, tree_cpu_seconds
 from consumer.embedded import EmbeddedNats
 from consumer.target import find_target
+from consumer.usage import machine_busy_seconds, tree_cpu_seconds, tree_pss_mb
 
 SCENARIOS: dict[str, tuple[str, dict[str, Any], int]] = {
     # name: (source, ctx, default callers)
@@ -174,28 +174,6 @@ async def fork_floor(name: str, callers: int, runs: int) -> dict[str, Any]:
     floor: dict[str, Any] = json.loads(out)
     floor["parent"] = parent
     return floor
-
-
-def tree_pss_mb(root: int) -> float:
-    """Proportional set size of a process and all its descendants, in MB."""
-    total_kb = 0
-    pending = [root]
-    while pending:
-        pid = pending.pop()
-        try:
-            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
-                for line in rollup:
-                    if line.startswith("Pss:"):
-                        total_kb += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-        for task in Path(f"/proc/{pid}/task").glob("*/children"):
-            try:
-                pending.extend(int(child) for child in task.read_text().split())
-            except OSError:
-                continue
-    return round(total_kb / 1024, 1)
 
 
 class BenchReplica:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from consumer.cpu import machine_busy_seconds
+from consumer.usage import machine_busy_seconds
 
 LIBRARIES = (
     "pandas", "numpy", "openpyxl", "sqlglot", "pymorphy3", "nltk", "rapidfuzz", "openai",

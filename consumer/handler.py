@@ -364,7 +364,7 @@ class Handler:
         bounded time in a bounded queue, else is refused ``overloaded``; a job waits."""
         self.metrics.runs_in_flight.inc()
         try:
-            async with self.capacity.slot(job=is_job, bounded=not is_job) as slot:
+            async with self.capacity.slot(bounded=not is_job) as slot:
                 yield slot
         except CapacityFull as exc:
             raise Overloaded(str(exc)) from None

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from consumer.usage import pss_bytes
 from sandbox import TierState
 
 # ``*_created`` series double the series count and no dashboard or alert reads them.
@@ -107,20 +108,6 @@ class _TierCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return []
-
-
-def pss_bytes(pid: int | None) -> float:
-    """A process's proportional set size (0 when it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return float(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
 
 
 def latency_buckets(longest: float) -> tuple[float, ...]:

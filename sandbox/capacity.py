@@ -66,22 +66,16 @@ class Capacity:
         self._jobs = asyncio.Semaphore(self.job_slots)
         self.busy = 0  # slots held
         self.waiting = 0  # synchronous requests waiting for a slot
-        self.jobs_waiting = 0  # jobs waiting for a slot
         self.jobs_reserved = 0
 
     @contextlib.asynccontextmanager
-    async def slot(self, *, job: bool = False, bounded: bool = False) -> AsyncIterator[Slot]:
+    async def slot(self, *, bounded: bool = False) -> AsyncIterator[Slot]:
         """Hold one run slot. ``bounded`` (a synchronous request) raises :class:`CapacityFull`
-        when the queue is full or no slot became free within ``max_wait``."""
+        when the queue is full or no slot became free within ``max_wait``; otherwise (a job, a
+        direct pool user) it waits as long as it takes."""
         started = time.perf_counter()
         if bounded:
             await self._acquire_bounded()
-        elif job:
-            self.jobs_waiting += 1
-            try:
-                await self._runs.acquire()
-            finally:
-                self.jobs_waiting -= 1
         else:
             await self._runs.acquire()
         self.busy += 1

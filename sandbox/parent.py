@@ -247,9 +247,21 @@ class Parent:
         and exits), wait for the exit, SIGKILL if it takes over a second; report it (``failed``:
         as a crash, the parent could not be started)."""
         self._unwire()
+        reaped = await self._reap()
+        if reaped is None:
+            return
+        pid, returncode = reaped
+        cause = f"{why} ({_cause(returncode)})"
+        restarting = failed and self._restarting is not None and not self._closed
+        self._report(pid, returncode, cause, expected=not failed, restarting=restarting)
+
+    async def _reap(self) -> tuple[int, int | None] | None:
+        """Take the parent's process (None if there is none), wait without blocking for it to
+        exit (SIGKILL after a second), close its pidfd and remove its scratch root: its pid and
+        exit code (None if it outlived even the kill)."""
         process, pidfd = self._process, self._pidfd
         if process is None:
-            return
+            return None
         self._process, self._pidfd = None, -1
         try:
             returncode = await _exited(process, pidfd, PARENT_EXIT_WAIT)
@@ -263,9 +275,7 @@ class Parent:
         if self.scratch_root:
             remove_tree(self.scratch_root)
             self.scratch_root = ""
-        cause = f"{why} ({_cause(returncode)})"
-        restarting = failed and self._restarting is not None and not self._closed
-        self._report(process.pid, returncode, cause, expected=not failed, restarting=restarting)
+        return process.pid, returncode
 
     def _unwire(self) -> None:
         """Stop listening to the parent and drop its waiting children."""
@@ -369,32 +379,23 @@ class Parent:
         self._losing = asyncio.get_running_loop().create_task(self._after_loss())
 
     async def _after_loss(self) -> None:
-        process, pidfd = self._process, self._pidfd
-        self._process, self._pidfd = None, -1
         uptime = time.monotonic() - self._started_at
         try:
-            assert process is not None
-            returncode = await _exited(process, pidfd, PARENT_EXIT_WAIT)
-            if returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                returncode = await _exited(process, pidfd, KILLED_EXIT_WAIT)
+            reaped = await self._reap()
         finally:
-            with contextlib.suppress(OSError):
-                os.close(pidfd)
             self._losing = None
-        if self.scratch_root:
-            remove_tree(self.scratch_root)
-            self.scratch_root = ""
+        if reaped is None:
+            return
+        pid, returncode = reaped
         self._quick_losses = self._quick_losses + 1 if uptime < STABLE_SECONDS else 0
         cause = _cause(returncode)
         if self._closed:
-            self._report(process.pid, returncode, cause, expected=False, restarting=False)
+            self._report(pid, returncode, cause, expected=False, restarting=False)
             return
         if self._quick_losses >= CRASH_LOOP_LIMIT:
-            self._halt(process.pid, returncode, cause, uptime)
+            self._halt(pid, returncode, cause, uptime)
             return
-        self._report(process.pid, returncode, cause, expected=False, restarting=True, up=uptime)
+        self._report(pid, returncode, cause, expected=False, restarting=True, up=uptime)
         if self._restarting is None:
             self._restarting = asyncio.get_running_loop().create_task(self._restart())
 

@@ -17,11 +17,11 @@ from consumer.config import environment_with
 from tests.conftest import KEY_ID, ROOT, SECRET, NatsServer, free_port, start_replica
 
 
-def bench(tmp_path: Path, *args: str, **env: str) -> tuple[dict[str, Any], str]:
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
+def run_bench(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``pyexec bench`` on the trivial scenario for 1 s, with only the pyexec settings given."""
+    return subprocess.run(
         [sys.executable, "-m", "consumer", "bench", "--scenario", "trivial", "--duration", "1",
-         "--floor-runs", "30", "--json", str(out), *args],
+         *args],
         env=environment_with(**env),
         cwd=ROOT,
         capture_output=True,
@@ -29,6 +29,11 @@ def bench(tmp_path: Path, *args: str, **env: str) -> tuple[dict[str, Any], str]:
         timeout=300,
         check=False,
     )  # fmt: skip
+
+
+def bench(tmp_path: Path, *args: str, **env: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "bench.json"
+    done = run_bench("--floor-runs", "30", "--json", str(out), *args, **env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
 
@@ -77,20 +82,11 @@ def test_bench_reports_the_replica_tree_cpu_per_run_and_the_ratio_to_the_floor(
     assert "cpu/run: replica" in printed
 
 
-def test_bench_url_never_shows_credentials_in_the_url(tmp_path: Path) -> None:
+def test_bench_url_never_shows_credentials_in_the_url() -> None:
     """A NATS URL with a user and password (here to a loopback port nobody listens on): the
     bench names the server, without them, in what it prints and in its error."""
     url = f"nats://alice:hunter2-secret@127.0.0.1:{free_port()}"
-    done = subprocess.run(
-        [sys.executable, "-m", "consumer", "bench", "--url", url, "--scenario", "trivial",
-         "--duration", "1"],
-        env=environment_with(EXECUTOR_API_KEYS=f"{KEY_ID}:{SECRET}"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )  # fmt: skip
+    done = run_bench("--url", url, EXECUTOR_API_KEYS=f"{KEY_ID}:{SECRET}")
     assert done.returncode != 0
     assert "cannot connect to NATS at nats://***@127.0.0.1" in done.stderr
     assert "hunter2" not in done.stdout + done.stderr
