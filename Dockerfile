@@ -26,12 +26,14 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements/runtime.lock ./requirements/
+COPY client ./client
 COPY consumer ./consumer
 COPY sandbox ./sandbox
 # The locked versions, each checked against its hash (the door inventory and the attack tests
-# were run against exactly these), then the project itself without resolving anything again.
+# were run against exactly these), then the client package (the wire messages) and the service
+# itself, without resolving anything again.
 RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/runtime.lock \
-    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./client .
 
 # nltk data the scripts use, fetched at build time so the runtime never downloads anything.
 # nltk is installed from the wheel just built, so the data matches the shipped nltk.

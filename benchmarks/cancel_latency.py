@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyexec_client.client import Client
+
 from consumer.bench import BenchReplica
-from consumer.client import Client
 from consumer.embedded import EmbeddedNats
 from consumer.protocol import CodeRequest
 

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import nats
+from pyexec_client.client import Client
 
 from consumer.bench import BenchReplica
-from consumer.client import Client
 from consumer.embedded import EmbeddedNats
 
 COPY = """

@@ -21,7 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from consumer.client import Client
+from pyexec_client.client import Client
+
 from consumer.config import environment_with
 from consumer.embedded import EmbeddedNats, free_port
 

@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from consumer.client import Client
+from pyexec_client.client import Client
+
 from consumer.config import environment_with
 from consumer.embedded import EmbeddedNats
 

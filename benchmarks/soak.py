@@ -2,7 +2,7 @@
 
 Starts a nats-server (unless ``--nats-url`` is given) and one replica as a real process
 (``python -m consumer serve``, 2 workers, JSON logs, metrics on a loopback port), then sends N
-requests of every kind through ``consumer.client.Client`` with bounded concurrency: ok scripts
+requests of every kind through ``pyexec_client.Client`` with bounded concurrency: ok scripts
 (compute, unique sources, pandas, the named ``text.normalize`` and ``sql.transpile``,
 MessagePack), script and syntax errors, policy violations, timeouts, memory limits, printed
 output past the limit, results near and over the size limit, unauthorized and invalid bodies,
@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyexec_client.client import Client
+from pyexec_client.errors import ClientError
+from pyexec_client.signing import SIGNATURE_HEADER, sign
+
 from consumer import protocol
-from consumer.auth import SIGNATURE_HEADER, sign
-from consumer.client import Client
 from consumer.config import environment_with
 from consumer.embedded import EmbeddedNats, free_port
-from consumer.errors import ClientError
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ID = "soak"

@@ -1,103 +1,53 @@
-"""Signed API keys: the request and reply canonical strings, signing, and checking requests.
+"""Checking signed requests, and signing the answers to them.
+
+The canonical strings, signing and reply verification are the client package's
+(:mod:`pyexec_client.signing`), so both ends compute them with the same code.
 
 A request is checked by :class:`Verifier` (signature, clock window, a per-replica replay cache);
 the fleet-wide replay store is :mod:`consumer.nonces`. Replies and completions to a verified
-request are signed with the caller's own key (:func:`sign_reply`), so that a caller can check
+request are signed with the caller's own key (:meth:`Caller.sign_reply`), so that a caller can check
 that an answer came from a holder of its key and belongs to its request (:func:`verify_reply`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from pyexec_client import signing
+from pyexec_client.signing import (
+    KEY_ID,
+    KEY_ID_HEADER,
+    NONCE,
+    NONCE_HEADER,
+    SIGNATURE,
+    SIGNATURE_HEADER,
+    SIGNATURE_HEADERS,
+    TIMESTAMP,
+    TIMESTAMP_HEADER,
+    WINDOW_SECONDS,
+    signature,
+    verify_reply,
+)
+
 from consumer.config import Keyring
 from consumer.errors import Unauthorized
 
-KEY_ID_HEADER = "Pyexec-Key-Id"
-TIMESTAMP_HEADER = "Pyexec-Timestamp"
-NONCE_HEADER = "Pyexec-Nonce"
-SIGNATURE_HEADER = "Pyexec-Signature"
-SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
-REPLY_SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
-WINDOW_SECONDS = 60
+__all__ = [
+    "KEY_ID_HEADER",
+    "NONCE_HEADER",
+    "SIGNATURE_HEADER",
+    "SIGNATURE_HEADERS",
+    "TIMESTAMP_HEADER",
+    "WINDOW_SECONDS",
+    "Caller",
+    "Verifier",
+]
 
 _CANONICAL_NAMES = {name.lower(): name for name in (*SIGNATURE_HEADERS, "Nats-Msg-Id")}
-_TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
-_NONCE = re.compile(r"^(?:[0-9a-f]{2}){16,64}$")
-_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def canonical(subject: str, timestamp: str, nonce: str, body: bytes) -> bytes:
-    """The bytes that are signed: version, subject, timestamp, nonce and the body's SHA-256."""
-    digest = hashlib.sha256(body).hexdigest()
-    return f"v1\n{subject}\n{timestamp}\n{nonce}\n{digest}".encode()
-
-
-def signature(secret: bytes, subject: str, timestamp: str, nonce: str, body: bytes) -> str:
-    return hmac.new(secret, canonical(subject, timestamp, nonce, body), hashlib.sha256).hexdigest()
-
-
-def reply_canonical(request_subject: str, request_nonce: str, timestamp: str, body: bytes) -> bytes:
-    """The bytes a reply's signature covers: it names the request it answers (its subject and
-    nonce), the time it was signed and the reply body's SHA-256."""
-    digest = hashlib.sha256(body).hexdigest()
-    return f"v1-reply\n{request_subject}\n{request_nonce}\n{timestamp}\n{digest}".encode()
-
-
-def reply_signature(
-    secret: bytes, request_subject: str, request_nonce: str, timestamp: str, body: bytes
-) -> str:
-    message = reply_canonical(request_subject, request_nonce, timestamp, body)
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def verify_reply(
-    secret: bytes,
-    key_id: str,
-    headers: Mapping[str, str] | None,
-    body: bytes,
-    *,
-    request_subject: str,
-    request_nonce: str,
-) -> bool:
-    """Whether a reply (or completion) is signed by ``key_id``'s secret for the request sent on
-    ``request_subject`` with ``request_nonce``. The caller's side of :func:`sign_reply`."""
-    found = {name.lower(): value for name, value in (headers or {}).items()}
-    given_key = found.get(KEY_ID_HEADER.lower())
-    stamp = found.get(TIMESTAMP_HEADER.lower(), "")
-    given = found.get(SIGNATURE_HEADER.lower(), "")
-    if given_key != key_id or not _TIMESTAMP.fullmatch(stamp) or not _SIGNATURE.fullmatch(given):
-        return False
-    expected = reply_signature(secret, request_subject, request_nonce, stamp, body)
-    return hmac.compare_digest(expected, given)
-
-
-def sign(
-    key_id: str,
-    secret: bytes,
-    subject: str,
-    body: bytes,
-    *,
-    timestamp: int | None = None,
-    nonce: str | None = None,
-) -> dict[str, str]:
-    """The four signature headers for ``body`` published to ``subject``."""
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    nonce = secrets.token_hex(16) if nonce is None else nonce
-    return {
-        KEY_ID_HEADER: key_id,
-        TIMESTAMP_HEADER: stamp,
-        NONCE_HEADER: nonce,
-        SIGNATURE_HEADER: signature(secret, subject, stamp, nonce, body),
-    }
 
 
 @dataclass(frozen=True)
@@ -111,12 +61,9 @@ class Caller:
 
     def sign_reply(self, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
         """The three headers that sign ``body`` as this request's answer."""
-        stamp = str(int(time.time()) if timestamp is None else timestamp)
-        return {
-            KEY_ID_HEADER: self.key_id,
-            TIMESTAMP_HEADER: stamp,
-            SIGNATURE_HEADER: reply_signature(self.secret, self.subject, self.nonce, stamp, body),
-        }
+        return signing.sign_reply(
+            self.key_id, self.secret, self.subject, self.nonce, body, timestamp=timestamp
+        )
 
     def answered_by(self, headers: Mapping[str, str] | None, body: bytes) -> bool:
         """Whether ``body`` with ``headers`` is signed as this request's answer."""
@@ -128,20 +75,6 @@ class Caller:
             request_subject=self.subject,
             request_nonce=self.nonce,
         )
-
-
-def sign_reply(
-    key_id: str,
-    secret: bytes,
-    request_subject: str,
-    request_nonce: str,
-    body: bytes,
-    *,
-    timestamp: int | None = None,
-) -> dict[str, str]:
-    """The reply signature headers for ``body`` answering the request named."""
-    caller = Caller(key_id, secret, request_subject, request_nonce)
-    return caller.sign_reply(body, timestamp=timestamp)
 
 
 class Verifier:
@@ -211,10 +144,10 @@ class Verifier:
             values.append(value)
         key_id, stamp, nonce, given = values
         for name, value, pattern in (
-            (KEY_ID_HEADER, key_id, _KEY_ID),
-            (TIMESTAMP_HEADER, stamp, _TIMESTAMP),
-            (NONCE_HEADER, nonce, _NONCE),
-            (SIGNATURE_HEADER, given, _SIGNATURE),
+            (KEY_ID_HEADER, key_id, KEY_ID),
+            (TIMESTAMP_HEADER, stamp, TIMESTAMP),
+            (NONCE_HEADER, nonce, NONCE),
+            (SIGNATURE_HEADER, given, SIGNATURE),
         ):
             if not pattern.fullmatch(value):
                 raise Unauthorized("malformed_header", f"the {name} header is malformed")

@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyexec_client.client import Client, without_credentials
+
 from consumer import config
-from consumer.client import Client, without_credentials
 from consumer.embedded import EmbeddedNats
 from consumer.target import find_target
 from consumer.usage import machine_busy_seconds, tree_cpu_seconds, tree_pss_mb

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from pyexec_client.client import Client
+from pyexec_client.errors import ClientError
 
 from consumer import bench, config, logs
 from consumer.catalog import Catalog
-from consumer.client import Client
 from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
-from consumer.errors import ClientError, ConfigError, UnknownScript
+from consumer.errors import ConfigError, UnknownScript
 from consumer.protocol import CodeRequest, NamedRequest
 from consumer.service import Replica
 from consumer.target import DEV_ENV_FILE, Target, find_target

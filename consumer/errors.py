@@ -75,7 +75,3 @@ class Conflict(Rejected):
 
 class StoreUnavailable(ConsumerError):
     """A shared JetStream store (the job ledger) could not be read or written in time."""
-
-
-class ClientError(ConsumerError):
-    """The client could not get a reply (no responders, timeout, undecodable reply)."""

@@ -29,11 +29,11 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
+from pyexec_client.objects import ObjectMismatch, read_object, write_object, written_for
 
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded
 from consumer.metrics import Metrics
-from consumer.objects import ObjectMismatch, read_object, write_object, written_for
 from consumer.protocol import FILE_NAME, FILES_BUCKET, FileRef, OutFile, hex_digest
 from sandbox import InputFile, OutputFile
 

@@ -8,8 +8,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pyexec_client.client import Client
+
 from consumer import config
-from consumer.client import Client
 from consumer.errors import ConfigError
 
 DEV_ENV_FILE = "dev.env"

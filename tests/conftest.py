@@ -23,10 +23,10 @@ from typing import Any
 
 import nats
 import pytest
+from pyexec_client.client import Client
+from pyexec_client.signing import sign
 
 from consumer import protocol
-from consumer.auth import sign
-from consumer.client import Client
 from consumer.config import environment_with
 from consumer.embedded import server_binary
 from consumer.protocol import Reply

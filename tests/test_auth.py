@@ -17,8 +17,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from pyexec_client.signing import canonical, sign_reply, signature, verify_reply
 
-from consumer.auth import Verifier, canonical, sign_reply, signature, verify_reply
+from consumer.auth import Verifier
 from consumer.config import Keyring
 from consumer.errors import Unauthorized
 from consumer.transport import Headers, repeated_names

@@ -25,9 +25,9 @@ import kubernetes_validate
 import nats
 import pytest
 import yaml
+from pyexec_client.client import Client
 
 from consumer import config, protocol
-from consumer.client import Client
 from consumer.embedded import server_binary
 from consumer.metrics import Metrics
 from tests.conftest import KEY_ID, SECRET, free_port, start_replica
@@ -660,7 +660,9 @@ def test_replica_serves_backend_with_the_deploy_permissions(deploy_nats: DeployN
                 assert copied.status == "ok", copied.error
                 assert copied.files
                 assert await client.get_file(copied.files[0].object) == b"deploy"
-                assert (await client.status(job_id)).progress["message"] == "read"
+                progress = (await client.status(job_id)).progress
+                assert progress is not None
+                assert progress.message == "read"
 
         asyncio.run(check())
     finally:

@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
+from pyexec_client import signing
+from pyexec_client.signing import job_id_for
 
 from consumer import auth, errors, protocol
 from consumer.config import Keyring
-from consumer.jobs import job_id_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
@@ -52,18 +53,18 @@ def test_worked_example_has_every_input_and_output() -> None:
 
 
 def test_worked_example_matches_the_executor_code() -> None:
-    """consumer.auth gives the documented digest, canonical string and signature."""
+    """pyexec_client.signing gives the documented digest, canonical string and signature."""
     ex = worked_example()
     body = ex["body"].encode()
-    canonical = auth.canonical(ex["subject"], ex["timestamp"], ex["nonce"], body)
+    canonical = signing.canonical(ex["subject"], ex["timestamp"], ex["nonce"], body)
     assert len(body) == int(ex["body_length"])
     assert canonical == ex["canonical"].replace("\\n", "\n").encode()
     assert len(canonical) == int(ex["canonical_length"])
-    signature = auth.signature(
+    signature = signing.signature(
         ex["secret"].encode(), ex["subject"], ex["timestamp"], ex["nonce"], body
     )
     assert signature == ex["signature"]
-    headers = auth.sign(
+    headers = signing.sign(
         ex["key_id"],
         ex["secret"].encode(),
         ex["subject"],
@@ -71,7 +72,7 @@ def test_worked_example_matches_the_executor_code() -> None:
         timestamp=int(ex["timestamp"]),
         nonce=ex["nonce"],
     )
-    assert headers[auth.SIGNATURE_HEADER] == ex["signature"]
+    assert headers[signing.SIGNATURE_HEADER] == ex["signature"]
 
 
 def test_worked_example_matches_an_independent_computation() -> None:
@@ -232,7 +233,7 @@ def test_reply_example_matches_an_independent_computation_and_the_executor() -> 
     assert canonical == ex["reply_canonical"].replace("\\n", "\n")
     mac = hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()
     assert mac == ex["reply_signature"]
-    headers = auth.sign_reply(
+    headers = signing.sign_reply(
         ex["reply_key_id"],
         secret,
         ex["reply_request_subject"],
@@ -240,7 +241,7 @@ def test_reply_example_matches_an_independent_computation_and_the_executor() -> 
         body,
         timestamp=int(ex["reply_timestamp"]),
     )
-    assert headers[auth.SIGNATURE_HEADER] == ex["reply_signature"]
+    assert headers[signing.SIGNATURE_HEADER] == ex["reply_signature"]
     assert auth.verify_reply(
         secret,
         ex["reply_key_id"],

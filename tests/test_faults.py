@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nats
 import pytest
+from pyexec_client.signing import sign
 
 from consumer import protocol
-from consumer.auth import sign
 from consumer.protocol import CodeRequest, Reply
 from sandbox import Job, Pool, PoolConfig
 from sandbox.parent import CRASH_LOOP_LIMIT

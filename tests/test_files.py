@@ -22,8 +22,8 @@ from typing import Any
 import msgspec
 import openpyxl
 import pytest
+from pyexec_client.client import Client
 
-from consumer.client import Client
 from consumer.protocol import CodeRequest, FileRef, Reply
 from sandbox import InputFile, Job, Pool, PoolConfig
 from tests.conftest import (

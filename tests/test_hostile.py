@@ -30,22 +30,23 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from nats.aio.msg import Msg as NatsMsg
-
-from consumer import config, protocol
-from consumer.auth import (
+from pyexec_client.signing import (
     KEY_ID_HEADER,
+    MSG_ID,
     NONCE_HEADER,
     SIGNATURE_HEADER,
     SIGNATURE_HEADERS,
     TIMESTAMP_HEADER,
-    Verifier,
+    job_id_for,
     sign,
 )
+
+from consumer import config, protocol
+from consumer.auth import Verifier
 from consumer.catalog import Catalog
 from consumer.config import Keyring, Settings
 from consumer.errors import InvalidRequest, Unauthorized
 from consumer.handler import Handler, Submission
-from consumer.jobs import MSG_ID, job_id_for
 from consumer.jobs.admit import Admission as JobAdmission
 from consumer.jobs.admit import Refused
 from consumer.metrics import Metrics

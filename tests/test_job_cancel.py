@@ -17,9 +17,9 @@ from typing import Any
 
 import nats
 import pytest
+from pyexec_client.client import Client
+from pyexec_client.signing import sign
 
-from consumer.auth import sign
-from consumer.client import Client
 from consumer.protocol import CodeRequest, Reply
 from tests.conftest import (
     KEY_ID,
@@ -170,8 +170,8 @@ def test_cancel_after_done_twice_and_by_another_key(
 
     seen = asyncio.run(scenario())
     assert seen["done"] == "done"
-    assert seen["done_completion"]["status"] == "ok"
-    assert seen["done_completion"]["result"] == 3
+    assert seen["done_completion"].status == "ok"
+    assert seen["done_completion"].result == 3
     assert (seen["other"], seen["other_signed"], seen["still"]) == ("unknown", True, "running")
     assert (seen["first"], seen["second"]) == ("cancelled", "cancelled")
     assert [c["status"] for c in seen["stored"]] == ["cancelled"]
@@ -246,7 +246,7 @@ def test_cancel_racing_the_loss_of_the_replica_running_it(
 
         state, completion, stored = asyncio.run(after())
         assert state == "cancelled"
-        assert completion["status"] == "cancelled"
+        assert completion.status == "cancelled"
         assert [c["status"] for c in stored] == ["cancelled"]
         assert not any(r.get("event") == "job started" for r in survivor.records())
     finally:

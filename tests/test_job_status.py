@@ -14,10 +14,10 @@ from typing import Any
 
 import nats
 import pytest
+from pyexec_client.client import Client
+from pyexec_client.errors import ClientError
+from pyexec_client.signing import sign
 
-from consumer.auth import sign
-from consumer.client import Client
-from consumer.errors import ClientError
 from consumer.protocol import CodeRequest
 from tests.conftest import (
     KEY_ID,
@@ -108,8 +108,8 @@ def test_a_job_goes_queued_running_done_and_another_key_sees_nothing(
 
     seen, completion, others = asyncio.run(scenario())
     assert seen == ["queued", "running", "done"]
-    assert completion["status"] == "ok"
-    assert completion["result"] == 7
+    assert completion.status == "ok"
+    assert completion.result == 7
     assert set(others) == {"unknown"}
 
 

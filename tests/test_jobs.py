@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import nats
+from pyexec_client.client import Client
+from pyexec_client.signing import sign_reply
 
-from consumer.auth import sign_reply
-from consumer.client import Client
 from consumer.protocol import CodeRequest, Reply
 from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, start_replica
 

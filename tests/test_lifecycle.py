@@ -15,9 +15,9 @@ from typing import Any
 
 import nats
 import pytest
+from pyexec_client.client import Client
+from pyexec_client.errors import ClientError
 
-from consumer.client import Client
-from consumer.errors import ClientError
 from consumer.protocol import Reply
 from tests.conftest import (
     KEY_ID,

@@ -17,10 +17,10 @@ from typing import Any
 import nats
 import pytest
 from nats.js.api import StreamInfo
+from pyexec_client.client import Client
+from pyexec_client.errors import ClientError
 
-from consumer.client import Client
 from consumer.embedded import server_binary
-from consumer.errors import ClientError
 from consumer.jobs.worker import DURABLE
 from consumer.protocol import CodeRequest, Reply
 from tests.conftest import (

@@ -14,10 +14,10 @@ from typing import Any
 import nats
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pyexec_client.client import Client
+from pyexec_client.signing import sign
 
 from consumer import protocol
-from consumer.auth import sign
-from consumer.client import Client
 from consumer.metrics import Metrics
 from consumer.protocol import CodeRequest
 from tests.conftest import (

@@ -14,8 +14,8 @@ from typing import Any
 
 import nats
 import pytest
+from pyexec_client.client import Client
 
-from consumer.client import Client
 from consumer.protocol import CodeRequest, Progress
 from sandbox import Job, Pool, PoolConfig
 from tests.conftest import KEY_ID, SECRET, NatsServer, ReplicaProcess, free_port, start_replica
@@ -88,9 +88,10 @@ def test_a_jobs_progress_is_published_rate_limited_and_kept_in_its_status(
     assert (events[-1].fraction, events[-1].message) == (1.0, "done")
     assert any(e.message == "x" * 200 for e in events)
     assert status.state == "done"
-    assert status.progress["fraction"] == 1.0
-    assert status.progress["message"] == "done"
-    assert "job_id" not in status.progress
+    assert status.progress is not None
+    assert status.progress.fraction == 1.0
+    assert status.progress.message == "done"
+    assert status.progress.job_id is None
 
 
 def test_forged_progress_events_are_not_given_to_the_client(

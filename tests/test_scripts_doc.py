@@ -16,9 +16,9 @@ from typing import Any
 
 import openpyxl
 import pytest
+from pyexec_client.client import Client
 
 from consumer import protocol
-from consumer.client import Client
 from tests.conftest import (
     KEY_ID,
     ROOT,

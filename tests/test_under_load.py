@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from consumer.client import Client
+from pyexec_client.client import Client
+
 from consumer.protocol import Reply
 from tests.conftest import KEY_ID, SECRET, Caller
 

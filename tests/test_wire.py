@@ -12,8 +12,8 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from pyexec_client.signing import sign
 
-from consumer.auth import sign
 from tests.conftest import KEY_ID, SECRET, Caller, NatsServer, RawReply, start_replica
 
 OK_SOURCE = "def execute(ctx):\n    return 'alive'"

@@ -15,13 +15,14 @@ from collections.abc import Mapping
 
 import structlog
 from nats.aio.msg import Msg
+from pyexec_client.signing import MSG_ID, job_id_for
 
 from consumer import protocol
 from consumer.auth import Verifier
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Unauthorized
 from consumer.handler import AdmittedJob
-from consumer.jobs import MSG_ID, ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER, job_id_for
+from consumer.jobs import ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER
 from consumer.metrics import Metrics
 
 

@@ -24,11 +24,11 @@ from typing import Any, Literal
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from pyexec_client.signing import MSG_ID
 
 from consumer import protocol, tracing
 from consumer.config import Settings
 from consumer.handler import AdmittedJob
-from consumer.jobs import MSG_ID
 from consumer.ledger import State
 from consumer.protocol import ErrorBody, Reply
 from consumer.replies import Replies, Response

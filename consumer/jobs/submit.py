@@ -13,13 +13,14 @@ import asyncio
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from pyexec_client.signing import MSG_ID, job_id_for
 
 from consumer import protocol
 from consumer.auth import SIGNATURE_HEADERS
 from consumer.config import Settings
 from consumer.errors import Conflict, Overloaded, Rejected
 from consumer.handler import Submission
-from consumer.jobs import MSG_ID, ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER, job_id_for
+from consumer.jobs import ORIGIN_SUBJECT_HEADER, REQUEST_ID_HEADER
 from consumer.jobs.admit import Admission, Refused
 from consumer.ledger import Ledger, digest_of
 from consumer.streams import JOBS_STREAM

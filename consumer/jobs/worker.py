@@ -21,12 +21,12 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pyexec_client.signing import MSG_ID
 
 from consumer import protocol, tracing
 from consumer.config import Settings
 from consumer.errors import Conflict, StoreUnavailable
 from consumer.handler import AdmittedJob, Handler
-from consumer.jobs import MSG_ID
 from consumer.jobs.admit import Admission, Refused
 from consumer.jobs.completions import Completions
 from consumer.jobs.stopper import RunningJobs

@@ -2,9 +2,10 @@
 
 Every reply and completion is checked against the request it answers: it must be signed with
 the client's own key for that request's subject and nonce (``v1-reply``), or the client raises
-:class:`ClientError`. The one exception is a refusal of the request's own signature
-(``rejected`` / ``unauthorized``), which the executor cannot sign. Job ids are computed here,
-before a job is submitted, with the contract's formula.
+:class:`~pyexec_client.errors.BadReply`. The one exception is a refusal of the request's own
+signature (``rejected`` / ``unauthorized``), which the executor cannot sign. Job ids are computed
+here, before a job is submitted, with the contract's formula. Failures are raised as the
+exceptions of :mod:`pyexec_client.errors`, grouped by what the caller does about them.
 """
 
 from __future__ import annotations
@@ -23,17 +24,22 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import (
+    ConnectionClosedError,
+    NoRespondersError,
+    NoServersError,
+    StaleConnectionError,
+)
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError
 from nats.js.object_store import ObjectStore
 
-from consumer import protocol
-from consumer.auth import NONCE_HEADER, sign, verify_reply
-from consumer.errors import ClientError
-from consumer.jobs import MSG_ID, job_id_for
-from consumer.objects import ObjectMismatch, read_object, write_object
-from consumer.protocol import Encoding, Reply
+from pyexec_client import messages as protocol
+from pyexec_client.errors import BadReply, ClientError, ConnectError, NoReplica, Refused, Timeout
+from pyexec_client.messages import Completion, Encoding, Reply
+from pyexec_client.objects import ObjectMismatch, read_object, write_object
+from pyexec_client.signing import MSG_ID, NONCE_HEADER, job_id_for, sign, verify_reply
 
 # Seconds the client waits past the script's own timeout for the reply to arrive.
 REPLY_MARGIN = 5.0
@@ -89,7 +95,7 @@ class Client:
         except (OSError, TimeoutError, NatsError) as exc:
             listed = servers if isinstance(servers, str) else ",".join(servers)
             shown, why = without_credentials(listed), redact(exc, servers)
-            raise ClientError(f"cannot connect to NATS at {shown}: {why}") from None
+            raise ConnectError(f"cannot connect to NATS at {shown}: {why}") from None
         return cls(nc, key_id, secret, owns_connection=True, **options)
 
     async def __aenter__(self) -> Client:
@@ -117,7 +123,7 @@ class Client:
         self, reply: Reply, headers: dict[str, str] | None, body: bytes, subject: str, nonce: str
     ) -> Reply:
         """``reply`` if it is signed by this client's key for the request sent on ``subject``
-        with ``nonce``; raises :class:`ClientError` otherwise."""
+        with ``nonce``; raises :class:`BadReply` otherwise."""
         if verify_reply(
             self._secret,
             self.key_id,
@@ -130,7 +136,7 @@ class Client:
         error = reply.error
         if reply.status == "rejected" and error is not None and error.code == "unauthorized":
             return reply  # the executor could not verify the request, so it cannot sign
-        raise ClientError(
+        raise BadReply(
             f"the answer to the request on '{subject}' is not signed with this client's key "
             "for that request; it was not sent by the executor"
         )
@@ -224,11 +230,11 @@ class Client:
         try:
             ack = await self.nc.jetstream().publish(subject, body, headers=headers, timeout=5)
         except (NatsError, TimeoutError) as exc:
-            raise ClientError(f"the job could not be stored: {exc!r}") from None
+            raise _failure(exc, "the job could not be stored") from None
         if ack.duplicate and not tried_before:
             # The stream holds another message under this job id (inside its duplicate
             # window), and not one this client stored: this job was not stored.
-            raise ClientError(
+            raise Refused(
                 f"job id {job_id} is held in the jobs stream by a message this client did not "
                 "store; the job was not stored (use a new request_id)"
             )
@@ -237,7 +243,7 @@ class Client:
     def _sent(self, job_id: str, subject: str, nonce: str) -> None:
         self._jobs.setdefault(job_id, []).append((subject, nonce))
 
-    async def wait(self, job_id: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    async def wait(self, job_id: str, timeout: float = DEFAULT_TIMEOUT) -> Completion:
         """The completion of ``job_id`` from the results stream, waiting up to ``timeout``.
 
         The completion is the first message on the job's results subject whose body names the
@@ -258,7 +264,7 @@ class Client:
                     note = (
                         f" ({skipped} message(s) there were not its completion)" if skipped else ""
                     )
-                    raise ClientError(
+                    raise Timeout(
                         f"no completion for job {job_id} within {timeout:g} s{note}"
                     ) from None
                 reply = self._completion(job_id, msg.data, msg.headers)
@@ -268,16 +274,20 @@ class Client:
         finally:
             await subscription.unsubscribe()
 
-    def _completion(self, job_id: str, data: bytes, headers: dict[str, str] | None) -> Reply | None:
+    def _completion(
+        self, job_id: str, data: bytes, headers: dict[str, str] | None
+    ) -> Completion | None:
         """The completion of ``job_id`` in ``data``, or None if it is not that (another job's
-        body, undecodable, or not signed for a request of this client that stored the job)."""
+        body, a receipt (a completion is never ``accepted``), undecodable, or not signed for a
+        request of this client that stored the job)."""
+        encoding = protocol.reply_encoding((headers or {}).get("Content-Type"))
         try:
-            reply = _decode(data, (headers or {}).get("Content-Type"))
-        except ClientError:
+            completion = protocol.decode_completion(data, encoding)
+        except msgspec.DecodeError:
             return None
-        if reply.job_id != job_id or reply.status == "accepted":
-            return None  # another job's, or a receipt: a completion is never "accepted"
-        return reply if self._from_job(job_id, headers, data) else None
+        if completion.job_id != job_id:
+            return None
+        return completion if self._from_job(job_id, headers, data) else None
 
     def _from_job(self, job_id: str, headers: dict[str, str] | None, data: bytes) -> bool:
         """Whether ``data`` is signed for one of the requests this client sent that stored
@@ -295,7 +305,7 @@ class Client:
             for subject, nonce in sent
         )
 
-    async def completions(self, durable: str) -> AsyncIterator[Reply]:
+    async def completions(self, durable: str) -> AsyncIterator[Completion]:
         """Every completion, once each, through a durable consumer named by the caller; a
         message that is not the completion of the job its subject names (see :meth:`wait`) is
         acknowledged and skipped."""
@@ -316,7 +326,7 @@ class Client:
         """Where the job is (``queued``, ``running``, ``done``, ``cancelled``; ``unknown`` for an
         id this key has no job under), its last progress event, and its completion once final,
         answered by any replica and checked against this request's signature. A refusal raises
-        :class:`ClientError`."""
+        :class:`Refused`."""
         data, encoding = await self._lifecycle("status", job_id, timeout)
         return protocol.decode_status(data, encoding)
 
@@ -344,16 +354,19 @@ class Client:
             request_nonce=headers[NONCE_HEADER],
         ):
             refusal = _decode(msg.data, (msg.headers or {}).get("Content-Type"))
-            message = refusal.error.message if refusal.error else "no signature"
-            raise ClientError(
-                f"the {action} request was refused or not answered by the executor: {message}"
+            error = refusal.error
+            if refusal.status == "rejected" and error is not None and error.code == "unauthorized":
+                raise Refused(f"the {action} request was refused: {error.message}")
+            raise BadReply(
+                f"the answer to the {action} request is not signed with this client's key "
+                "for that request; it was not sent by the executor"
             )
         try:
             refusal = protocol.decode_reply(msg.data, encoding)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return msg.data, encoding
         message = refusal.error.message if refusal.error else refusal.status
-        raise ClientError(f"the {action} request was refused: {message}")
+        raise Refused(f"the {action} request was refused: {message}")
 
     def progress(self, job_id: str) -> ProgressEvents:
         """The job's progress events as they are published (core NATS, best effort):
@@ -392,7 +405,7 @@ class Client:
                 with open(data, "rb") as reader:  # noqa: ASYNC230 - read a chunk at a time
                     _, sha256 = await write_object(js, self._files_bucket, object_name, reader)
         except NatsError as exc:
-            raise ClientError(f"{object_name} could not be stored: {exc!r}") from None
+            raise _failure(exc, f"{object_name} could not be stored") from None
         return protocol.FileRef(object=object_name, sha256=sha256)
 
     async def get_file(
@@ -404,7 +417,7 @@ class Client:
     ) -> bytes | None:
         """An object of ``PYEXEC_FILES`` (an output listed in a reply's ``files``): its bytes,
         or written to ``path`` (then None). Its digest is checked by the object store, and
-        against ``sha256`` when given (raises :class:`ClientError` if it differs)."""
+        against ``sha256`` when given (raises :class:`BadReply` if it differs)."""
         store = await self._file_store()
         try:
             info = await store.get_info(object_name)
@@ -416,11 +429,9 @@ class Client:
             with open(path, "wb") as writer:  # noqa: ASYNC230 - written as the chunks come
                 await read_object(self.nc.jetstream(), self._files_bucket, info, writer, expected)
         except ObjectMismatch:
-            raise ClientError(
-                f"{object_name} does not hold what its size and SHA-256 say"
-            ) from None
+            raise BadReply(f"{object_name} does not hold what its size and SHA-256 say") from None
         except NatsError as exc:
-            raise ClientError(f"{object_name} cannot be read: {exc!r}") from None
+            raise _failure(exc, f"{object_name} cannot be read") from None
         return None
 
     async def _file_store(self) -> ObjectStore:
@@ -430,7 +441,7 @@ class Client:
                 self._files = await self.nc.jetstream().object_store(bucket)
                 self._files_bucket = bucket
             except NatsError as exc:
-                raise ClientError(f"the file store {bucket} cannot be opened: {exc!r}") from None
+                raise _failure(exc, f"the file store {bucket} cannot be opened") from None
         return self._files
 
     async def send(
@@ -480,13 +491,15 @@ class Client:
     async def _request(
         self, subject: str, body: bytes, headers: dict[str, str], timeout: float
     ) -> Msg:
-        """One NATS request, its failures as :class:`ClientError`."""
+        """One NATS request, its failures as the client's errors."""
         try:
             return await self.nc.request(subject, body, timeout=timeout, headers=headers)
         except NoRespondersError:
-            raise ClientError(f"no executor is listening on '{subject}'") from None
-        except NatsTimeout:
-            raise ClientError(f"no reply on '{subject}' within {timeout:g} s") from None
+            raise NoReplica(f"no executor is listening on '{subject}'") from None
+        except (NatsTimeout, TimeoutError):
+            raise Timeout(f"no reply on '{subject}' within {timeout:g} s") from None
+        except NatsError as exc:
+            raise _failure(exc, f"the request on '{subject}' failed") from None
 
 
 class ProgressEvents:
@@ -529,7 +542,18 @@ def _decode(data: bytes, content_type: str | None) -> Reply:
     try:
         return protocol.decode_reply(data, encoding)
     except msgspec.DecodeError as exc:
-        raise ClientError(f"the reply could not be decoded: {exc}") from None
+        raise BadReply(f"the reply could not be decoded: {exc}") from None
+
+
+def _failure(exc: BaseException, what: str) -> ClientError:
+    """A NATS failure as the client error that says what to do about it."""
+    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
+        return NoReplica(f"{what}: nothing answered (is the executor deployed?)")
+    if isinstance(exc, (NatsTimeout, TimeoutError)):
+        return Timeout(f"{what}: no answer in time")
+    if isinstance(exc, (ConnectionClosedError, NoServersError, StaleConnectionError)):
+        return ConnectError(f"{what}: the connection to NATS is gone ({type(exc).__name__})")
+    return Refused(f"{what}: {exc!r}")
 
 
 def without_credentials(urls: str) -> str:
