@@ -40,6 +40,27 @@ def test_the_client_needs_only_nats_py_and_msgspec() -> None:
     assert names == {"nats-py", "msgspec"}
 
 
+def locked(path: Path) -> dict[str, str]:
+    """``name -> version`` of a lock file's pins."""
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, _, version = line.split(" ")[0].partition("==")
+            pins[name] = version
+    return pins
+
+
+def test_the_client_lock_pins_what_the_service_is_tested_with() -> None:
+    """client/requirements.lock pins nats-py and msgspec at the test lock's versions (and
+    their hashes), so the client alone runs what the service's tests ran."""
+    client = locked(CLIENT / "requirements.lock")
+    assert set(client) == {"nats-py", "msgspec"}
+    tested = locked(ROOT / "requirements" / "test.lock")
+    assert client == {name: tested[name] for name in client}
+    text = (CLIENT / "requirements.lock").read_text(encoding="utf-8")
+    assert text.count("--hash=sha256:") >= 2
+
+
 def test_the_client_package_imports_nothing_of_the_service() -> None:
     """No module of pyexec_client imports consumer, sandbox or a library of the scripts."""
     forbidden = ("consumer", "sandbox", "RestrictedPython", "structlog", "prometheus_client")
