@@ -4,12 +4,17 @@ Names follow the Prometheus conventions: one ``pyexec_`` prefix, base units (sec
 ``_total`` on counters. Labels take values from small fixed sets only (subject, status, error
 code, auth failure reason); no script text, request id or nonce is ever a label. Key ids are a
 label only when ``EXECUTOR_METRICS_KEY_IDS=1``, and then only ids the keyring knows.
+
+Every labelled counter whose label values form a known, closed set is created at zero for each
+of them when the registry is built, so that ``rate()`` sees a series' first event after a restart
+and a fresh fleet shows 0 instead of "No data".
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from consumer.errors import AuthFailure
 from consumer.usage import pss_bytes
 from sandbox import TierState
 
@@ -52,8 +58,56 @@ _LATENCY_BUCKETS = (
     1800.0,
     3600.0,
 )
-_SIZE_BUCKETS = tuple(float(256 * 4**i) for i in range(10))  # 256 B .. 64 MiB
+# Bytes, twice as far apart each (256 B .. 64 MiB): with buckets 4x apart a percentile read off
+# them could be off by a factor of two.
+_SIZE_BUCKETS = tuple(float(256 * 2**i) for i in range(19))
 UNKNOWN_KEY = "unknown"
+
+# The closed sets of label values (docs/protocol.md, "Statuses" and "Error codes"): each series
+# exists at 0 from the start. (status, code) pairs a request or job can end in:
+_RAN = (
+    ("ok", ""),
+    ("timeout", "timeout"),
+    *(
+        ("error", code)
+        for code in (
+            "policy_violation",
+            "syntax_error",
+            "script_error",
+            "memory_limit",
+            "output_limit",
+            "disk_limit",
+            "result_not_serializable",
+            "worker_lost",
+        )
+    ),
+)
+_REFUSED = tuple(
+    ("rejected", code)
+    for code in ("unauthorized", "invalid_request", "unknown_script", "overloaded", "conflict")
+)
+# By the kind of subject (the part after the prefix).
+OUTCOMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "code": (*_RAN, *_REFUSED, ("accepted", "")),
+    "named": (*_RAN, *_REFUSED, ("accepted", "")),
+    "jobs.code": (*_RAN, *_REFUSED, ("cancelled", "cancelled")),
+    "jobs.named": (*_RAN, *_REFUSED, ("cancelled", "cancelled")),
+    "job.status": (("ok", ""), *_REFUSED),
+    "job.cancel": (("ok", ""), *_REFUSED),
+}
+JOB_STATUSES = ("ok", "error", "timeout", "rejected", "cancelled")
+JOB_REFUSALS = (
+    "unauthorized",
+    "msg_id_mismatch",
+    "no_request_id",
+    "origin_subject",
+    "not_async",
+    "conflict",
+    "duplicate",
+    "subject",
+    "not_jetstream",
+)
+PARENT_EXIT_CAUSES = ("stopped", "crashed", "halted")
 
 
 class _ReadCounter(Collector):
@@ -63,6 +117,27 @@ class _ReadCounter(Collector):
         self.name = name
         self.documentation = documentation
         self.read: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation)
+
+
+class _BusySeconds(Collector):
+    """Seconds of run slots in use, summed over the slots: finished holds plus the time the
+    slots held now have been held, read when scraped, so ``rate()`` of it is the average number
+    of busy slots between two scrapes, however short the runs."""
+
+    name = "pyexec_worker_busy_seconds"
+    documentation = (
+        "Seconds of worker slots in use, summed over the slots (the rate is the average number "
+        "of busy workers)."
+    )
+
+    def __init__(self) -> None:
+        self.read: Callable[[], float] = lambda: 0.0
 
     def collect(self) -> Iterable[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, value=self.read())
@@ -127,6 +202,7 @@ class Metrics:
         version: str,
         longest_timeout: float,
         key_ids: Iterable[str] | None = None,
+        prefix: str = "pyexec",
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -182,6 +258,8 @@ class Metrics:
         self.workers = Gauge(
             "pyexec_workers", "Worker slots by state (busy or idle).", ["state"], registry=reg
         )
+        self._busy_seconds = _BusySeconds()
+        reg.register(self._busy_seconds)
         self.warm_children = Gauge(
             "pyexec_warm_children",
             "Child processes forked from the warm parent and waiting for a run.",
@@ -230,7 +308,15 @@ class Metrics:
         )
         self.jobs_submitted = Counter(
             "pyexec_jobs_submitted",
-            "Async jobs accepted and stored in the jobs stream by this replica.",
+            "Async requests (mode async) this replica accepted and stored in the jobs stream; "
+            "jobs published straight to the stream are not among them (see pyexec_jobs_taken).",
+            registry=reg,
+        )
+        self.jobs_taken = Counter(
+            "pyexec_jobs_taken",
+            "Jobs this replica took from the jobs stream to run, however they were stored (an "
+            "async request to any replica, or published straight to the stream), first "
+            "deliveries only.",
             registry=reg,
         )
         self.jobs_completed = Counter(
@@ -247,7 +333,8 @@ class Metrics:
         )
         self.progress_events = Counter(
             "pyexec_progress_events",
-            "Progress events of running jobs: published, or dropped by the rate limit.",
+            "Progress events of running jobs: published, or replaced by a newer one within the "
+            "rate limit.",
             ["outcome"],
             registry=reg,
         )
@@ -291,14 +378,21 @@ class Metrics:
         )
         self.jobs_backlog = Gauge(
             "pyexec_jobs_backlog",
-            "Jobs stored and not yet acknowledged (shared by all replicas).",
+            "Jobs stored and not yet handed to any replica (the jobs consumer's pending count, "
+            "stream-wide: every replica reports the same value).",
             registry=reg,
         )
         self.jobs_oldest_age = Gauge(
             "pyexec_jobs_oldest_age_seconds",
-            "Age of the oldest job not yet acknowledged; 0 when there is none.",
+            "How long the oldest job not yet handed to any replica has waited since it was "
+            "stored; 0 when there is none.",
             registry=reg,
         )
+        self._register_nats(reg)
+        self._initialise(prefix)
+
+    def _register_nats(self, reg: CollectorRegistry) -> None:
+        """The NATS connection's series."""
         self.nats_connected = Gauge(
             "pyexec_nats_connected", "1 while connected to a NATS server.", registry=reg
         )
@@ -313,9 +407,43 @@ class Metrics:
             "Messages dropped by the client because a subscription fell behind.",
             registry=reg,
         )
-        self.nats_errors = Counter(
-            "pyexec_nats_errors", "Asynchronous errors reported by the NATS client.", registry=reg
+        self.nats_connect_failures = Counter(
+            "pyexec_nats_connect_failures",
+            "Attempts to connect or reconnect to a NATS server that failed (refused, timed out, "
+            "rejected by the server).",
+            registry=reg,
         )
+        self.nats_errors = Counter(
+            "pyexec_nats_errors",
+            "Asynchronous errors the NATS client reported while connected (permission "
+            "violations, protocol errors), slow consumers and failed connection attempts not "
+            "included.",
+            registry=reg,
+        )
+
+    def _initialise(self, prefix: str) -> None:
+        """Create every series of a closed label set at 0."""
+        key_ids = [None] if self._key_ids is None else sorted(self._key_ids)
+        for kind, outcomes in OUTCOMES.items():
+            for status, code in outcomes:
+                for key_id in key_ids:
+                    labels = {"subject": f"{prefix}.{kind}", "status": status, "code": code}
+                    if key_id is not None:
+                        labels["key_id"] = key_id
+                    self.requests.labels(**labels)
+        for reason in get_args(AuthFailure):
+            self.auth_failures.labels(reason=reason)
+        for status in JOB_STATUSES:
+            self.jobs_completed.labels(status=status)
+        for was in ("queued", "running"):
+            self.jobs_cancelled.labels(was=was)
+        for outcome in ("published", "replaced"):
+            self.progress_events.labels(outcome=outcome)
+        for direction in ("in", "out"):
+            self.files.labels(direction=direction)
+            self.file_bytes.labels(direction=direction)
+        for reason in JOB_REFUSALS:
+            self.jobs_refused.labels(reason=reason)
 
     def watch_pool(
         self,
@@ -325,10 +453,15 @@ class Metrics:
         warm: Callable[[], int],
         restarts: Callable[[], int],
         tiers: Callable[[], list[TierState]] = list,
+        busy_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         """Read the pool's state at scrape time instead of keeping copies."""
         self._restarts.read = restarts
         self._tiers.read = tiers
+        self._busy_seconds.read = busy_seconds
+        for state in tiers():
+            for cause in PARENT_EXIT_CAUSES:
+                self.parent_exits.labels(tier=state.tier, cause=cause)
         self.workers.labels(state="busy").set_function(lambda: float(busy()))
         self.workers.labels(state="idle").set_function(lambda: float(max(workers - busy(), 0)))
         self.warm_children.set_function(lambda: float(warm()))

@@ -72,6 +72,7 @@ class Replica:
             version=package_version(),
             longest_timeout=max(settings.max_timeout, settings.max_job_timeout),
             key_ids=settings.keys.ids if settings.metrics_key_ids else None,
+            prefix=settings.prefix,
         )
         self._nc: NatsClient | None = None
         self._pool: Pool | None = None
@@ -210,6 +211,7 @@ class Replica:
                 warm=lambda: pool.warm,
                 restarts=lambda: pool.parent_restarts,
                 tiers=pool.states,
+                busy_seconds=pool.capacity.busy_seconds,
             )
             if pool.failed_imports:
                 log.warning("some allowed modules failed to import", modules=pool.failed_imports)

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server
-from nats.errors import SlowConsumerError
+from nats.errors import SlowConsumerError, StaleConnectionError, UnexpectedEOF
 
 from consumer.metrics import Metrics
 
@@ -73,15 +73,22 @@ async def connect(
     JetStream and key-value requests and job fetches) lie under ``inbox_prefix``, away from the
     callers' ``_INBOX.>``."""
 
+    client = CheckedClient()
+
     async def on_error(exc: Exception) -> None:
         if metrics is not None:
             if isinstance(exc, SlowConsumerError):
                 metrics.nats_slow_consumers.inc()
-            else:
+            elif isinstance(exc, OSError) or not (
+                client.is_connected or client.is_draining or client.is_closed
+            ):
+                # nats-py reports every failed connection or reconnection attempt here too
+                # (refused or unreachable sockets, and any error before the handshake ends).
+                metrics.nats_connect_failures.inc()
+            elif not isinstance(exc, (UnexpectedEOF, StaleConnectionError)):
+                # (Those two are the connection being lost: on_disconnected counts it.)
                 metrics.nats_errors.inc()
         log.warning("nats error", error=repr(exc))
-
-    client = CheckedClient()
 
     async def on_disconnected() -> None:
         if client.is_closed or client.is_draining:

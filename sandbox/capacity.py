@@ -67,6 +67,18 @@ class Capacity:
         self.busy = 0  # slots held
         self.waiting = 0  # synchronous requests waiting for a slot
         self.jobs_reserved = 0
+        self._held_seconds = 0.0  # slot-seconds of the holds that ended, and of the others
+        self._held_since = time.monotonic()  # up to here
+
+    def busy_seconds(self) -> float:
+        """Seconds of slots held so far, summed over the slots, the holds still open included."""
+        return self._held_seconds + self.busy * (time.monotonic() - self._held_since)
+
+    def _account(self, change: int) -> None:
+        now = time.monotonic()
+        self._held_seconds += self.busy * (now - self._held_since)
+        self._held_since = now
+        self.busy += change
 
     @contextlib.asynccontextmanager
     async def slot(self, *, bounded: bool = False) -> AsyncIterator[Slot]:
@@ -78,13 +90,13 @@ class Capacity:
             await self._acquire_bounded()
         else:
             await self._runs.acquire()
-        self.busy += 1
+        self._account(+1)
         held = Slot(self, time.perf_counter() - started)
         try:
             yield held
         finally:
             held.held = False
-            self.busy -= 1
+            self._account(-1)
             self._runs.release()
 
     async def reserve_job(self) -> Reservation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.metrics import Metrics
+from tests.conftest import NatsServer, free_port, start_replica
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
@@ -88,8 +91,12 @@ def datasource_values(node: Any) -> Iterator[Any]:
             yield from datasource_values(item)
 
 
-def concrete(expr: str) -> str:
-    """``expr`` with Grafana's variables replaced by values PromQL accepts."""
+def concrete(expr: str, dashboard: dict[str, Any] | None = None) -> str:
+    """``expr`` with Grafana's variables replaced by values PromQL accepts: a textbox variable
+    by its default, the others by a regular expression that matches everything."""
+    for name, var in (variables(dashboard) if dashboard else {}).items():
+        if var["type"] == "textbox":
+            expr = re.sub(rf"\$\{{{name}\}}|\${name}\b", var["query"], expr)
     expr = re.sub(r"\$\{__\w+\}|\$__\w+", "5m", expr)
     return re.sub(r"\$\{\w+(?::\w+)?\}|\$\w+", ".*", expr)
 
@@ -203,7 +210,7 @@ def test_queries_are_valid_promql(dashboard: dict[str, Any], tmp_path: Path) -> 
             pytest.fail("promtool is not on PATH and CI is set: install it (Debian: prometheus)")
         pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus); set CI to fail")
     rules = [
-        {"record": f"dashboard:query_{i}:check", "expr": concrete(query)}
+        {"record": f"dashboard:query_{i}:check", "expr": concrete(query, dashboard)}
         for i, query in enumerate(queries(dashboard))
     ]
     rules_file = tmp_path / "rules.yml"  # JSON is YAML
@@ -212,3 +219,73 @@ def test_queries_are_valid_promql(dashboard: dict[str, Any], tmp_path: Path) -> 
         [promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def fresh_exposition(nats_server: NatsServer) -> str:
+    """The /metrics text of a replica that has served nothing yet."""
+    port = free_port()
+    replica = start_replica(
+        nats_server.url, EXECUTOR_METRICS_PORT=str(port), EXECUTOR_METRICS_HOST="127.0.0.1"
+    )
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+        connection.close()
+    finally:
+        replica.stop()
+    return text
+
+
+def test_every_pyexec_series_is_in_a_fresh_replicas_metrics(
+    dashboard: dict[str, Any], fresh_exposition: str
+) -> None:
+    """Each pyexec_ series a panel queries is in the /metrics of a replica that has served
+    nothing yet (its family is declared there; labelled counters with samples at 0)."""
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families(fresh_exposition)
+        for sample in family.samples
+    }
+    declared = set(re.findall(r"^# TYPE (\S+) (\w+)", fresh_exposition, re.MULTILINE))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    for name, kind in declared:
+        exported |= {name + suffix for suffix in suffixes.get(kind, ("",))}
+    used = named_series(dashboard, PYEXEC_NAME)
+    assert used - exported == set(), sorted(used - exported)
+
+
+def test_fleet_panels_compare_with_the_expected_replica_count(dashboard: dict[str, Any]) -> None:
+    """A textbox variable holds the expected replica count; the ready-replicas stat takes its
+    green threshold from it (config from query results), so it turns red below it."""
+    expected = variables(dashboard)["expected_replicas"]
+    assert expected["type"] == "textbox"
+    assert expected["query"].isdigit()
+    ready = next(p for p in panels(dashboard) if p["title"].startswith("Ready replicas"))
+    refs = {t["refId"]: t["expr"] for t in ready["targets"]}
+    (transform,) = ready["transformations"]
+    assert transform["id"] == "configFromData"
+    config = refs[transform["options"]["configRefId"]]
+    assert "$expected_replicas" in config
+    assert transform["options"]["mappings"][0]["handlerKey"] == "threshold1"
+    steps = ready["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[0]["color"] == "red"
+    assert any("pyexec_ready" in expr for expr in refs.values())
+
+
+def test_error_panel_shows_what_the_alert_counts(dashboard: dict[str, Any]) -> None:
+    """The error ratio panel shows all failures and the service-side ratio the alert pages on."""
+    panel = next(p for p in panels(dashboard) if p["title"].startswith("Error ratio"))
+    exprs = " ".join(t["expr"] for t in panel["targets"])
+    assert 'status!~"ok|accepted"' in exprs
+    assert 'code=~"worker_lost|overloaded"' in exprs
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text(encoding="utf-8")
+    assert 'code=~"worker_lost|overloaded"' in rules
+
+
+def test_saturation_and_jobs_panels_use_the_counters(dashboard: dict[str, Any]) -> None:
+    """Busy seconds give saturation between scrapes; jobs taken count jobs stored straight in
+    the stream too."""
+    used = named_series(dashboard, PYEXEC_NAME)
+    assert {"pyexec_worker_busy_seconds_total", "pyexec_jobs_taken_total"} <= used

@@ -29,7 +29,9 @@ from pyexec_client.client import Client
 
 from consumer import config, protocol
 from consumer.embedded import server_binary
+from consumer.jobs.worker import DURABLE
 from consumer.metrics import Metrics
+from consumer.streams import JOBS_STREAM
 from tests.conftest import KEY_ID, SECRET, free_port, start_replica
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,11 +46,13 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 K8S_MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+RUNBOOK_BASE = "{{ $externalLabels.runbook_base }}"
 EXPECTED_ALERTS = {
     "PyexecHighErrorRatio",
     "PyexecHighLatencyP99",
     "PyexecNoReadyWorkers",
     "PyexecJobsBacklogGrowing",
+    "PyexecJobsWaitingTooLong",
     "PyexecReplicaDown",
     "PyexecJobsLost",
     "PyexecForgedTraffic",
@@ -231,6 +235,11 @@ def test_there_are_deploy_files() -> None:
         "k8s/hpa.yaml",
         "k8s/secret.example.yaml",
         "k8s/kustomization.yaml",
+        "k8s/nats-exporter.yaml",
+        "k8s/keda/kustomization.yaml",
+        "k8s/keda/scaledobject.yaml",
+        "k8s/monitoring/podmonitor.yaml",
+        "k8s/monitoring/prometheus-adapter.values.yaml",
     } <= names
 
 
@@ -403,7 +412,6 @@ def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
 def test_deployment_is_hardened_and_probed() -> None:
     """Non-root as in the image, read-only root, no capabilities, probes and a 60 s grace."""
     deployment = load_yaml(K8S / "deployment.yaml")
-    assert deployment["spec"]["replicas"] == 3
     pod = deployment["spec"]["template"]
     spec = pod["spec"]
     assert spec["terminationGracePeriodSeconds"] >= 45
@@ -421,7 +429,9 @@ def test_deployment_is_hardened_and_probed() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     startup = container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    # Start-up ends when the replica is ready, not when its port first answers.
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
     assert container["resources"]["limits"]["cpu"]
     assert container["resources"]["limits"]["memory"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9464"
@@ -434,6 +444,217 @@ def test_deployment_is_hardened_and_probed() -> None:
     assert service["spec"]["ports"][0]["port"] == 9464
     hpa = load_yaml(K8S / "hpa.yaml")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 10)
+
+
+def test_the_autoscaler_alone_owns_the_replica_count() -> None:
+    """No fixed replicas in the Deployment (an apply would reset the HPA's count), and the HPA
+    has a second signal besides CPU: the busy ratio the adapter values file serves."""
+    deployment = load_yaml(K8S / "deployment.yaml")
+    assert "replicas" not in deployment["spec"]
+    hpa = load_yaml(K8S / "hpa.yaml")
+    kinds = {metric["type"]: metric for metric in hpa["spec"]["metrics"]}
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    busy = kinds["Pods"]["pods"]["metric"]["name"]
+    adapter = load_yaml(K8S / "monitoring" / "prometheus-adapter.values.yaml")
+    (rule,) = adapter["rules"]["custom"]
+    assert rule["name"]["as"] == busy
+    exported = Metrics(version="test", longest_timeout=3600).names()
+    used = set(re.findall(r"\bpyexec_[a-z0-9_]+", rule["metricsQuery"] + rule["seriesQuery"]))
+    assert used <= exported, sorted(used - exported)
+
+
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    result = run(kubectl, "kustomize", str(folder))
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_keda_component_replaces_the_hpa(tmp_path: Path) -> None:
+    """The default build has the HPA and no ScaledObject; with the keda component it has the
+    ScaledObject, on the jobs stream's pull consumer, and no HPA: one owner either way."""
+    default = {(d["kind"], d["metadata"]["name"]) for d in kustomize(K8S)}
+    assert ("HorizontalPodAutoscaler", "pyexec") in default
+    assert not any(kind == "ScaledObject" for kind, _ in default)
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S, overlay)],
+                "components": [os.path.relpath(K8S / "keda", overlay)],
+            }
+        )
+    )
+    built = kustomize(overlay)
+    kinds = [d["kind"] for d in built]
+    assert "HorizontalPodAutoscaler" not in kinds
+    (scaled,) = [d for d in built if d["kind"] == "ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "pyexec"
+    assert scaled["spec"]["minReplicaCount"] >= 1, "synchronous requests need replicas"
+    jetstream = next(t for t in scaled["spec"]["triggers"] if t["type"] == "nats-jetstream")
+    meta = jetstream["metadata"]
+    assert meta["stream"] == protocol.stream_name(JOBS_STREAM, "pyexec")
+    assert meta["consumer"] == DURABLE
+    assert re.search(r"^\s*PYEXEC\s*\{", NATS_CONF.read_text(), re.MULTILINE)
+    assert meta["account"] == "PYEXEC"
+    secret_url = load_yaml(K8S / "secret.example.yaml")["stringData"]["NATS_URL"]
+    assert (
+        meta["natsServerMonitoringEndpoint"].split(":")[0] == secret_url.split("@")[1].split(":")[0]
+    )
+
+
+def test_nats_exporter_runs_in_compose_and_kubernetes_alike() -> None:
+    """The manifests run the same pinned prometheus-nats-exporter as compose, with the flags the
+    dashboard's NATS panels need, against the NATS server the replicas use."""
+    compose_exporter = compose()["services"]["nats-exporter"]
+    image = compose_exporter["image"]
+    assert re.fullmatch(r"natsio/prometheus-nats-exporter:\d+\.\d+\.\d+", image)
+    documents = list(yaml.safe_load_all((K8S / "nats-exporter.yaml").read_text()))
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == image
+    *flags, url = container["args"]
+    assert flags == compose_exporter["command"][:-1]
+    assert "-prefix" not in " ".join(flags)
+    nats_host = load_yaml(K8S / "secret.example.yaml")["stringData"]["NATS_URL"].split("@")[1]
+    assert url == f"http://{nats_host.split(':')[0]}:8222"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "7777"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# --- Alert rules under each deployment's labels --------------------------------------------
+
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """How one shipped deployment's Prometheus labels a replica's series."""
+
+    name: str
+    fleet: dict[str, str]
+    extra: dict[str, str]  # labels every replica target has besides job and instance
+    port: str
+
+    def target(self, instance: str) -> dict[str, str]:
+        """The labels of the replica the Compose test data calls ``instance``."""
+        if self.name == "compose":
+            return {**self.fleet, "instance": instance}
+        number = int(re.search(r"(\d+):", instance).group(1))  # type: ignore[union-attr]
+        return {
+            **self.fleet,
+            **self.extra,
+            "instance": f"10.244.{number}.17:{self.port}",
+            "pod": f"pyexec-6c9f8d7b5-{number:05d}",
+        }
+
+
+def scrapes() -> list[Scrape]:
+    """Compose's prometheus.yml; Kubernetes found by the pods' prometheus.io annotations (the
+    kubernetes-pods job of Prometheus' example kubernetes_sd configuration and of the
+    prometheus-community chart: pod labels mapped, namespace and pod added); and the shipped
+    PodMonitor (the Prometheus Operator: job from jobLabel, namespace, pod, container,
+    endpoint)."""
+    (job,) = [j for j, targets in prometheus_jobs().items() if "executor-1:9464" in targets]
+    pod = load_yaml(K8S / "deployment.yaml")["spec"]["template"]
+    port = pod["metadata"]["annotations"]["prometheus.io/port"]
+    pod_labels = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in pod["metadata"]["labels"].items()}
+    monitor = load_yaml(K8S / "monitoring" / "podmonitor.yaml")["spec"]
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    (container,) = pod["spec"]["containers"]
+    namespace = "pyexec"
+    return [
+        Scrape("compose", {"job": job}, {}, "9464"),
+        Scrape(
+            "kubernetes-annotations",
+            {"job": "kubernetes-pods", "namespace": namespace},
+            {**pod_labels, "pod_template_hash": "6c9f8d7b5", "node": "node-a"},
+            port,
+        ),
+        Scrape(
+            "kubernetes-podmonitor",
+            {"job": pod["metadata"]["labels"][monitor["jobLabel"]], "namespace": namespace},
+            {"container": container["name"], "endpoint": endpoint["port"]},
+            port,
+        ),
+    ]
+
+
+def relabel(tests: dict[str, Any], scrape: Scrape) -> dict[str, Any]:
+    """alerts_test.yml with every replica series and expected label set as ``scrape`` has it."""
+    relabelled = json.loads(json.dumps(tests))
+    relabelled["rule_files"] = [str(ALERTS)]
+    instances: dict[str, str] = {}
+    for case in relabelled["tests"]:
+        for item in case["input_series"]:
+            name, _, rest = item["series"].partition("{")
+            labels = dict(LABEL.findall(rest))
+            if labels.get("job") == "pyexec":
+                labels.pop("job")
+                target = scrape.target(labels.pop("instance"))
+                instances[item["series"].split('instance="')[1].split('"')[0]] = target["instance"]
+                labels = {**target, **labels}
+                item["series"] = (
+                    name + "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+                )
+        for check in case["alert_rule_test"]:
+            for alert in check.get("exp_alerts") or []:
+                labels = alert["exp_labels"]
+                if labels.get("job") == "pyexec":
+                    labels.pop("job")
+                    if "instance" in labels:
+                        labels.update(scrape.target(labels.pop("instance")))
+                    else:
+                        labels.update(scrape.fleet)
+                annotations = alert.get("exp_annotations", {})
+                for key in list(annotations):
+                    for old, new in instances.items():
+                        annotations[key] = annotations[key].replace(old, new)
+    return relabelled
+
+
+@pytest.mark.parametrize("scrape", scrapes(), ids=lambda s: s.name)
+def test_alert_unit_tests_pass_under_each_deployments_labels(
+    scrape: Scrape, tmp_path: Path
+) -> None:
+    """Every alerts_test.yml case, the healthy fleet and the dead replica included, passes with
+    the series labelled as this deployment's Prometheus labels them."""
+    relabelled = relabel(load_yaml(ALERTS_TEST), scrape)
+    text = json.dumps(relabelled)
+    if scrape.name != "compose":
+        assert 'job=\\"pyexec\\", instance=\\"executor' not in text
+        assert scrape.fleet["job"] in text
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(text)  # JSON is YAML
+    result = run(promtool(), "test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_fixed_to_one_job_label_fail_the_relabelled_tests(tmp_path: Path) -> None:
+    """The relabelled run is not vacuous: rules that select job="pyexec" (as they once did)
+    fail it under the Kubernetes annotation labels (the dead replica raises nothing)."""
+    fixed = ALERTS.read_text(encoding="utf-8").replace("up == 0", 'up{job="pyexec"} == 0')
+    rules = tmp_path / "alerts.yml"
+    rules.write_text(fixed)
+    relabelled = relabel(load_yaml(ALERTS_TEST), scrapes()[1])
+    relabelled["rule_files"] = [str(rules)]
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(json.dumps(relabelled))
+    result = run(promtool(), "test", "rules", str(tests))
+    assert result.returncode != 0
+    assert "PyexecReplicaDown" in result.stdout + result.stderr
+
+
+def test_no_rule_selects_a_job_or_instance() -> None:
+    """The rules hold whatever job and instance labels a deployment gives its targets."""
+    for name, rule in alert_rules().items():
+        assert not re.search(r"\b(job|instance)\s*(=|!=|=~|!~)\s*[\"'`]", rule["expr"]), name
 
 
 # --- NATS ---------------------------------------------------------------------------------
@@ -708,7 +929,14 @@ def test_alerts_are_labelled_annotated_and_linked() -> None:
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"].strip(), name
         assert rule["annotations"]["description"].strip(), name
-        assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{name.lower()}"
+        assert rule["annotations"]["runbook_url"] == f"{RUNBOOK_BASE}#{name.lower()}"
+
+
+def test_runbook_base_is_an_absolute_url() -> None:
+    """prometheus.yml sets the external label the runbook links start with, a full URL to
+    docs/operations.md."""
+    base = load_yaml(PROMETHEUS)["global"]["external_labels"]["runbook_base"]
+    assert re.fullmatch(r"https://[^\s#]+/docs/operations\.md", base), base
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
@@ -736,8 +964,9 @@ def test_runbook_sections_exist() -> None:
         pytest.skip("docs/operations.md is not written yet")
     headings = re.findall(r"^#+\s+(.+?)\s*$", operations.read_text(encoding="utf-8"), re.MULTILINE)
     anchors = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
-    for name in EXPECTED_ALERTS:
-        assert name.lower() in anchors, f"docs/operations.md has no section {name}"
+    for name, rule in alert_rules().items():
+        anchor = rule["annotations"]["runbook_url"].rpartition("#")[2]
+        assert anchor in anchors, f"docs/operations.md has no section {name}"
 
 
 def test_ci_installs_promtool_before_the_tests() -> None:

@@ -205,7 +205,7 @@ def test_every_alert_has_a_runbook_section() -> None:
     )
     for alert in alerts:
         assert alert in headings, alert
-        assert f"docs/operations.md#{alert.lower()}" in rules, alert
+        assert "{{ $externalLabels.runbook_base }}#" + alert.lower() in rules, alert
 
 
 def reply_example() -> dict[str, str]:

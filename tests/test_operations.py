@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import secrets
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -18,7 +20,7 @@ from pyexec_client.client import Client
 from pyexec_client.signing import sign
 
 from consumer import protocol
-from consumer.metrics import Metrics
+from consumer.metrics import JOB_REFUSALS, JOB_STATUSES, OUTCOMES, PARENT_EXIT_CAUSES, Metrics
 from consumer.protocol import CodeRequest
 from tests.conftest import (
     KEY_ID,
@@ -32,6 +34,7 @@ from tests.conftest import (
     until,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -248,6 +251,7 @@ def test_job_metrics(monitored: Monitored) -> None:
     )
     job_subject = monitored.subject("jobs.code")
     assert value(after, "pyexec_requests_total", subject=job_subject, status="ok", code="") >= 1
+    assert value(after, "pyexec_jobs_taken_total") - value(before, "pyexec_jobs_taken_total") == 1
     assert value(after, "pyexec_jobs_backlog") == 0
     assert value(after, "pyexec_jobs_lost_total") == 0
 
@@ -428,6 +432,9 @@ def test_readyz_waits_for_nats_and_follows_the_connection(tmp_path: Any) -> None
         until(lambda: status(port, "/readyz") == 503, timeout=60)
         assert value(scrape(port), "pyexec_nats_connected") == 0
         assert value(scrape(port), "pyexec_nats_disconnects_total") >= 1
+        # Regression: every failed reconnection attempt used to count as a client error.
+        until(lambda: value(scrape(port), "pyexec_nats_connect_failures_total") >= 2, timeout=60)
+        assert value(scrape(port), "pyexec_nats_errors_total") == 0
     finally:
         server.stop()
         replica.stop()
@@ -465,7 +472,7 @@ def test_key_id_labels_only_take_known_ids() -> None:
         dict(s.labels)["key_id"]: s.value
         for family in text_string_to_metric_families(metrics.exposition().decode())
         for s in family.samples
-        if s.name == "pyexec_requests_total"
+        if s.name == "pyexec_requests_total" and s.value
     }
     assert samples == {"backend": 1, "unknown": 3}
 
@@ -476,3 +483,78 @@ def status(port: int, path: str) -> int:
         return get(port, path)[0]
     except OSError:
         return 0
+
+
+# -- series from zero ------------------------------------------------------------------------
+
+
+def test_a_fresh_replica_shows_every_closed_label_set_at_zero(nats_server: NatsServer) -> None:
+    """Before its first request a replica exports, at 0, every requests series of the
+    contract's statuses and codes, every auth failure reason, job status, job refusal reason,
+    warm-parent exit cause, and the busy-seconds and jobs-taken counters: rate() sees the first
+    worker_lost or overloaded, and a fresh fleet shows 0 rather than no data."""
+    port = free_port()
+    replica = start_replica(
+        nats_server.url, EXECUTOR_METRICS_PORT=str(port), EXECUTOR_METRICS_HOST="127.0.0.1"
+    )
+    try:
+        samples = scrape(port)
+    finally:
+        replica.stop()
+    prefix = replica.prefix
+
+    def zero(name: str, **labels: str) -> bool:
+        return samples.get((name, frozenset(labels.items()))) == 0
+
+    for kind, outcomes in OUTCOMES.items():
+        for status, code in outcomes:
+            subject = f"{prefix}.{kind}"
+            assert zero("pyexec_requests_total", subject=subject, status=status, code=code), (
+                subject,
+                status,
+                code,
+            )
+    # Every error code of docs/protocol.md's table is among them, with its status.
+    protocol_doc = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    documented = re.findall(
+        r"^\| `([a-z_]+)` \| `(error|timeout|rejected|cancelled)` \|", protocol_doc, re.M
+    )
+    assert len(documented) >= 10
+    ran = set(OUTCOMES["jobs.code"]) | set(OUTCOMES["code"])
+    for code, status in documented:
+        assert (status, code) in ran, (status, code)
+    for reason in ("missing_header", "bad_signature", "unknown_key", "replayed_nonce"):
+        assert zero("pyexec_auth_failures_total", reason=reason), reason
+    for status in JOB_STATUSES:
+        assert zero("pyexec_jobs_completed_total", status=status), status
+    for reason in JOB_REFUSALS:
+        assert zero("pyexec_jobs_refused_total", reason=reason), reason
+    for tier in ("stdlib", "full"):
+        for cause in PARENT_EXIT_CAUSES:
+            assert zero("pyexec_warm_parent_exits_total", tier=tier, cause=cause), (tier, cause)
+    for direction in ("in", "out"):
+        assert zero("pyexec_files_total", direction=direction)
+    for name in ("pyexec_jobs_taken_total", "pyexec_nats_connect_failures_total"):
+        assert zero(name), name
+    assert ("pyexec_worker_busy_seconds_total", frozenset()) in samples
+
+
+def test_busy_seconds_count_the_time_runs_hold_their_slots(monitored: Monitored) -> None:
+    """A run that works for half a second adds at least that to the busy-seconds counter,
+    whenever the scrapes fall."""
+    before = scrape(monitored.port)
+    busy = (
+        "import time\n"
+        "def execute(ctx):\n"
+        "    end = time.monotonic() + 0.5\n"
+        "    while time.monotonic() < end:\n"
+        "        pass\n"
+        "    return 1\n"
+    )
+    reply = monitored.caller.code(busy)
+    assert reply.status == "ok", reply.error
+    after = scrape(monitored.port)
+    moved = value(after, "pyexec_worker_busy_seconds_total") - value(
+        before, "pyexec_worker_busy_seconds_total"
+    )
+    assert moved >= 0.5

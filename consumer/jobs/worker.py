@@ -174,6 +174,8 @@ class JobWorker:
         job = await self._take(msg, meta)
         if job is None:
             return
+        if meta.num_delivered == 1:
+            self.metrics.jobs_taken.inc()
         log.info("job started", deliveries=meta.num_delivered, subject=msg.subject)
         alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
         try:
