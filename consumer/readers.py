@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as default_of
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -179,7 +180,7 @@ class Text:
     """Free text, or text a check accepts (``error`` names what it must be)."""
 
     valid: str
-    check: Callable[[str], bool] = field(default=lambda _text: True)
+    check: Callable[[str], bool] = default_of(default=lambda _text: True)
     error: str = ""
 
     def __call__(self, name: str, text: str) -> str:
