@@ -30,8 +30,8 @@ from pathlib import Path
 
 import nats
 
+from consumer import config
 from consumer.auth import Verifier
-from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
 from consumer.ledger import Ledger, digest_of
 from consumer.nonces import SharedNonces
@@ -49,11 +49,8 @@ def summary(name: str, samples: list[float]) -> str:
 async def measure(url: str, runs: int) -> None:
     nc = await nats.connect(url)
     try:
-        settings = Settings(
-            keys=Keyring({"bench": secrets.token_hex(32)}),
-            nats_urls=(url,),
-            workers=1,
-            warm_children=1,
+        settings = config.load(
+            {"NATS_URL": url, "EXECUTOR_API_KEYS": f"bench:{secrets.token_hex(32)}"}
         )
         stores = await ensure_buckets(nc.jetstream(timeout=STORE_TIMEOUT), settings)
         nonces = SharedNonces(stores.nonces, timeout=STORE_TIMEOUT)

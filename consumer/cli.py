@@ -263,7 +263,7 @@ def _doctor(args: argparse.Namespace) -> int:
     settings = config.load()
 
     async def inspect() -> tuple[list[LayerStatus], list[TierState], dict[str, float]]:
-        async with Pool(settings.pool_config(result_limit=900_000)) as pool:
+        async with Pool(settings.pool) as pool:
             return pool.layers, pool.states(), pool.timings
 
     found, tiers, timings = asyncio.run(inspect())

@@ -102,8 +102,9 @@ class FileStore:
         self.metrics = metrics
         self.bucket = settings.stream(FILES_BUCKET)
         self._store: ObjectStore | None = None
-        # A run's files share its scratch quota: the lower of the two limits applies.
-        self.max_bytes = min(settings.files_max_mb, settings.scratch_mb) * _MB
+        # A run's files share its scratch quota: the lower of the two limits applies
+        # (EXECUTOR_FILES_MAX_MB is the pool's limit on out/ too).
+        self.max_bytes = min(settings.pool.out_files_mb, settings.pool.scratch_limit_mb) * _MB
 
     async def open(self) -> None:
         """Open the bucket, creating it when it is missing."""
@@ -145,7 +146,7 @@ class FileStore:
         staged = Staged()
         try:
             for alias, ref in files.items():
-                handle = tempfile.TemporaryFile(dir=self.settings.scratch_dir or None)  # noqa: SIM115 - closed by Staged.close
+                handle = tempfile.TemporaryFile(dir=self.settings.pool.scratch_dir or None)  # noqa: SIM115 - closed by Staged.close
                 staged._files.append(handle)
                 size = await self._download(alias, ref, infos[alias], handle)
                 staged.inputs = (

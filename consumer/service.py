@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -83,7 +84,7 @@ class Replica:
         self.monitor_port: int | None = None
         # Requests held at once (running, waiting for a worker, being checked) past which new
         # ones are refused unread.
-        self._max_in_flight = settings.queue_limit + 4 * settings.workers + 64
+        self._max_in_flight = settings.queue_limit + 4 * settings.pool.workers + 64
         self.reply_subjects = ReplySubjects(
             settings.prefix, settings.inbox_prefix, settings.reply_prefixes
         )
@@ -184,21 +185,21 @@ class Replica:
             return
         pool: Pool | None = None
         try:
-            result_limit = nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.stdout_limit
+            result_limit = nc.max_payload - REPLY_OVERHEAD - 4 * self.settings.pool.stdout_limit
             if result_limit < MIN_RESULT_LIMIT:
                 raise ConfigError(
-                    f"EXECUTOR_STDOUT_LIMIT ({self.settings.stdout_limit}) leaves no room for a "
-                    f"result in the server's max payload of {nc.max_payload} bytes"
+                    f"EXECUTOR_STDOUT_LIMIT ({self.settings.pool.stdout_limit}) leaves no room "
+                    f"for a result in the server's max payload of {nc.max_payload} bytes"
                 )
             settings = self.settings
             capacity = Capacity(
-                settings.workers,
+                settings.pool.workers,
                 queue_limit=settings.queue_limit,
                 max_wait=settings.queue_wait,
                 job_share=settings.job_share,
             )
             pool = Pool(
-                settings.pool_config(result_limit),
+                msgspec.structs.replace(settings.pool, result_limit=result_limit),
                 capacity=capacity,
                 on_parent_exit=self._parent_exited,
             )
@@ -206,7 +207,7 @@ class Replica:
                 return
             self._pool = pool
             self.metrics.watch_pool(
-                workers=self.settings.workers,
+                workers=self.settings.pool.workers,
                 busy=lambda: pool.busy,
                 warm=lambda: pool.warm,
                 restarts=lambda: pool.parent_restarts,
@@ -226,7 +227,7 @@ class Replica:
                 service_id=service_id,
                 subjects=[self.settings.subject("code"), self.settings.subject("named")],
                 queue_group=self.settings.queue_group,
-                workers=self.settings.workers,
+                workers=self.settings.pool.workers,
                 startup_ms=round((time.perf_counter() - startup) * 1000, 1),
             )
             self.started.set()
@@ -325,9 +326,9 @@ class Replica:
                 "default_timeout": f"{settings.default_timeout:g}",
                 "max_timeout": f"{settings.max_timeout:g}",
                 "max_job_timeout": f"{settings.max_job_timeout:g}",
-                "memory_mb": str(settings.memory_mb),
+                "memory_mb": str(settings.pool.memory_mb),
                 "max_request_bytes": str(settings.max_request_bytes),
-                "workers": str(settings.workers),
+                "workers": str(settings.pool.workers),
                 "scripts": ",".join(s.name for s in catalog.scripts()),
             },
             endpoints=endpoints,

@@ -4,8 +4,6 @@ which key: from the environment, completed from the embedded server's ``dev.env`
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
 from pyexec_client.client import Client
@@ -33,29 +31,29 @@ class Target:
 
 def find_target(key_id: str | None, url: str = "") -> Target:
     """The servers (``url`` if given, else ``NATS_URL``), key and prefix to use."""
-    env = call_environment(os.environ)
-    urls = url.strip() or env.get("NATS_URL", "").strip()
+    caller = config.load_caller()
+    if caller.nats_urls is None:
+        caller = config.load_caller(fallback=dev_environment(caller.data_dir))
+    urls = [u.strip() for u in url.split(",") if u.strip()] or list(caller.nats_urls or ())
     if not urls:
         raise ConfigError("NATS_URL is not set and no embedded server's dev.env was found")
-    keyring = config.parse_keys(env)
-    if not keyring:
+    if not caller.keys:
         raise ConfigError("no key to sign with: set EXECUTOR_API_KEYS or EXECUTOR_API_KEY")
-    key_id = key_id or keyring.ids[0]
-    secret = keyring.secret(key_id)
+    key_id = key_id or caller.keys.ids[0]
+    secret = caller.keys.secret(key_id)
     if secret is None:
         raise ConfigError(f"--key-id '{key_id}' is not in EXECUTOR_API_KEYS")
-    prefix = env.get("EXECUTOR_SUBJECT_PREFIX", "").strip() or "pyexec"
-    return Target(urls=urls.split(","), key_id=key_id, secret=secret, prefix=prefix)
+    return Target(urls=urls, key_id=key_id, secret=secret, prefix=caller.prefix)
 
 
-def call_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment, completed from the embedded server's dev.env where it is silent."""
-    merged = dict(environ)
-    data_dir = Path(environ.get("EXECUTOR_DATA_DIR", "") or ".pyexec")
+def dev_environment(data_dir: Path) -> dict[str, str]:
+    """The settings the embedded server wrote to ``data_dir/dev.env`` (none if it is missing)."""
     env_file = data_dir / DEV_ENV_FILE
-    if not environ.get("NATS_URL") and env_file.is_file():
-        for line in env_file.read_text().splitlines():
-            name, _, value = line.partition("=")
-            if name and not merged.get(name):
-                merged[name] = value
-    return merged
+    if not env_file.is_file():
+        return {}
+    found: dict[str, str] = {}
+    for line in env_file.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name:
+            found[name] = value
+    return found

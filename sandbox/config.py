@@ -56,15 +56,17 @@ FORBIDDEN_OWNERS: tuple[str, ...] = (
 
 
 class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """How many scripts run at once and what each run may use."""
+    """How many scripts run at once and what each run may use. The defaults and bounds here are
+    the ones the service's environment variables take (``consumer.config`` reads them from this
+    class, so they are written once)."""
 
     workers: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
     """Scripts running at once."""
     warm_children: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
     """Children kept forked and waiting for a script."""
-    memory_mb: Annotated[int, msgspec.Meta(ge=16)] = 512
+    memory_mb: Annotated[int, msgspec.Meta(ge=16, le=1024 * 1024)] = 512
     """Memory a run may add on top of the warm parent's own."""
-    stdout_limit: Annotated[int, msgspec.Meta(ge=0)] = 65536
+    stdout_limit: Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)] = 65536
     """Characters of printed output kept; the rest is cut and the cut marked."""
     result_limit: Annotated[int, msgspec.Meta(ge=1024)] = 900_000
     """Bytes the JSON-encoded result may take."""
@@ -89,13 +91,13 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """The user runs switch to when the service runs as root."""
     scratch_dir: str = ""
     """Where the runs' scratch folders are made; empty means the system temporary folder."""
-    scratch_limit_mb: Annotated[int, msgspec.Meta(ge=1)] = 64
+    scratch_limit_mb: Annotated[int, msgspec.Meta(ge=1, le=1024 * 1024)] = 64
     """What a run's scratch folder may hold in all, in MB (and so the largest file)."""
-    scratch_files: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    scratch_files: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
     """How many files and folders a run's scratch folder may hold."""
     out_files: Annotated[int, msgspec.Meta(ge=0)] = 100
     """How many files a run may leave in ``out/`` (more ends the run ``output_limit``)."""
-    out_files_mb: Annotated[int, msgspec.Meta(ge=1)] = 256
+    out_files_mb: Annotated[int, msgspec.Meta(ge=1, le=1024 * 1024)] = 256
     """What the files in ``out/`` may hold in all, in MB."""
     network: Literal["on", "off"] = "on"
     """Whether runs may use the network at all."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 from consumer.config import environment_with
+from consumer.embedded import free_port
 from tests.conftest import stop_process
 
 PYEXEC = [sys.executable, "-m", "consumer"]
@@ -147,6 +150,7 @@ class EmbeddedServe:
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     readers: list[threading.Thread] = field(default_factory=list)
+    metrics_port: int = 0
 
     def wait_for_log(self, event: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -187,13 +191,19 @@ class EmbeddedServe:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start_embedded(cwd: Path) -> EmbeddedServe:
-    """Start `pyexec serve` in ``cwd`` with the embedded defaults and wait until it serves."""
+def start_embedded(cwd: Path, **settings: str) -> EmbeddedServe:
+    """Start `pyexec serve` in ``cwd`` with the embedded defaults (and ``settings``) and wait
+    until it serves."""
     process = subprocess.Popen(
         [*PYEXEC, "serve"],
         cwd=cwd,
         env=environment_with(
-            EXECUTOR_METRICS_PORT="0", EXECUTOR_WORKERS="2", EXECUTOR_LOG_FORMAT="json"
+            **{
+                "EXECUTOR_METRICS_PORT": "0",
+                "EXECUTOR_WORKERS": "2",
+                "EXECUTOR_LOG_FORMAT": "json",
+                **settings,
+            }
         ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -219,10 +229,38 @@ def start_embedded(cwd: Path) -> EmbeddedServe:
     return serve
 
 
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """The addresses process ``pid`` has a listening TCP socket on at ``port`` (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            address, _, hex_port = local.partition(":")
+            if state != "0A" or int(hex_port, 16) != port or inode not in inodes:
+                continue  # 0A: LISTEN
+            raw = bytes.fromhex(address)
+            # /proc prints each 32-bit word of the address in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, words))
+    return found
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServe]:
-    """One embedded `pyexec serve` for the module's call tests."""
-    serve = start_embedded(tmp_path_factory.mktemp("embedded"))
+    """One embedded `pyexec serve` for the module's call tests, its metrics on a free port
+    with the default address."""
+    metrics_port = free_port()
+    serve = start_embedded(
+        tmp_path_factory.mktemp("embedded"), EXECUTOR_METRICS_PORT=str(metrics_port)
+    )
+    serve.metrics_port = metrics_port
     try:
         yield serve
     finally:
@@ -248,6 +286,31 @@ def test_embedded_serve_prints_url_and_dev_key(embedded: EmbeddedServe) -> None:
     lines = env_file.read_text().splitlines()
     assert f"NATS_URL={url}" in lines
     assert f"EXECUTOR_API_KEYS={key}" in lines
+
+
+def test_embedded_serve_keeps_metrics_and_probes_on_loopback(embedded: EmbeddedServe) -> None:
+    """Without NATS_URL (and no EXECUTOR_METRICS_HOST) /metrics, /healthz and /readyz listen on
+    127.0.0.1 only: the development default offers nothing to the network."""
+    assert listening_addresses(embedded.process.pid, embedded.metrics_port) == {"127.0.0.1"}
+    for path in ("/healthz", "/readyz", "/metrics"):
+        connection = http.client.HTTPConnection("127.0.0.1", embedded.metrics_port, timeout=10)
+        try:
+            connection.request("GET", path)
+            assert connection.getresponse().status == 200, path
+        finally:
+            connection.close()
+
+
+def test_embedded_serve_listens_where_the_metrics_host_says(tmp_path: Path) -> None:
+    """An EXECUTOR_METRICS_HOST set explicitly wins over the embedded default."""
+    metrics_port = free_port()
+    serve = start_embedded(
+        tmp_path, EXECUTOR_METRICS_PORT=str(metrics_port), EXECUTOR_METRICS_HOST="127.0.0.2"
+    )
+    try:
+        assert listening_addresses(serve.process.pid, metrics_port) == {"127.0.0.2"}
+    finally:
+        assert serve.stop() == 0
 
 
 def test_dev_env_is_readable_by_its_owner_only(embedded: EmbeddedServe) -> None:

@@ -242,11 +242,13 @@ class Service:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         settings = self.settings
-        result_limit = MAX_PAYLOAD - REPLY_OVERHEAD - 4 * settings.stdout_limit
+        result_limit = MAX_PAYLOAD - REPLY_OVERHEAD - 4 * settings.pool.stdout_limit
         capacity = Capacity(
-            settings.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
+            settings.pool.workers, queue_limit=settings.queue_limit, max_wait=settings.queue_wait
         )
-        async with Pool(settings.pool_config(result_limit), capacity=capacity) as pool:
+        async with Pool(
+            msgspec.structs.replace(settings.pool, result_limit=result_limit), capacity=capacity
+        ) as pool:
             verifier = Verifier(settings.keys, capacity=settings.nonce_cache_size)
             metrics = Metrics(version="test", longest_timeout=settings.max_job_timeout)
             handler = Handler(

@@ -400,12 +400,11 @@ def test_a_run_starting_threads_without_end_is_stopped_short_and_the_parents_sur
 
 def test_tiers_and_huge_pages_are_configured_from_the_environment() -> None:
     base = {"EXECUTOR_API_KEYS": "k:" + "ab" * 32}
-    default = load({**base})
+    default = load({**base}).pool
     assert (default.tiers, default.huge_pages) == (("stdlib", "full"), True)
-    assert default.pool_config(900_000).tiers == ("stdlib", "full")
-    one = load({**base, "EXECUTOR_TIERS": "full", "EXECUTOR_HUGE_PAGES": "0"})
+    one = load({**base, "EXECUTOR_TIERS": "full", "EXECUTOR_HUGE_PAGES": "0"}).pool
     assert (one.tiers, one.huge_pages) == (("full",), False)
-    assert load({**base, "EXECUTOR_TIERS": "full, stdlib"}).tiers == ("stdlib", "full")
+    assert load({**base, "EXECUTOR_TIERS": "full, stdlib"}).pool.tiers == ("stdlib", "full")
     for bad in ("small", "full,full", "none"):
         with pytest.raises(ConfigError, match="EXECUTOR_TIERS"):
             load({**base, "EXECUTOR_TIERS": bad})
