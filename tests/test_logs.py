@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
@@ -317,6 +319,51 @@ def test_a_jobs_lines_carry_the_callers_trace_key_id_and_script(
         assert completed["state"] == "done"
         assert "duration_ms" in completed
         assert "total_ms" in completed
+
+
+def kill_tree(replica: ReplicaProcess) -> None:
+    """SIGKILL the replica and every process under it (warm parents, children) at once."""
+    pids, pending = [replica.process.pid], [replica.process.pid]
+    while pending:
+        for task in Path(f"/proc/{pending.pop()}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                children = [int(child) for child in task.read_text().split()]
+                pids += children
+                pending += children
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    replica.stop(signal.SIGKILL)
+
+
+def test_a_lost_jobs_completed_line_is_an_error_with_its_trace(server: NatsServer) -> None:
+    """A job whose replica died and that was delivered more often than allowed completes as
+    worker_lost: on the replica that completes it, 'job completed' is an error with the
+    submitting request's trace id and key id."""
+    env = {"EXECUTOR_JOB_MAX_DELIVER": "1", "EXECUTOR_JOB_ACK_WAIT": "3"}
+    doomed = start_replica(server.url, "logslost", **env)
+    try:
+        sent = send(
+            server.url,
+            "code",
+            {"code": SLOW, "ctx": {"seconds": 60}, "mode": "async"},
+            prefix="logslost",
+        )
+        assert sent.reply.status == "accepted", sent.reply
+        line(doomed, "job started", job_id=sent.reply.job_id)
+    finally:
+        kill_tree(doomed)
+    survivor = start_replica(server.url, "logslost", **env)
+    try:
+        record = line(survivor, "job completed", job_id=sent.reply.job_id)
+    finally:
+        survivor.stop()
+    assert record["status"] == "error"
+    assert record["error_code"] == "worker_lost"
+    assert record["level"] == "error"
+    assert record["trace_id"] == sent.trace_id
+    assert record["key_id"] == KEY_ID
+    assert record["deliveries"] >= 2
 
 
 def test_the_level_table_in_the_docs_is_the_one_the_service_uses() -> None:
