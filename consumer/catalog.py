@@ -64,7 +64,7 @@ class Catalog:
     def _installed(self, name: str) -> tuple[Path, os.stat_result]:
         found = self._path(name)
         if found is None:
-            raise UnknownScript(f"no script named '{_shown(name)}' is installed")
+            raise UnknownScript(f"no script named '{shown(name)}' is installed")
         return found
 
     def _path(self, name: str) -> tuple[Path, os.stat_result] | None:
@@ -126,7 +126,7 @@ def _summary(path: Path) -> str:
     return (docstring or "").strip().splitlines()[0] if docstring else ""
 
 
-def _shown(name: str) -> str:
+def shown(name: str) -> str:
     """The name as it may appear in an error message: printable and short."""
     text = "".join(ch if ch.isprintable() else "?" for ch in name[:80])
     return text + ("..." if len(name) > 80 else "")

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 import msgspec
 import structlog
 
-from consumer import protocol, tracing
+from consumer import logs, protocol, tracing
 from consumer.auth import KEY_ID_HEADER, Caller, Verifier
-from consumer.catalog import Catalog
+from consumer.catalog import Catalog, shown
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Overloaded, Rejected
 from consumer.files import FileStore
@@ -43,6 +43,22 @@ class Submission:
     request_id: str
     generated_id: bool  # the executor made the request id: the body carries none
     trace: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A run's reply, how long it waited for a worker, and the warm parent it was forked from."""
+
+    reply: Reply
+    wait_ms: float
+    tier: str | None
+
+
+def request_fields(request: protocol.Request) -> dict[str, str]:
+    """What a request adds to its log lines: the named script's name, on named runs."""
+    if isinstance(request, protocol.NamedRequest):
+        return {"script": shown(request.name)}
+    return {}
 
 
 # Stores the job (or finds it stored before) and returns its job id; raises Rejected.
@@ -99,36 +115,57 @@ class Handler:
     async def handle(
         self, subject: str, headers: Mapping[str, str] | None, body: bytes
     ) -> Response:
-        """Answer one request-reply message; never raises for anything a caller sends."""
-        return await self._observed(
-            subject,
-            headers,
-            lambda trace, started: self._request(subject, headers, body, trace, started),
+        """Answer one request-reply message and log its canonical line; never raises for
+        anything a caller sends."""
+        started = time.perf_counter()
+        trace = tracing.continue_from(headers)
+        structlog.contextvars.bind_contextvars(**trace.log_fields())
+        claimed = protocol.header(headers, KEY_ID_HEADER)
+        if claimed in self.settings.keys.ids:
+            # A configured id only: whatever else the header holds is the caller's text.
+            structlog.contextvars.bind_contextvars(key_id=claimed)
+        response = await self._observed(
+            subject, headers, trace, started, self._request(subject, headers, body, trace, started)
         )
+        structlog.contextvars.bind_contextvars(request_id=response.reply.request_id)
+        logs.canonical(
+            log,
+            "request",
+            subject=subject,
+            **response.log_fields(),
+            total_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return response
 
-    async def run_job(self, job: AdmittedJob, on_progress: OnProgress | None = None) -> Response:
+    async def run_job(
+        self,
+        job: AdmittedJob,
+        on_progress: OnProgress | None = None,
+        *,
+        trace: tracing.Trace | None = None,
+    ) -> Response:
         """Run an admitted job and return its completion; ``on_progress`` gets the script's
-        progress reports."""
+        progress reports, ``trace`` is the job's span. The job worker writes its canonical
+        line."""
+        started = time.perf_counter()
+        trace = trace or tracing.continue_from(job.headers)
         return await self._observed(
-            job.subject, job.headers, lambda trace, started: self._job(job, started, on_progress)
+            job.subject, job.headers, trace, started, self._job(job, started, on_progress)
         )
 
     async def _observed(
         self,
         subject: str,
         headers: Mapping[str, str] | None,
-        answer: Callable[[tracing.Trace, float], Awaitable[Response]],
+        trace: tracing.Trace,
+        started: float,
+        answer: Awaitable[Response],
     ) -> Response:
-        """Count, log in one canonical line, and answer with the ``traceparent`` of the
-        executor's span."""
-        started = time.perf_counter()
-        trace = tracing.continue_from(headers)
-        structlog.contextvars.bind_contextvars(**trace.log_fields())
-        response = await answer(trace, started)
+        """Count, and answer with the ``traceparent`` of the executor's span."""
+        response = await answer
         response = replace(response, headers={**(response.headers or {}), **trace.headers()})
         reply = response.reply
         code = reply.error.code if reply.error else None
-        structlog.contextvars.bind_contextvars(request_id=reply.request_id)
         known = subject in self._kinds or subject.startswith(self.settings.subject("jobs."))
         self.metrics.request(
             subject=subject if known else "other",
@@ -146,17 +183,6 @@ class Handler:
                 wait_seconds=response.wait_ms / 1000,
                 run_seconds=(reply.duration_ms or 0.0) / 1000,
             )
-        log.info(
-            "request",
-            subject=subject,
-            status=reply.status,
-            error_code=code,
-            auth_failure=response.auth_failure,
-            duration_ms=reply.duration_ms,
-            wait_ms=round(response.wait_ms, 3),
-            total_ms=round((time.perf_counter() - started) * 1000, 3),
-            reply_bytes=len(response.data),
-        )
         return response
 
     async def _request(
@@ -190,7 +216,7 @@ class Handler:
                 max_depth=self.settings.max_ctx_depth,
             )
             request_id = request.request_id or str(uuid.uuid4())
-            structlog.contextvars.bind_contextvars(request_id=request_id)
+            structlog.contextvars.bind_contextvars(request_id=request_id, **request_fields(request))
             if request.mode == "async":
                 job_id = await self._submit(
                     kind, body, headers, request, caller=caller, request_id=request_id, trace=trace
@@ -214,10 +240,7 @@ class Handler:
             return self._failed(request_id, None, encoding, caller, started)
         if ran is None:
             return self._cut(request_id, encoding, caller, started)
-        reply, wait_ms = ran
-        return self.replies.respond(
-            reply, encoding, caller=caller, started=started, wait_ms=wait_ms, ran=True
-        )
+        return self._ran(ran, encoding, caller, started)
 
     async def _execute(
         self,
@@ -228,9 +251,9 @@ class Handler:
         *,
         cap: float,
         on_progress: OnProgress | None = None,
-    ) -> tuple[Reply, float] | None:
-        """Stage the request's files, run it, store what it left in ``out/``: its reply and
-        the milliseconds it waited; None if a sync run was cut (the replica is stopping).
+    ) -> Ran | None:
+        """Stage the request's files, run it, store what it left in ``out/``: its reply, the
+        milliseconds it waited and its tier; None if a sync run was cut (the replica is stopping).
         The files are fetched and stored while the request holds its worker slot, so what a
         replica holds of them is bounded by its workers, as runs are."""
         job = self._job_of(request, cap)
@@ -250,12 +273,10 @@ class Handler:
                     staged.close()
             if outcome is None:
                 return None
-            # On the request's canonical log line: which warm parent the run was forked from.
-            structlog.contextvars.bind_contextvars(tier=outcome.tier)
             reply = from_outcome(request_id, outcome, job_id)
             if outcome.files or request.files is not None:
                 reply = await self._with_outputs(reply, outcome, caller, job_id or request_id)
-        return reply, slot.waited * 1000 + outcome.wait_ms
+        return Ran(reply, slot.waited * 1000 + outcome.wait_ms, outcome.tier or None)
 
     async def _with_outputs(
         self, reply: Reply, outcome: Outcome, caller: Caller, run_id: str
@@ -341,10 +362,13 @@ class Handler:
         except Exception:  # noqa: BLE001 - a defect of ours: log it, and still complete
             return self._failed(job.request_id, job.job_id, encoding, caller, started)
         assert ran is not None  # a job is never cut: it is handed back instead
-        reply, wait_ms = ran
-        return self.replies.respond(
-            reply, encoding, caller=caller, started=started, wait_ms=wait_ms, ran=True
+        return self._ran(ran, encoding, caller, started)
+
+    def _ran(self, ran: Ran, encoding: Encoding, caller: Caller, started: float) -> Response:
+        response = self.replies.respond(
+            ran.reply, encoding, caller=caller, started=started, wait_ms=ran.wait_ms, ran=True
         )
+        return replace(response, tier=ran.tier)
 
     def _job_of(self, request: protocol.Request, cap: float) -> Job:
         timeout = self.settings.default_timeout if request.timeout is None else request.timeout

@@ -14,6 +14,13 @@ replica turns it into a msgspec Struct (unknown fields refused) and validates ``
 before anything runs, so bad input is ``rejected`` / ``invalid_request`` with a message naming
 the field. The script then gets ``ctx`` as plain JSON values with the defaults filled in; the
 declaration itself is blanked out of the source it runs (line numbers stay the same).
+
+A script imports what its declaration names, so that it is an ordinary module for linters and
+type checkers: ``from typing import Annotated, Literal`` (``typing`` is a module scripts may
+import anyway) and ``from msgspec import Meta``. ``msgspec`` is no module a script may import, and
+``Meta`` means nothing outside the declaration, so that one statement is blanked too, when it is
+exactly that and alone on its lines; anything else (another name, an alias, a second statement on
+the line) is left in the source, where the sandbox refuses it as any import it does not allow.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import msgspec
 from consumer.errors import InvalidRequest
 
 INPUT_CLASS = "Input"
+# The statement that imports the declaration's constraint type, blanked before the run.
+_META_IMPORT = ("msgspec", [("Meta", None)])
 _NAMES: dict[str, Any] = {
     "str": str,
     "int": int,
@@ -73,6 +82,9 @@ def declare(source: str, name: str) -> Declared:
         tree = ast.parse(source)
     except SyntaxError:
         return Declared(source=source, input_type=None)  # the run reports the syntax error
+    for statement in tree.body:
+        if _is_meta_import(statement, tree.body):
+            source = _blank(source, statement)
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     if INPUT_CLASS not in classes:
         return Declared(source=source, input_type=None)
@@ -192,10 +204,29 @@ def _is_docstring(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
 
 
-def _blank(source: str, node: ast.ClassDef) -> str:
-    """The source with the declaration's lines emptied, so line numbers do not move."""
+def _is_meta_import(statement: ast.stmt, module: list[ast.stmt]) -> bool:
+    """Whether ``statement`` is exactly ``from msgspec import Meta``, no other statement of the
+    module sharing its lines."""
+    if not (
+        isinstance(statement, ast.ImportFrom)
+        and statement.level == 0
+        and (statement.module, [(a.name, a.asname) for a in statement.names]) == _META_IMPORT
+    ):
+        return False
+    last = statement.end_lineno or statement.lineno
+    return not any(
+        other is not statement
+        and other.lineno <= last
+        and (other.end_lineno or other.lineno) >= statement.lineno
+        for other in module
+    )
+
+
+def _blank(source: str, node: ast.stmt) -> str:
+    """The source with a statement's lines emptied, so line numbers do not move."""
     lines = source.splitlines(keepends=True)
-    first = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+    decorators = node.decorator_list if isinstance(node, ast.ClassDef) else []
+    first = (decorators[0].lineno if decorators else node.lineno) - 1
     last = node.end_lineno or node.lineno
     for index in range(first, last):
         lines[index] = "\n"

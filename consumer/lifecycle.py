@@ -23,7 +23,7 @@ import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
 
-from consumer import protocol
+from consumer import logs, protocol
 from consumer.auth import KEY_ID_HEADER, Caller, Verifier
 from consumer.config import Settings
 from consumer.errors import InvalidRequest, Rejected
@@ -136,7 +136,9 @@ class LifecycleDesk:
             failure = response.auth_failure
             if failure is not None:
                 self.metrics.auth_failures.labels(reason=failure).inc()
-            log.info(subject, status="rejected", error_code=exc.code, auth_failure=failure)
+            logs.canonical(
+                log, subject, status="rejected", error_code=exc.code, auth_failure=failure
+            )
             return response
         log.info(subject, job_id=status.job_id, state=status.state)
         data = protocol.encode(status, encoding)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -40,6 +41,22 @@ class Response:
     wait_ms: float = 0.0
     handling_ms: float = 0.0
     ran: bool = False  # a script ran (its wait and run times are real)
+    tier: str | None = None  # the warm parent the run was forked from
+
+    def log_fields(self) -> dict[str, Any]:
+        """The outcome and timings on the canonical line of the request or job."""
+        reply = self.reply
+        fields: dict[str, Any] = {
+            "status": reply.status,
+            "error_code": reply.error.code if reply.error else None,
+            "auth_failure": self.auth_failure,
+            "duration_ms": reply.duration_ms,
+            "wait_ms": round(self.wait_ms, 3),
+            "reply_bytes": len(self.data),
+        }
+        if self.tier is not None:
+            fields["tier"] = self.tier
+        return fields
 
 
 def from_outcome(request_id: str, outcome: Outcome, job_id: str | None = None) -> Reply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.config import environment_with
+from consumer.config import DEFAULT_SCRIPTS_DIR, environment_with
+from consumer.inputs import declare
 from tests.conftest import Caller, NatsServer, RawReply, ReplicaProcess, start_replica
 
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -37,6 +39,50 @@ import os
 def execute(ctx):
     return os.getcwd()
 '''
+
+# An installed script written as an ordinary module: the names of its declaration imported.
+DECLARED_SCRIPT = '''"""Echo the declared input; say whether Meta reached the run."""
+
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta
+
+
+class Input:
+    n: Annotated[int, Meta(ge=1, le=10)]
+    mode: Literal["plain", "fail"] = "plain"
+
+
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
+    try:
+        Meta  # noqa: B018
+    except NameError:
+        reached = False
+    else:
+        reached = True
+    if ctx["mode"] == "fail":
+        raise ValueError("failed on purpose")
+    return {"n": ctx["n"], "mode": ctx["mode"], "meta_in_run": reached}
+'''
+DECLARATION = """
+
+class Input:
+    n: Annotated[int, Meta(ge=1)] = 1
+
+
+def execute(ctx):
+    return "ran"
+"""
+# Import lines that are not exactly `from msgspec import Meta` alone on its line: left in the
+# source, where the sandbox refuses them like any import it does not allow.
+SMUGGLED = {
+    "another_name": "from msgspec import Meta, json",
+    "an_alias": "from msgspec import Meta as os",
+    "the_module": "import msgspec",
+    "two_on_a_line": "from msgspec import Meta; import os",
+    "not_at_the_top": "if True:\n    from msgspec import Meta",
+    "then_os": "from msgspec import Meta\nimport os",
+}
 
 
 def named_body(name: str, ctx: dict[str, object] | None = None) -> bytes:
@@ -211,6 +257,12 @@ def scripts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "broken_input.py").write_text(
         "class Input:\n    when: datetime\n\n\ndef execute(ctx):\n    return 1\n"
     )
+    (root / "declared").mkdir()
+    (root / "declared" / "module.py").write_text(DECLARED_SCRIPT)
+    for name, imports in SMUGGLED.items():
+        (root / "declared" / f"{name}.py").write_text(
+            "from typing import Annotated\n" + imports + "\n" + DECLARATION
+        )
     (root / "escape.py").symlink_to(outside / "secret.py")
     (root / "linked").symlink_to(outside, target_is_directory=True)
     return root
@@ -273,7 +325,8 @@ def test_scripts_listing_leaves_out_escaping_symlinks(scripts_dir: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     listed = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
-    assert set(listed) == {"broken_input", "folder.sub.name", "imports_os"}
+    declared = {f"declared.{name}" for name in [*SMUGGLED, "module"]}
+    assert set(listed) == {"broken_input", "folder.sub.name", "imports_os", *declared}
     assert "A nested script." in listed["folder.sub.name"]
 
 
@@ -286,3 +339,72 @@ def test_a_script_with_an_unreadable_input_declaration_is_refused(custom: Caller
     assert reply.error.code == "invalid_request"
     assert "unusable class Input" in reply.error.message
     assert "line 2" in reply.error.message
+
+
+# -- scripts that import the names of their declaration ----------------------------------------
+
+
+def test_a_script_importing_its_declarations_names_runs_without_meta(custom: Caller) -> None:
+    """`from typing import Annotated, Literal` and `from msgspec import Meta` make a script an
+    ordinary module; its input is still checked by the service, and Meta never reaches the
+    run (its import is blanked with the declaration)."""
+    reply = custom.named("declared.module", {"n": 3})
+    assert reply.status == "ok", reply.error
+    assert reply.result == {"n": 3, "mode": "plain", "meta_in_run": False}
+    refused = custom.named("declared.module", {"n": 11})
+    assert refused.status == "rejected"
+    assert refused.error is not None
+    assert refused.error.code == "invalid_request"
+    assert refused.error.message == (
+        "invalid ctx for 'declared.module': Expected `int` <= 10 - at `ctx.n`"
+    )
+
+
+def test_blanked_lines_keep_the_scripts_line_numbers(custom: Caller) -> None:
+    """The blanked import and declaration leave their lines empty: a traceback names the
+    line the author wrote."""
+    reply = custom.named("declared.module", {"n": 1, "mode": "fail"})
+    assert reply.status == "error"
+    assert reply.error is not None
+    assert reply.error.code == "script_error"
+    assert reply.error.traceback is not None
+    raising = 1 + DECLARED_SCRIPT.splitlines().index(
+        '        raise ValueError("failed on purpose")'
+    )
+    assert f"line {raising}" in reply.error.traceback
+
+
+@pytest.mark.parametrize("name", SMUGGLED)
+def test_only_the_exact_meta_import_is_blanked(custom: Caller, name: str) -> None:
+    """An import that is not exactly `from msgspec import Meta` alone on its lines is not
+    removed: the sandbox refuses it as any import outside its list, so the rule cannot be used
+    to bring in msgspec or anything else."""
+    reply = custom.named(f"declared.{name}")
+    assert reply.status == "error", reply
+    assert reply.error is not None
+    assert reply.error.code == "policy_violation", reply.error
+    assert reply.result is None
+
+
+SHIPPED = sorted(DEFAULT_SCRIPTS_DIR.rglob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    SHIPPED,
+    ids=[".".join(p.relative_to(DEFAULT_SCRIPTS_DIR).with_suffix("").parts) for p in SHIPPED],
+)
+def test_each_shipped_script_is_an_ordinary_module(path: Path) -> None:
+    """A shipped script imports as plain Python (every name of its declaration imported); the
+    source the service runs has no msgspec import left."""
+    spec = importlib.util.spec_from_file_location(f"shipped_{path.stem}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.execute)
+    source = path.read_text(encoding="utf-8")
+    declared = declare(source, path.stem)
+    assert declared.input_type is not None
+    assert "msgspec" not in declared.source
+    assert len(declared.source.splitlines()) == len(source.splitlines())

@@ -23,10 +23,10 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pyexec_client.signing import MSG_ID
 
-from consumer import protocol, tracing
+from consumer import logs, protocol, tracing
 from consumer.config import Settings
 from consumer.errors import Conflict, StoreUnavailable
-from consumer.handler import AdmittedJob, Handler
+from consumer.handler import AdmittedJob, Handler, request_fields
 from consumer.jobs.admit import Admission, Refused
 from consumer.jobs.completions import Completions
 from consumer.jobs.stopper import RunningJobs
@@ -168,14 +168,20 @@ class JobWorker:
             self.metrics.jobs_refused.labels(reason="not_jetstream").inc()
             self._refusals.log("a message without JetStream delivery metadata", "not_jetstream")
             return
+        started = time.perf_counter()
         # For the log only: the id the message claims, in whatever case it came.
         given = protocol.header(msg.headers, MSG_ID) or ""
-        structlog.contextvars.bind_contextvars(job_id=given[:64])
+        # The job carries its caller's trace context: every line of the job, refusals
+        # included, has the trace id the caller's request had.
+        trace = tracing.continue_from(msg.headers)
+        structlog.contextvars.bind_contextvars(job_id=given[:64], **trace.log_fields())
         job = await self._take(msg, meta)
         if job is None:
             return
         if meta.num_delivered == 1:
             self.metrics.jobs_taken.inc()
+        fields = request_fields(job.request) if job.request is not None else {}
+        structlog.contextvars.bind_contextvars(key_id=job.caller.key_id, **fields)
         log.info("job started", deliveries=meta.num_delivered, subject=msg.subject)
         alive = asyncio.create_task(_keep_alive(msg, self.settings.job_ack_wait))
         try:
@@ -193,22 +199,26 @@ class JobWorker:
                 response = self._worker_lost(job, meta.num_delivered)
                 self.metrics.jobs_lost.inc()
             else:
-                ran = await self._run(job)
+                ran = await self._run(job, trace)
                 if ran is None or await self.ledger.state_of(job.job_id) == "cancelled":
                     await self._complete_cancelled(job, msg)
                     return
                 response = ran
             state = await self._complete(job, msg, response)
-            log.info(
+            # The job's canonical line.
+            logs.canonical(
+                log,
                 "job completed",
-                status=response.reply.status,
+                subject=msg.subject,
+                **response.log_fields(),
+                total_ms=round((time.perf_counter() - started) * 1000, 3),
                 state=state,
                 deliveries=meta.num_delivered,
             )
         finally:
             alive.cancel()
 
-    async def _run(self, job: AdmittedJob) -> Response | None:
+    async def _run(self, job: AdmittedJob, trace: tracing.Trace) -> Response | None:
         """Run the job; None when it was cancelled while it ran (its child is killed). Its
         progress reports are published, the last one before this returns."""
         relay = ProgressRelay(
@@ -221,7 +231,9 @@ class JobWorker:
         )
         finished = False
         try:
-            response = await self.stopper.run(job.job_id, self.handler.run_job(job, relay.offer))
+            response = await self.stopper.run(
+                job.job_id, self.handler.run_job(job, relay.offer, trace=trace)
+            )
             finished = response is not None
             return response
         finally:
@@ -307,8 +319,7 @@ class JobWorker:
                 "the replicas running it were lost",
             ),
         )
-        trace = tracing.continue_from(job.headers)
-        log.warning("job lost", deliveries=deliveries, **trace.log_fields())
+        log.warning("job lost", deliveries=deliveries)
         return self.completions.signed_for(job, reply)
 
     async def stop_fetching(self) -> None:

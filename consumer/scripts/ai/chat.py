@@ -4,8 +4,10 @@ Returns {"content": str | None, "role": str, "model": str, "finish_reason": str 
 "usage": {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int} | None}.
 """
 
-import openai
+from typing import Annotated, Any, Literal
 
+import openai
+from msgspec import Meta
 
 
 class Message:
@@ -28,7 +30,7 @@ class ChatError(Exception):
     """The API call failed; the message never holds the token."""
 
 
-def redact(text, secret):
+def redact(text: object, secret: str) -> str:
     """``text`` with the token (and any bearer credential) taken out."""
     text = str(text).replace(secret, "***")
     words = text.split(" ")
@@ -38,21 +40,22 @@ def redact(text, secret):
     return " ".join(words)
 
 
-def detail(exc):
+def detail(exc: openai.APIStatusError) -> str:
     """The API's own error message if its body has one, else the client's."""
     body = exc.body
     if isinstance(body, dict):
         error = body.get("error", body)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+        message = error.get("message") if isinstance(error, dict) else None
+        if isinstance(message, str):
+            return message
         if isinstance(error, str):
             return error
     return exc.message
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     secret = ctx["api_key"]
-    options = {"model": ctx["model"], "messages": ctx["messages"]}
+    options: dict[str, Any] = {"model": ctx["model"], "messages": ctx["messages"]}
     if ctx["temperature"] is not None:
         options["temperature"] = ctx["temperature"]
     if ctx["max_tokens"] is not None:

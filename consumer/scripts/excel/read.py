@@ -13,8 +13,10 @@ midnight is a date), durations seconds, empty cells null. Empty rows at the end 
 import base64
 import datetime
 import io
+from typing import Annotated, Any
 
 import openpyxl
+from msgspec import Meta
 
 
 class Input:
@@ -27,7 +29,7 @@ class Input:
     max_sheets: Annotated[int, Meta(ge=1, le=100)] = 20  # sheets read at most
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     if (ctx["file"] is None) == (ctx["in_file"] is None):
         raise ValueError("give the workbook as file (base64) or as in_file (a request file)")
     data = decode(ctx["file"]) if ctx["in_file"] is None else read_input(ctx["in_file"])
@@ -45,14 +47,14 @@ def execute(ctx):
     return {"sheets": sheets, "sheet_names": names, "skipped_sheets": wanted[len(read) :]}
 
 
-def decode(text):
+def decode(text: str) -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except ValueError:
         raise ValueError("file is not valid base64") from None
 
 
-def read_input(alias):
+def read_input(alias: str) -> bytes:
     try:
         with open(f"in/{alias}", "rb") as handle:
             return handle.read()
@@ -60,18 +62,18 @@ def read_input(alias):
         raise ValueError(f"in_file: the request has no file {alias!r}") from None
 
 
-def open_workbook(data):
+def open_workbook(data: bytes) -> Any:
     if data[:4] != b"PK\x03\x04":  # every .xlsx is a zip archive
         raise ValueError("file is not an .xlsx workbook (.xls and encrypted files are not read)")
     try:
         return openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - openpyxl fails in many ways on a bad file
         raise ValueError(f"file is not a readable .xlsx workbook: {exc}") from None
 
 
-def read_sheet(sheet, header, max_rows):
-    columns = None
-    rows = []
+def read_sheet(sheet: Any, header: bool, max_rows: int) -> dict[str, Any]:
+    columns: list[str] | None = None
+    rows: list[Any] = []
     blank = 0  # empty rows seen since the last row with a value
     truncated = False
     for values in sheet.iter_rows(values_only=True):
@@ -101,9 +103,9 @@ def read_sheet(sheet, header, max_rows):
     return {"name": sheet.title, "columns": columns, "rows": rows, "truncated": truncated}
 
 
-def column_names(row, start=0):
+def column_names(row: list[Any], start: int = 0) -> list[str]:
     """Header cells as names: blanks become column_<n>, repeats get _2, _3, ..."""
-    names = []
+    names: list[str] = []
     for index, value in enumerate(row, start + 1):
         name = f"column_{index}" if value is None or value == "" else str(value)
         base, n = name, 1
@@ -114,7 +116,7 @@ def column_names(row, start=0):
     return names
 
 
-def cell_value(value):
+def cell_value(value: Any) -> Any:
     if isinstance(value, datetime.datetime):
         if value.time() == datetime.time(0, 0) and value.tzinfo is None:
             return value.date().isoformat()

@@ -11,8 +11,10 @@ strings, "=..." is not a formula unless formulas=true).
 
 import base64
 import io
+from typing import Annotated, Any
 
 import openpyxl
+from msgspec import Meta
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE, Cell
 from openpyxl.styles import Font, PatternFill
 from openpyxl.utils import get_column_letter
@@ -28,13 +30,15 @@ class Input:
     freeze_header: bool = True  # keep the header row in view when scrolling
     formulas: bool = False  # write strings starting with "=" as formulas
     # write the workbook to out/<out_file> (listed in the reply's files) instead of base64
-    out_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,94}\.xlsx$")] | None = None
+    out_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,94}\.xlsx$")] | None = (
+        None
+    )
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     book = openpyxl.Workbook()
     book.remove(book.active)
-    written = []
+    written: list[dict[str, Any]] = []
     for index, spec in enumerate(ctx["sheets"]):
         where = f"sheets[{index}]"
         name, columns, rows = sheet_parts(spec, where, [s["name"] for s in written])
@@ -63,7 +67,9 @@ def execute(ctx):
     return {"file": base64.b64encode(data).decode(), "bytes": len(data), "sheets": written}
 
 
-def sheet_parts(spec, where, taken):
+def sheet_parts(
+    spec: Any, where: str, taken: list[str]
+) -> tuple[str, list[str] | None, list[list[Any]]]:
     """The checked name, column names and rows (as lists) of one sheet."""
     if not isinstance(spec, dict) or set(spec) - SHEET_KEYS or "name" not in spec:
         raise ValueError(f'{where}: expected {{"name", "rows", "columns"}}, got {spec!r}'[:300])
@@ -80,9 +86,10 @@ def sheet_parts(spec, where, taken):
         raise ValueError(f"{where}.columns: expected a list of strings")
     if rows and all(isinstance(row, dict) for row in rows):
         if columns is None:
-            columns = []
+            found: list[str] = []
             for row in rows:
-                columns.extend(key for key in row if key not in columns)
+                found.extend(key for key in row if key not in found)
+            columns = found
         return name, columns, [[row.get(c) for c in columns] for row in rows]
     for number, row in enumerate(rows):
         if not isinstance(row, list):
@@ -90,7 +97,7 @@ def sheet_parts(spec, where, taken):
     return name, columns, rows
 
 
-def make_cell(sheet, value, where, formulas):
+def make_cell(sheet: Any, value: Any, where: str, formulas: bool) -> Any:
     """A cell value; text loses the control characters Excel cannot store."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
@@ -106,8 +113,8 @@ def make_cell(sheet, value, where, formulas):
     return text
 
 
-def fit_widths(sheet, rows):
-    widths = {}
+def fit_widths(sheet: Any, rows: list[list[Any]]) -> None:
+    widths: dict[int, int] = {}
     for row in rows:
         for index, value in enumerate(row, 1):
             size = 0 if value is None else len(str(value))

@@ -5,7 +5,11 @@ groups in the order of their first member, members in input order; "distinct" co
 strings left after merging each group into one.
 """
 
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
 import numpy
+from msgspec import Meta
 from rapidfuzz import fuzz, process, utils
 
 
@@ -31,14 +35,14 @@ SCORERS = {
 BLOCK = 256  # rows scored per rapidfuzz call: 256 × 5000 float32 scores are 5 MB
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     strings = ctx["strings"]
     if ctx["processor"] == "default_process":
         compared = [utils.default_process(s) for s in strings]  # once, not once per pair
     else:
         compared = strings
     group_of = group_by_leader(compared, SCORERS[ctx["scorer"]], ctx["threshold"])
-    members = {}
+    members: dict[int, list[int]] = {}
     for index, leader in enumerate(group_of):
         members.setdefault(leader, []).append(index)
     groups = [
@@ -49,7 +53,9 @@ def execute(ctx):
     return {"groups": groups, "distinct": len(members)}
 
 
-def group_by_leader(compared, scorer, threshold):
+def group_by_leader(
+    compared: list[str], scorer: Callable[..., float], threshold: float
+) -> list[int]:
     """For each string, the index of its group's first string (its leader).
 
     In input order, a string not yet in a group starts one and takes in every later string

@@ -4,6 +4,9 @@ Returns {"matches": [{"choice": str, "score": float, "index": int}, ...]}, best 
 0-100 and index the choice's position in choices.
 """
 
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta
 from rapidfuzz import fuzz, process, utils
 
 
@@ -33,7 +36,7 @@ SCORERS = {
 PROCESSORS = {"default_process": utils.default_process, "none": None}
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     found = process.extract(
         ctx["query"],
         ctx["choices"],

@@ -6,8 +6,10 @@ content-type, content-length, etag, last-modified and retry-after, when the serv
 
 import json
 import time
+from typing import Annotated, Any, Literal
 
 import requests
+from msgspec import Meta
 
 
 class Input:
@@ -30,7 +32,7 @@ class HTTPJSONError(Exception):
     """The call failed; the message never holds a header value that was sent."""
 
 
-def redact(text, secrets):
+def redact(text: object, secrets: list[str]) -> str:
     """``text`` with every sent header value (and any bearer credential) taken out."""
     text = str(text)
     for secret in secrets:
@@ -42,7 +44,7 @@ def redact(text, secrets):
     return " ".join(words)
 
 
-def shown(url):
+def shown(url: str) -> str:
     """``url`` as errors show it: a user name and password in it are taken out."""
     scheme, _, rest = url.partition("://")
     host, slash, path = rest.partition("/")
@@ -51,12 +53,14 @@ def shown(url):
     return f"{scheme}://{host}{slash}{path}"
 
 
-def read_capped(response, max_bytes, deadline):
+def read_capped(
+    response: requests.Response, max_bytes: int, deadline: float
+) -> tuple[bytes | None, str | None]:
     """The body, read in chunks; fails as soon as it passes ``max_bytes`` or the deadline."""
     announced = response.headers.get("content-length")
     if announced is not None and announced.isdigit() and int(announced) > max_bytes:
         return None, f"the response is {int(announced)} bytes, more than max_bytes ({max_bytes})"
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_content(CHUNK):
         size += len(chunk)
@@ -68,7 +72,7 @@ def read_capped(response, max_bytes, deadline):
     return b"".join(chunks), None
 
 
-def decode(body, response, secrets):
+def decode(body: bytes, response: requests.Response, secrets: list[str]) -> tuple[Any, str | None]:
     """The body as JSON, and an error message if it is not JSON."""
     try:
         return json.loads(body), None
@@ -78,7 +82,7 @@ def decode(body, response, secrets):
         return None, f"the response is not JSON ({kind}): {redact(text, secrets)!r}"
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     if ctx["json"] is not None and ctx["method"] != "POST":
         raise ValueError("ctx.json: a JSON body is only sent with method POST")
     secrets = [value for value in ctx["headers"].values() if len(value) >= 4]
@@ -105,7 +109,13 @@ def execute(ctx):
         if response is not None:
             response.close()
     if failure is None:
+        # Read without a failure: there is a response and its body.
+        assert response is not None
+        assert body is not None
         status = response.status_code
+        headers = {
+            name: response.headers[name] for name in SAFE_HEADERS if name in response.headers
+        }
         data, failure = decode(body, response, secrets)
         if ctx["raise_for_status"] and not 200 <= status < 300:
             excerpt = redact(body[:EXCERPT].decode("utf-8", "replace"), secrets)
@@ -114,5 +124,4 @@ def execute(ctx):
             failure = None
     if failure is not None:
         raise HTTPJSONError(f"{where}: {failure}")
-    headers = {name: response.headers[name] for name in SAFE_HEADERS if name in response.headers}
     return {"status": status, "headers": headers, "json": data}

@@ -5,7 +5,11 @@ Returns {"statements": [{"type": str, "writes": bool, "tables": [{"catalog": str
 "writes": bool}, one entry per statement; "writes" on top is true if any statement writes.
 """
 
+from collections.abc import Iterable
+from typing import Annotated, Any
+
 import sqlglot
+from msgspec import Meta
 from sqlglot import exp
 
 
@@ -20,16 +24,16 @@ READ_ONLY = (exp.Query, exp.Show, exp.Describe, exp.Use, exp.Set)
 WRITING_PARTS = (
     exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter,
     exp.TruncateTable, exp.Into, exp.Command,
-)
+)  # fmt: skip
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     statements = sqlglot.parse(ctx["sql"], read=ctx["dialect"])
     described = [describe(tree) for tree in statements if tree is not None]
     return {"statements": described, "writes": any(s["writes"] for s in described)}
 
 
-def describe(tree):
+def describe(tree: exp.Expr) -> dict[str, Any]:
     ctes = unique(cte.alias for cte in tree.find_all(exp.CTE))
     columns = (".".join(part.name for part in c.parts) for c in tree.find_all(exp.Column))
     functions = (function_name(f) for f in tree.find_all(exp.Func))
@@ -43,7 +47,7 @@ def describe(tree):
     }
 
 
-def statement_type(tree):
+def statement_type(tree: exp.Expr) -> str:
     if isinstance(tree, exp.Query):  # SELECT, and UNION / INTERSECT / EXCEPT of them
         return "select"
     if isinstance(tree, exp.TruncateTable):
@@ -53,9 +57,9 @@ def statement_type(tree):
     return tree.key
 
 
-def tables(tree, ctes):
+def tables(tree: exp.Expr, ctes: list[str]) -> list[dict[str, str | None]]:
     """The tables named, without the statement's own CTEs, sorted by their dotted name."""
-    found = {}
+    found: dict[str, dict[str, str | None]] = {}
     for table in tree.find_all(exp.Table):
         if not table.name or (not table.db and table.name in ctes):
             continue  # a table function such as generate_series(), or a CTE
@@ -68,12 +72,12 @@ def tables(tree, ctes):
     return [found[name] for name in sorted(found)]
 
 
-def function_name(function):
+def function_name(function: exp.Func) -> str:
     if isinstance(function, exp.Anonymous):  # a function sqlglot does not know, as written
         return function.name.upper()
     return function.sql_name()
 
 
-def unique(values):
+def unique(values: Iterable[str]) -> list[str]:
     """The values without repeats, in the order first seen."""
     return list(dict.fromkeys(values))

@@ -3,7 +3,10 @@
 Returns {"statements": [str, ...]}, one entry per input statement.
 """
 
+from typing import Annotated, Any
+
 import sqlglot
+from msgspec import Meta
 
 
 class Input:
@@ -13,7 +16,7 @@ class Input:
     pretty: bool = False  # format the output over several lines
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, list[str]]:
     statements = sqlglot.transpile(
         ctx["sql"],
         read=ctx["read"],

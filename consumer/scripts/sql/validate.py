@@ -5,8 +5,10 @@ Returns {"valid": true, "statements": int}, or {"valid": false, "errors": [{"mes
 """
 
 import re
+from typing import Annotated, Any
 
 import sqlglot
+from msgspec import Meta
 from sqlglot.errors import ErrorLevel, ParseError, TokenError
 
 
@@ -21,7 +23,7 @@ TOKEN = re.compile(r"<Token token_type: [\w.]+, text: (.*?), line: \d+, col: \d+
 CLASS = re.compile(r"<class '(?:\w+\.)*(\w+)'>")
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     try:
         # RAISE: the parser goes on after an error and reports all of them at the end.
         statements = sqlglot.parse(ctx["sql"], read=ctx["dialect"], error_level=ErrorLevel.RAISE)
@@ -33,7 +35,7 @@ def execute(ctx):
     return {"valid": True, "statements": len([s for s in statements if s is not None])}
 
 
-def located(found):
+def located(found: dict[str, Any]) -> dict[str, Any]:
     """A sqlglot error as {"message", "line", "column", "near"}; the column is 1-based where
     the offending token starts (sqlglot counts to where it ends)."""
     message = CLASS.sub(r"\1", TOKEN.sub(r"'\1'", found["description"]))

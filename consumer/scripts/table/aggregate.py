@@ -9,7 +9,10 @@ Operations are named, never evaluated: a filter is {"column", "op", "value"}, an
 {"column", "op", "name"}, a pivot {"index", "columns", "values", "op"}.
 """
 
+from typing import Annotated, Any, Literal
+
 import pandas as pd
+from msgspec import Meta
 
 # The aggregation a caller names -> the pandas reduction it runs (first/last: non-null).
 AGGREGATIONS = {
@@ -45,9 +48,7 @@ class Pivot:
     index: str | list[str]  # the row keys
     columns: str  # one result column per value of this column
     values: str  # the column aggregated into the cells
-    op: Literal["sum", "mean", "median", "min", "max", "count", "nunique", "first", "last"] = (
-        "sum"
-    )
+    op: Literal["sum", "mean", "median", "min", "max", "count", "nunique", "first", "last"] = "sum"
 
 
 class Input:
@@ -55,7 +56,9 @@ class Input:
     # or: the alias of a request file, a .csv (UTF-8, header row) or an .xlsx (first sheet)
     in_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")] | None = None
     # write the result to out/<out_file> as CSV instead of returning its rows
-    out_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,95}\.csv$")] | None = None
+    out_file: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,95}\.csv$")] | None = (
+        None
+    )
     filters: list[Filter] = []  # all must hold
     group_by: list[str] = []  # group on these columns (null is a group of its own)
     aggregations: list[Aggregation] = []
@@ -65,7 +68,7 @@ class Input:
     limit: Annotated[int, Meta(ge=1, le=100000)] | None = None  # rows kept after sorting
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     # Nullable dtypes keep whole numbers whole when a column has nulls.
     frame = load_table(ctx).convert_dtypes()
     for number, spec in enumerate(ctx["filters"]):
@@ -93,7 +96,7 @@ def execute(ctx):
     return {"columns": list(frame.columns), "rows": frame.values.tolist(), "total_rows": total}
 
 
-def load_table(ctx):
+def load_table(ctx: dict[str, Any]) -> pd.DataFrame:
     """The table from records or from the request's file in_file (exactly one of them)."""
     if (ctx["records"] is None) == (ctx["in_file"] is None):
         raise ValueError("give the table as records or as in_file (a request file)")
@@ -110,14 +113,14 @@ def load_table(ctx):
     raise ValueError(f"in_file: {alias!r} is neither a .csv nor an .xlsx file")
 
 
-def check(frame, columns):
+def check(frame: pd.DataFrame, columns: list[str]) -> None:
     known = [str(name) for name in frame.columns]
     for column in columns:
         if column not in known:
             raise ValueError(f"unknown column {column!r} (columns: {', '.join(known)})")
 
 
-def apply_filter(frame, spec, where):
+def apply_filter(frame: pd.DataFrame, spec: dict[str, Any], where: str) -> pd.DataFrame:
     column, op, value = spec["column"], spec["op"], spec["value"]
     check(frame, [column])
     if op in ("in", "not_in") and not isinstance(value, list):
@@ -130,14 +133,16 @@ def apply_filter(frame, spec, where):
         raise ValueError(f"{where}: cannot compare {column!r} {op} {value!r} ({exc})") from None
 
 
-def numeric(frame, column, op, where):
+def numeric(frame: pd.DataFrame, column: str, op: str, where: str) -> None:
     if op in NUMERIC_ONLY and frame[column].dtype.kind not in "iufb":
         raise ValueError(f"{where}: {op!r} needs numbers; column {column!r} is not numeric")
 
 
-def aggregate(frame, group_by, aggregations):
+def aggregate(
+    frame: pd.DataFrame, group_by: list[str], aggregations: list[dict[str, Any]]
+) -> pd.DataFrame:
     check(frame, group_by)
-    named = {}
+    named: dict[str, tuple[str, str]] = {}
     for number, spec in enumerate(aggregations):
         where = f"aggregations[{number}]"
         column, op = spec["column"], spec["op"]
@@ -155,14 +160,14 @@ def aggregate(frame, group_by, aggregations):
     return groups.agg(**named).reset_index()
 
 
-def whole(series, op):
+def whole(series: pd.Series, op: str) -> Any:
     if op in ("first", "last"):
         present = series.dropna()
         return None if present.empty else present.iloc[0 if op == "first" else -1]
     return series.agg(op)
 
 
-def pivot(frame, spec):
+def pivot(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
     op, values, columns = spec["op"], spec["values"], spec["columns"]
     index = [spec["index"]] if isinstance(spec["index"], str) else spec["index"]
     if not index:

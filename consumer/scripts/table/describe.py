@@ -9,8 +9,11 @@ records, or as a CSV or .xlsx file of the request (in_file, its alias).
 
 import json
 import math
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import pandas as pd
+from msgspec import Meta
 
 # The kind of a column, from the JSON values in it: one of these, "number" (integers and
 # floats), "mixed" or "empty" (nulls only).
@@ -28,7 +31,7 @@ class Input:
     top: Annotated[int, Meta(ge=0, le=100)] = 5  # most frequent values listed per column
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     records = load_records(ctx)
     frame = pd.DataFrame.from_records(records)
     names = [str(name) for name in frame.columns]
@@ -36,7 +39,7 @@ def execute(ctx):
     for name in wanted:
         if name not in names:
             raise ValueError(f"unknown column {name!r} (columns: {', '.join(names)})")
-    columns = []
+    columns: list[dict[str, Any]] = []
     for name in wanted:
         kinds = {KINDS.get(type(r.get(name)), "object") for r in records} - {"null"}
         if kinds == {"integer", "float"}:
@@ -46,12 +49,13 @@ def execute(ctx):
     return {"rows": len(frame), "columns": columns}
 
 
-def load_records(ctx):
+def load_records(ctx: dict[str, Any]) -> list[dict[str, Any]]:
     """The records given, or those of the request's file in_file (as JSON values)."""
     if (ctx["records"] is None) == (ctx["in_file"] is None):
         raise ValueError("give the table as records or as in_file (a request file)")
     if ctx["in_file"] is None:
-        return ctx["records"]
+        records: list[dict[str, Any]] = ctx["records"]
+        return records
     alias = ctx["in_file"]
     try:
         if alias.lower().endswith(".xlsx"):
@@ -62,12 +66,13 @@ def load_records(ctx):
             raise ValueError(f"in_file: {alias!r} is neither a .csv nor an .xlsx file")
     except FileNotFoundError:
         raise ValueError(f"in_file: the request has no file {alias!r}") from None
-    return json.loads(frame.to_json(orient="records", date_format="iso"))
+    loaded: list[dict[str, Any]] = json.loads(frame.to_json(orient="records", date_format="iso"))
+    return loaded
 
 
-def describe(name, series, kind, top):
+def describe(name: str, series: pd.Series, kind: str, top: int) -> dict[str, Any]:
     values = series.map(hashable)  # lists and objects are counted by their JSON text
-    summary = {
+    summary: dict[str, Any] = {
         "name": name,
         "dtype": str(series.dtype),
         "kind": kind,
@@ -76,17 +81,20 @@ def describe(name, series, kind, top):
         "unique": int(values.nunique(dropna=True)),
     }
     if kind in ("integer", "float", "number"):  # numbers and nulls only
-        whole = int if kind == "integer" else number  # nulls made the column float
+        # Nulls made the column float.
+        whole: Callable[[Any], Any] = int if kind == "integer" else number
         quartiles = series.quantile([0.25, 0.5, 0.75])
-        summary.update({
-            "min": whole(number(series.min())),
-            "max": whole(number(series.max())),
-            "mean": number(series.mean()),
-            "std": number(series.std()),
-            "p25": number(quartiles[0.25]),
-            "median": number(quartiles[0.5]),
-            "p75": number(quartiles[0.75]),
-        })
+        summary.update(
+            {
+                "min": whole(number(series.min())),
+                "max": whole(number(series.max())),
+                "mean": number(series.mean()),
+                "std": number(series.std()),
+                "p25": number(quartiles[0.25]),
+                "median": number(quartiles[0.5]),
+                "p75": number(quartiles[0.75]),
+            }
+        )
     else:
         counts = values.value_counts(dropna=True).head(top)
         summary["top"] = [
@@ -95,13 +103,13 @@ def describe(name, series, kind, top):
     return summary
 
 
-def hashable(value):
+def hashable(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value, sort_keys=True, ensure_ascii=False)
     return value
 
 
-def number(value):
+def number(value: Any) -> Any:
     """A statistic as int or float, or None for NaN and infinities."""
     if value is None or pd.isna(value):
         return None
@@ -111,5 +119,5 @@ def number(value):
     return value
 
 
-def plain(value):
+def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value

@@ -5,8 +5,10 @@ lemmas_only {"lemmas": [str, ...]}, in text order.
 """
 
 import re
+from typing import Annotated, Any, Literal
 
 import pymorphy3
+from msgspec import Meta
 
 # A word is a run of letters (Cyrillic, Latin, ...) with inner hyphens or apostrophes
 # ("кто-то", "по-русски", "O'Neil"); a number is digits with an optional decimal part.
@@ -20,16 +22,17 @@ class Input:
     pos: list[Literal[
         "NOUN", "ADJF", "ADJS", "COMP", "VERB", "INFN", "PRTF", "PRTS", "GRND", "NUMR", "ADVB",
         "NPRO", "PRED", "PREP", "CONJ", "PRCL", "INTJ", "NUMB", "LATN", "ROMN", "UNKN",
-    ]] | None = None
+    ]] | None = None  # fmt: skip
     lemmas_only: bool = False  # return the lemmas as a list of strings
     alternatives: bool = False  # add the other readings of ambiguous words, likeliest first
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     morph = pymorphy3.MorphAnalyzer()  # once per run: cheap when the warm parent loaded it
     wanted = set(ctx["pos"]) if ctx["pos"] is not None else None
-    known = {}  # each word form is analysed once: texts repeat their words
-    words = []
+    # Each word form is analysed once: texts repeat their words.
+    known: dict[str, dict[str, Any]] = {}
+    words: list[dict[str, Any]] = []
     for match in WORD.finditer(ctx["text"]):
         word = match.group()
         if word not in known:
@@ -41,22 +44,26 @@ def execute(ctx):
     return {"words": words}
 
 
-def analyse(morph, word, alternatives):
+def analyse(morph: Any, word: str, alternatives: bool) -> dict[str, Any]:
     """The likeliest reading of a word: lemma, part of speech, tag (and the other readings)."""
     parses = morph.parse(word)
     best = parses[0]
-    analysis = {"lemma": best.normal_form, "pos": part_of_speech(best), "tag": str(best.tag)}
+    analysis: dict[str, Any] = {
+        "lemma": best.normal_form,
+        "pos": part_of_speech(best),
+        "tag": str(best.tag),
+    }
     if alternatives:
         analysis["alternatives"] = other_readings(parses)
     return analysis
 
 
-def part_of_speech(parse):
+def part_of_speech(parse: Any) -> str:
     """The part of speech, or for a number, Latin word and the like the kind of token."""
     return parse.tag.POS or str(parse.tag).split(",")[0]
 
 
-def other_readings(parses):
+def other_readings(parses: list[Any]) -> list[dict[str, str]]:
     """Each other (lemma, part of speech) pair the word may have, without repeats."""
     seen = [(parses[0].normal_form, part_of_speech(parses[0]))]
     for parse in parses[1:]:

@@ -5,6 +5,7 @@ Returns {"text": str, "changed": bool}.
 
 import re
 import unicodedata
+from typing import Any, Literal
 
 
 class Input:
@@ -14,7 +15,7 @@ class Input:
     collapse_whitespace: bool = True  # runs of whitespace become one space; ends trimmed
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, Any]:
     text = ctx["text"]
     form = ctx["form"]
     case = ctx["case"]

@@ -4,7 +4,9 @@ Returns {"tokens": [str, ...]} for kind "words", {"sentences": [str, ...]} for "
 """
 
 import re
+from typing import Annotated, Any, Literal
 
+from msgspec import Meta
 from nltk.tokenize import NLTKWordTokenizer, ToktokTokenizer, TweetTokenizer, WordPunctTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
@@ -36,7 +38,7 @@ ABBREVIATIONS = {
         "гг", "в", "вв", "им", "ул", "пер", "д", "кв", "стр", "рис", "табл", "руб", "коп",
         "тыс", "млн", "млрд", "проф", "акад", "доц", "англ", "рус", "лат", "мин", "сек",
     ],
-}
+}  # fmt: skip
 AUTO = {"english": "treebank", "russian": "toktok"}
 TOKENIZERS = {
     "treebank": NLTKWordTokenizer,
@@ -48,13 +50,13 @@ PARAGRAPH = re.compile(r"\n\s*\n")  # a blank line always ends a sentence
 ALPHANUMERIC = re.compile(r"[^\W_]")
 
 
-def execute(ctx):
+def execute(ctx: dict[str, Any]) -> dict[str, list[str]]:
     sentences = split_sentences(ctx["text"], ctx["language"])
     if ctx["kind"] == "sentences":
         return {"sentences": [cased(sentence, ctx) for sentence in sentences]}
     name = ctx["tokenizer"] if ctx["tokenizer"] != "auto" else AUTO[ctx["language"]]
     tokenizer = TOKENIZERS[name]()
-    tokens = []
+    tokens: list[str] = []
     for sentence in sentences:  # word tokenizers split off a final period only at the end
         for token in tokenizer.tokenize(sentence):
             if ctx["punctuation"] or ALPHANUMERIC.search(token):
@@ -62,15 +64,15 @@ def execute(ctx):
     return {"tokens": tokens}
 
 
-def split_sentences(text, language):
+def split_sentences(text: str, language: str) -> list[str]:
     parameters = PunktParameters()
     parameters.abbrev_types.update(ABBREVIATIONS[language])
     punkt = PunktSentenceTokenizer(parameters)
-    sentences = []
+    sentences: list[str] = []
     for paragraph in PARAGRAPH.split(text):
         sentences.extend(sentence.strip() for sentence in punkt.tokenize(paragraph))
     return [sentence for sentence in sentences if sentence]
 
 
-def cased(text, ctx):
+def cased(text: str, ctx: dict[str, Any]) -> str:
     return text.lower() if ctx["lowercase"] else text
