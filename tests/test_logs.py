@@ -23,9 +23,9 @@ from typing import Any
 
 import nats
 import pytest
+from pyexec_client.signing import sign
 
 from consumer import logs, protocol
-from consumer.auth import sign
 from consumer.protocol import Reply
 from tests.conftest import (
     KEY_ID,
