@@ -73,7 +73,7 @@ async def calls(url: str, prefix: str, key_id: str, secret: str) -> dict[str, An
 async def work(url: str, prefix: str, key_id: str, secret: str) -> dict[str, Any]:
     """Every call of the client against the replica."""
     seen: dict[str, Any] = {}
-    async with await Client.connect(url, key_id, secret, prefix=prefix) as client:
+    async with Client.connect(url, key_id, secret, prefix=prefix) as client:
         reply = await client.execute_code("def execute(ctx):\n    return ctx['a'] + 1\n", {"a": 1})
         seen["execute_code"] = [reply.status, reply.result]
         named = await client.execute_named("text.normalize", {"text": "  Hello   World "})
@@ -116,11 +116,13 @@ async def errors_of(url: str, prefix: str, key_id: str, secret: str) -> dict[str
             await client.execute_code("def execute(ctx):\n    return 1\n")
         except ClientError as exc:
             errors["no replica"] = group(exc)
-    async with await Client.connect(url, key_id, "not-the-secret", prefix=prefix) as client:
-        try:
-            await client.status("0" * 32)
-        except ClientError as exc:
-            errors["refused"] = group(exc)
+    client = await Client.connect(url, key_id, "not-the-secret", prefix=prefix)
+    try:
+        await client.status("0" * 32)
+    except ClientError as exc:
+        errors["refused"] = group(exc)
+    finally:
+        await client.close()
     # A responder that never answers, and one that answers with an unsigned reply.
     nc = await nats.connect(url)
     try:

@@ -1,6 +1,6 @@
 """pyexec-client: call the pyexec execution service from a backend.
 
-``async with await Client.connect(url, key_id, secret) as client:
+``async with Client.connect(url, key_id, secret) as client:
 reply = await client.execute_code(source, {"x": 1})``
 
 Needs only nats-py and msgspec. The wire messages (:mod:`pyexec_client.messages`), signing and
@@ -9,7 +9,7 @@ job ids (:mod:`pyexec_client.signing`) are the same the executor uses.
 
 from __future__ import annotations
 
-from pyexec_client.client import Client, ProgressEvents
+from pyexec_client.client import Client, Connecting, ProgressEvents
 from pyexec_client.errors import (
     BadReply,
     ClientError,
@@ -39,6 +39,7 @@ __all__ = [
     "CodeRequest",
     "Completion",
     "ConnectError",
+    "Connecting",
     "ErrorBody",
     "FileRef",
     "JobCancel",

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,7 +54,7 @@ async def _quiet(_exc: Exception) -> None:
 class Client:
     """Calls ``<prefix>.code`` and ``<prefix>.named`` with a signed API key.
 
-    ``async with await Client.connect(url, key_id, secret) as client:
+    ``async with Client.connect(url, key_id, secret) as client:
     reply = await client.execute_code(source, {"x": 1})``
     """
 
@@ -80,18 +81,45 @@ class Client:
         self._files_bucket = ""
 
     @classmethod
-    async def connect(
-        cls, servers: str | list[str], key_id: str, secret: str | bytes, **options: Any
+    def connect(
+        cls,
+        servers: str | list[str],
+        key_id: str,
+        secret: str | bytes,
+        *,
+        nats_options: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Connecting:
+        """Open a connection of the client's own; closed with the client. Either form works:
+        ``async with Client.connect(url, key_id, secret) as client:`` or
+        ``client = await Client.connect(url, key_id, secret)`` (then ``await client.close()``).
+
+        ``options`` go to the client (``prefix``, ``encoding``); ``nats_options`` to
+        ``nats.connect`` (for example ``{"allow_reconnect": True}``, or credentials: by default
+        a dropped connection is not re-established, so that a call fails at once with
+        :class:`ConnectError` instead of waiting)."""
+        return Connecting(
+            functools.partial(cls._open, servers, key_id, secret, dict(nats_options or {}), options)
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        servers: str | list[str],
+        key_id: str,
+        secret: str | bytes,
+        nats_options: dict[str, Any],
+        options: dict[str, Any],
     ) -> Client:
-        """Open a connection of the client's own; closed with the client."""
+        settings: dict[str, Any] = {
+            "connect_timeout": 5,
+            "max_reconnect_attempts": 3,
+            "allow_reconnect": False,
+            "error_cb": _quiet,
+        }
+        settings.update(nats_options)
         try:
-            nc = await nats.connect(
-                servers=servers,
-                connect_timeout=5,
-                max_reconnect_attempts=3,
-                allow_reconnect=False,
-                error_cb=_quiet,
-            )
+            nc = await nats.connect(servers=servers, **settings)
         except (OSError, TimeoutError, NatsError) as exc:
             listed = servers if isinstance(servers, str) else ",".join(servers)
             shown, why = without_credentials(listed), redact(exc, servers)
@@ -500,6 +528,27 @@ class Client:
             raise Timeout(f"no reply on '{subject}' within {timeout:g} s") from None
         except NatsError as exc:
             raise _failure(exc, f"the request on '{subject}' failed") from None
+
+
+class Connecting:
+    """What :meth:`Client.connect` returns: await it for the client, or use it as an async
+    context manager that closes the client on the way out."""
+
+    def __init__(self, opener: Callable[[], Coroutine[Any, Any, Client]]) -> None:
+        self._open = opener
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 class ProgressEvents:
