@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consumer.errors import InvalidRequest, UnknownScript
-from consumer.inputs import INPUT_CLASS, Declared, InputDeclarationError, declare
+from consumer.inputs import INPUT_CLASS, Declared, InputDeclarationError, declare, source_lines
 
 # Dotted names of plain tokens; no token may start with '_' or '.', so '..', '/', '\\',
 # absolute paths and hidden or private files can never be named.
@@ -39,7 +39,7 @@ class Catalog:
     def source(self, name: str) -> str:
         """The source of the script called ``name``, as written, or :class:`UnknownScript`."""
         path, _ = self._installed(name)
-        return path.read_text(encoding="utf-8")
+        return _text(path, name)
 
     def load(self, name: str) -> Declared:
         """The script called ``name`` as it runs, with its input type if it declares one.
@@ -53,7 +53,7 @@ class Catalog:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            declared = declare(path.read_text(encoding="utf-8"), name)
+            declared = declare(_text(path, name), name)
         except InputDeclarationError as exc:
             raise InvalidRequest(f"script '{name}' has an unusable class Input: {exc}") from None
         if len(self._cache) >= CACHE_SIZE:
@@ -102,7 +102,7 @@ class Catalog:
         if declaration is None:
             parts += ["", "ctx: not declared (the script checks it itself)"]
         else:
-            lines = source.splitlines()[declaration.lineno - 1 : declaration.end_lineno]
+            lines = source_lines(source)[declaration.lineno - 1 : declaration.end_lineno]
             parts += ["", *lines]
         return "\n".join(parts)
 
@@ -116,6 +116,17 @@ class Catalog:
                 continue
             found.append(ScriptInfo(name=name, summary=_summary(path)))
         return found
+
+
+def _text(path: Path, name: str) -> str:
+    """An installed script's source; :class:`InvalidRequest` if it is not UTF-8 (an
+    installation error, reported to the caller rather than run)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"script '{name}' is not UTF-8 text (byte {exc.start}); it cannot be run"
+        ) from None
 
 
 def _summary(path: Path) -> str:

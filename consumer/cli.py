@@ -21,7 +21,7 @@ from consumer import bench, config, logs
 from consumer.catalog import Catalog
 from consumer.config import Keyring, Settings
 from consumer.embedded import EmbeddedNats
-from consumer.errors import ConfigError, UnknownScript
+from consumer.errors import ConfigError, InvalidRequest, UnknownScript
 from consumer.protocol import CodeRequest, NamedRequest
 from consumer.service import Replica
 from consumer.target import DEV_ENV_FILE, Target, find_target
@@ -301,7 +301,7 @@ def _scripts(args: argparse.Namespace) -> int:
         return 0
     try:
         print(catalog.describe(args.name))
-    except UnknownScript as exc:
+    except (UnknownScript, InvalidRequest) as exc:
         print(f"pyexec: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -26,6 +26,7 @@ the line) is left in the source, where the sandbox refuses it as any import it d
 from __future__ import annotations
 
 import ast
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ import msgspec
 from consumer.errors import InvalidRequest
 
 INPUT_CLASS = "Input"
+# The line ends Python's tokenizer knows besides "\n"; it reads each as "\n", in string
+# literals too, so the source may be written with "\n" alone without changing what it means.
+_OTHER_LINE_ENDS = re.compile(r"\r\n?")
 # The statement that imports the declaration's constraint type, blanked before the run.
 _META_IMPORT = ("msgspec", [("Meta", None)])
 _NAMES: dict[str, Any] = {
@@ -222,15 +226,24 @@ def _is_meta_import(statement: ast.stmt, module: list[ast.stmt]) -> bool:
     )
 
 
+def source_lines(source: str) -> list[str]:
+    r"""The source's lines as Python numbers them, without their ends: a line ends only at
+    ``\n``, ``\r\n`` or ``\r``. (``str.splitlines`` also splits at form feeds, vertical
+    tabs, ``\x1c``-``\x1e``, ``\x85``, U+2028 and U+2029, which may stand in a docstring or a
+    comment, and would shift every line after them.)"""
+    return _OTHER_LINE_ENDS.sub("\n", source).split("\n")
+
+
 def _blank(source: str, node: ast.stmt) -> str:
-    """The source with a statement's lines emptied, so line numbers do not move."""
-    lines = source.splitlines(keepends=True)
+    r"""The source with a statement's lines emptied, so line numbers do not move; its line
+    ends are written ``\n`` (an emptied line after a ``\r`` would otherwise join it)."""
+    lines = source_lines(source)
     decorators = node.decorator_list if isinstance(node, ast.ClassDef) else []
     first = (decorators[0].lineno if decorators else node.lineno) - 1
     last = node.end_lineno or node.lineno
     for index in range(first, last):
-        lines[index] = "\n"
-    return "".join(lines)
+        lines[index] = ""
+    return "\n".join(lines)
 
 
 def _located(message: str) -> str:

@@ -17,6 +17,10 @@ from consumer.errors import ConfigError
 from sandbox import PoolConfig
 
 SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+# The longest time a setting may name: ten years. Far longer than any timeout, grace or
+# retention wants, and well inside JetStream's durations (nanoseconds in 64 bits, 292 years),
+# where a larger number (1e300) stopped the start with an overflow instead of a message.
+MAX_SECONDS = 10 * 365 * 86400
 
 
 class Parser(Protocol):
@@ -91,6 +95,10 @@ class Seconds:
             raise ConfigError(f"{name} must be a number of seconds, not '{text}'") from None
         if not 0 < value < float("inf"):
             raise ConfigError(f"{name} must be a positive number of seconds, not '{text}'")
+        if value > MAX_SECONDS:
+            raise ConfigError(
+                f"{name} must be at most {MAX_SECONDS} seconds (ten years), not {text}"
+            )
         return value
 
 

@@ -18,7 +18,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import nats
@@ -606,15 +605,15 @@ def _failure(exc: BaseException, what: str) -> ClientError:
 
 
 def without_credentials(urls: str) -> str:
-    """``urls`` (comma-separated) with any user name, password or token taken out, to show."""
+    """``urls`` (comma-separated) with any user name, password or token taken out, to show.
+    A URL without a scheme (``user:pass@host:4222``, which nats-py takes) is read like one with
+    it, and nothing in the URL is parsed (a malformed port or address is shown as given)."""
     shown = []
     for given in urls.split(","):
         url = given.strip()
-        parts = urlsplit(url)
-        if parts.username is not None or parts.password is not None:
-            host = parts.hostname or ""
-            netloc = f"{host}:{parts.port}" if parts.port is not None else host
-            url = urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+        userinfo = _userinfo(url)
+        if userinfo:
+            url = url.replace(f"{userinfo}@", "***@", 1)
         shown.append(url)
     return ",".join(shown)
 
@@ -624,7 +623,14 @@ def redact(exc: BaseException, servers: str | list[str]) -> str:
     text = repr(exc)
     for url in [servers] if isinstance(servers, str) else servers:
         for part in url.split(","):
-            userinfo = urlsplit(part.strip()).netloc.rpartition("@")[0]
+            userinfo = _userinfo(part.strip())
             if userinfo:
                 text = text.replace(userinfo, "***")
     return text
+
+
+def _userinfo(url: str) -> str:
+    """The ``user:password`` or token of a server URL, with or without its scheme; "" if none.
+    All before the last ``@``: a password may hold ``@`` or ``/`` unescaped."""
+    rest = url.partition("://")[2] if "://" in url else url
+    return rest.rpartition("@")[0]
