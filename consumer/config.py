@@ -122,6 +122,12 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             pool[variable.pool_field] = value
         elif variable.field is not None:
             fields[variable.field] = value
+    if env.get("NATS_URL") is not None and read["NATS_URL"] is None:
+        # Set but empty (a template whose value was missing): not the embedded server.
+        raise ConfigError(
+            f"NATS_URL is set but names no server ('{env['NATS_URL']}'); "
+            "unset it to start the embedded server"
+        )
     if read["EXECUTOR_DEFAULT_TIMEOUT"] > read["EXECUTOR_MAX_TIMEOUT"]:
         raise ConfigError(
             f"EXECUTOR_DEFAULT_TIMEOUT ({read['EXECUTOR_DEFAULT_TIMEOUT']:g}) is over "

@@ -84,9 +84,11 @@ class Whole:
 
 @dataclass(frozen=True)
 class Seconds:
-    """A positive, finite number of seconds."""
+    """A positive, finite number of seconds; at least ``low`` when one is given (the durations
+    JetStream keeps: below a second a consumer would redeliver, or a stream expire, at once)."""
 
     valid: str = "seconds"
+    low: float = 0.0
 
     def __call__(self, name: str, text: str) -> float:
         try:
@@ -95,6 +97,8 @@ class Seconds:
             raise ConfigError(f"{name} must be a number of seconds, not '{text}'") from None
         if not 0 < value < float("inf"):
             raise ConfigError(f"{name} must be a positive number of seconds, not '{text}'")
+        if value < self.low:
+            raise ConfigError(f"{name} must be at least {self.low:g} seconds, not {text}")
         if value > MAX_SECONDS:
             raise ConfigError(
                 f"{name} must be at most {MAX_SECONDS} seconds (ten years), not {text}"

@@ -332,7 +332,9 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         name="EXECUTOR_JOB_ACK_WAIT", origin="project", field="job_ack_wait",
-        parse=Seconds("seconds a job may go without a progress ack before redelivery"),
+        parse=Seconds(
+            "seconds a job may go without a progress ack before redelivery; at least 1", low=1.0
+        ),
         default=30.0,
     ),
     Variable(
@@ -343,7 +345,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         name="EXECUTOR_RESULTS_MAX_AGE", origin="project", field="results_max_age",
         parse=Seconds(
-            "seconds completions (and the job records that make submissions idempotent) are kept"
+            "seconds completions (and the job records that make submissions idempotent) are "
+            "kept; at least 1",
+            low=1.0,
         ),
         default=86400.0,
     ),
@@ -356,12 +360,15 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         name="EXECUTOR_FILES_MAX_AGE", origin="contract", field="files_max_age",
-        parse=Seconds("seconds objects are kept in `PYEXEC_FILES`"), default=86400.0,
+        parse=Seconds("seconds objects are kept in `PYEXEC_FILES`; at least 1", low=1.0),
+        default=86400.0,
     ),
     Variable(
         name="EXECUTOR_JOBS_DUPLICATE_WINDOW", origin="project", field="jobs_duplicate_window",
         parse=Seconds(
-            "seconds of the jobs stream's duplicate window, when the replica creates it"
+            "seconds of the jobs stream's duplicate window, when the replica creates it; "
+            "at least 1",
+            low=1.0,
         ),
         default=120.0,
     ),

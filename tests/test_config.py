@@ -151,6 +151,16 @@ MESSAGES = [
         "EXECUTOR_JOB_SHARE must be a number above 0 and at most 1, not 'half'",
     ),
     ({"EXECUTOR_JOB_SHARE": "1.5"}, "EXECUTOR_JOB_SHARE must be above 0 and at most 1, not 1.5"),
+    # A deployment's template with a missing value must not fall back to the embedded server.
+    (
+        {"NATS_URL": ","},
+        "NATS_URL is set but names no server (','); unset it to start the embedded server",
+    ),
+    # Durations JetStream keeps: below a second every job would be redelivered at once.
+    (
+        {"EXECUTOR_JOB_ACK_WAIT": "1e-9"},
+        "EXECUTOR_JOB_ACK_WAIT must be at least 1 seconds, not 1e-9",
+    ),
 ]
 
 
@@ -190,6 +200,31 @@ def test_values_are_read_as_the_docs_say() -> None:
     assert settings.metrics_key_ids is True
     assert settings.pool.tiers == ("full",)
     assert settings.log_format == "console"
+
+
+@pytest.mark.parametrize("value", ["", "  ", ",", " , ,"])
+def test_a_set_but_empty_nats_url_is_refused(value: str) -> None:
+    """NATS_URL present but naming no server is refused, not read as unset (which would start
+    the embedded server); unset, it still means the embedded server."""
+    with pytest.raises(ConfigError, match="NATS_URL is set but names no server"):
+        config.load({**BASE, "NATS_URL": value})
+    unset = {k: v for k, v in BASE.items() if k != "NATS_URL"}
+    assert config.load(unset).embedded
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "EXECUTOR_JOB_ACK_WAIT",
+        "EXECUTOR_RESULTS_MAX_AGE",
+        "EXECUTOR_FILES_MAX_AGE",
+        "EXECUTOR_JOBS_DUPLICATE_WINDOW",
+    ],
+)
+def test_jetstream_durations_are_at_least_a_second(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be at least 1 seconds"):
+        config.load({**BASE, name: "0.5"})
+    assert config.load({**BASE, name: "1"}) is not None
 
 
 def test_the_callers_settings_come_from_the_same_table(tmp_path: Path) -> None:

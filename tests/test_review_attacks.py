@@ -204,3 +204,46 @@ def test_a_replica_with_a_retention_it_cannot_use_exits_with_the_message(
     assert code == 2, output[-2000:]
     assert "EXECUTOR_RESULTS_MAX_AGE must be at most" in output
     assert "OverflowError" not in output
+
+
+# -- the client's answers to status and cancel -------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["status", "cancel"])
+def test_a_signed_answer_that_is_no_status_is_a_bad_reply(
+    nats_server: NatsServer, action: str
+) -> None:
+    """An answer signed for the request but not shaped as the call's answer (a holder of the
+    key with another version, or a bug) is BadReply, a ClientError, not a bare decode error."""
+    import nats
+    from pyexec_client.errors import BadReply
+    from pyexec_client.signing import NONCE_HEADER, sign_reply
+
+    from tests.conftest import KEY_ID, SECRET
+
+    prefix = f"odd-{action}"
+
+    async def scenario() -> BaseException | None:
+        responder = await nats.connect(nats_server.url)
+
+        async def answer(msg: nats.aio.msg.Msg) -> None:
+            body = b'{"job_id": 5, "state": "sideways"}'
+            nonce = (msg.headers or {})[NONCE_HEADER]
+            headers = sign_reply(KEY_ID, SECRET.encode(), msg.subject, nonce, body)
+            await responder.publish(msg.reply, body, headers=headers)
+
+        await responder.subscribe(f"{prefix}.job.{action}", cb=answer)
+        await responder.flush()
+        try:
+            async with Client.connect(nats_server.url, KEY_ID, SECRET, prefix=prefix) as client:
+                try:
+                    await getattr(client, action)("0" * 32)
+                except BadReply as exc:
+                    return exc
+                return None
+        finally:
+            await responder.close()
+
+    raised = asyncio.run(scenario())
+    assert isinstance(raised, BadReply)
+    assert "could not be decoded" in str(raised)

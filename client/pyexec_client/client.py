@@ -355,13 +355,19 @@ class Client:
         answered by any replica and checked against this request's signature. A refusal raises
         :class:`Refused`."""
         data, encoding = await self._lifecycle("status", job_id, timeout)
-        return protocol.decode_status(data, encoding)
+        try:
+            return protocol.decode_status(data, encoding)
+        except msgspec.DecodeError as exc:
+            raise BadReply(f"the status answer could not be decoded: {exc}") from None
 
     async def cancel(self, job_id: str, timeout: float = 10.0) -> protocol.JobCancel:
         """Cancel the job: a queued one never runs, a running one is stopped. The answer is
         the state it is in now (``cancelled``; ``done`` if it had finished; ``unknown``)."""
         data, encoding = await self._lifecycle("cancel", job_id, timeout)
-        return protocol.decode_cancel(data, encoding)
+        try:
+            return protocol.decode_cancel(data, encoding)
+        except msgspec.DecodeError as exc:
+            raise BadReply(f"the cancel answer could not be decoded: {exc}") from None
 
     async def _lifecycle(self, action: str, job_id: str, timeout: float) -> tuple[bytes, Encoding]:
         """Send ``<prefix>.job.<action>`` for ``job_id``; the checked answer's body."""
