@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyexec_client.client import Client, without_credentials
+from pyexec_client.client import Client
+from pyexec_client.urls import without_credentials
 
 from consumer import config
 from consumer.embedded import EmbeddedNats

@@ -24,22 +24,25 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import (
-    ConnectionClosedError,
-    NoRespondersError,
-    NoServersError,
-    StaleConnectionError,
-)
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NoStreamResponseError
 from nats.js.object_store import ObjectStore
 
 from pyexec_client import messages as protocol
-from pyexec_client.errors import BadReply, ClientError, ConnectError, NoReplica, Refused, Timeout
+from pyexec_client.errors import (
+    BadReply,
+    ClientError,
+    ConnectError,
+    NoReplica,
+    Refused,
+    Timeout,
+    from_nats,
+)
 from pyexec_client.messages import Completion, Encoding, Reply
 from pyexec_client.objects import ObjectMismatch, read_object, write_object
 from pyexec_client.signing import MSG_ID, NONCE_HEADER, job_id_for, sign, verify_reply
+from pyexec_client.urls import redact, without_credentials
 
 # Seconds the client waits past the script's own timeout for the reply to arrive.
 REPLY_MARGIN = 5.0
@@ -257,7 +260,7 @@ class Client:
         try:
             ack = await self.nc.jetstream().publish(subject, body, headers=headers, timeout=5)
         except (NatsError, TimeoutError) as exc:
-            raise _failure(exc, "the job could not be stored") from None
+            raise from_nats(exc, "the job could not be stored") from None
         if ack.duplicate and not tried_before:
             # The stream holds another message under this job id (inside its duplicate
             # window), and not one this client stored: this job was not stored.
@@ -438,7 +441,7 @@ class Client:
                 with open(data, "rb") as reader:  # noqa: ASYNC230 - read a chunk at a time
                     _, sha256 = await write_object(js, self._files_bucket, object_name, reader)
         except NatsError as exc:
-            raise _failure(exc, f"{object_name} could not be stored") from None
+            raise from_nats(exc, f"{object_name} could not be stored") from None
         return protocol.FileRef(object=object_name, sha256=sha256)
 
     async def get_file(
@@ -464,7 +467,7 @@ class Client:
         except ObjectMismatch:
             raise BadReply(f"{object_name} does not hold what its size and SHA-256 say") from None
         except NatsError as exc:
-            raise _failure(exc, f"{object_name} cannot be read") from None
+            raise from_nats(exc, f"{object_name} cannot be read") from None
         return None
 
     async def _file_store(self) -> ObjectStore:
@@ -474,7 +477,7 @@ class Client:
                 self._files = await self.nc.jetstream().object_store(bucket)
                 self._files_bucket = bucket
             except NatsError as exc:
-                raise _failure(exc, f"the file store {bucket} cannot be opened") from None
+                raise from_nats(exc, f"the file store {bucket} cannot be opened") from None
         return self._files
 
     async def send(
@@ -532,7 +535,7 @@ class Client:
         except (NatsTimeout, TimeoutError):
             raise Timeout(f"no reply on '{subject}' within {timeout:g} s") from None
         except NatsError as exc:
-            raise _failure(exc, f"the request on '{subject}' failed") from None
+            raise from_nats(exc, f"the request on '{subject}' failed") from None
 
 
 class Connecting:
@@ -597,46 +600,3 @@ def _decode(data: bytes, content_type: str | None) -> Reply:
         return protocol.decode_reply(data, encoding)
     except msgspec.DecodeError as exc:
         raise BadReply(f"the reply could not be decoded: {exc}") from None
-
-
-def _failure(exc: BaseException, what: str) -> ClientError:
-    """A NATS failure as the client error that says what to do about it."""
-    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
-        return NoReplica(f"{what}: nothing answered (is the executor deployed?)")
-    if isinstance(exc, (NatsTimeout, TimeoutError)):
-        return Timeout(f"{what}: no answer in time")
-    if isinstance(exc, (ConnectionClosedError, NoServersError, StaleConnectionError)):
-        return ConnectError(f"{what}: the connection to NATS is gone ({type(exc).__name__})")
-    return Refused(f"{what}: {exc!r}")
-
-
-def without_credentials(urls: str) -> str:
-    """``urls`` (comma-separated) with any user name, password or token taken out, to show.
-    A URL without a scheme (``user:pass@host:4222``, which nats-py takes) is read like one with
-    it, and nothing in the URL is parsed (a malformed port or address is shown as given)."""
-    shown = []
-    for given in urls.split(","):
-        url = given.strip()
-        userinfo = _userinfo(url)
-        if userinfo:
-            url = url.replace(f"{userinfo}@", "***@", 1)
-        shown.append(url)
-    return ",".join(shown)
-
-
-def redact(exc: BaseException, servers: str | list[str]) -> str:
-    """An error's text with the servers' credentials taken out."""
-    text = repr(exc)
-    for url in [servers] if isinstance(servers, str) else servers:
-        for part in url.split(","):
-            userinfo = _userinfo(part.strip())
-            if userinfo:
-                text = text.replace(userinfo, "***")
-    return text
-
-
-def _userinfo(url: str) -> str:
-    """The ``user:password`` or token of a server URL, with or without its scheme; "" if none.
-    All before the last ``@``: a password may hold ``@`` or ``/`` unescaped."""
-    rest = url.partition("://")[2] if "://" in url else url
-    return rest.rpartition("@")[0]

@@ -16,6 +16,15 @@ executor's signed answer and is returned as it is (``Reply.status``, ``Reply.err
 
 from __future__ import annotations
 
+from nats.errors import (
+    ConnectionClosedError,
+    NoRespondersError,
+    NoServersError,
+    StaleConnectionError,
+)
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError
+
 
 class ClientError(Exception):
     """Root of every exception the client raises."""
@@ -41,3 +50,14 @@ class Refused(ClientError):
 class BadReply(ClientError):
     """The answer cannot be trusted as the executor's answer to this request: it is not signed
     with this client's key for it, it cannot be decoded, or a file's bytes do not match."""
+
+
+def from_nats(exc: BaseException, what: str) -> ClientError:
+    """A NATS failure as the client error that says what to do about it."""
+    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
+        return NoReplica(f"{what}: nothing answered (is the executor deployed?)")
+    if isinstance(exc, (NatsTimeout, TimeoutError)):
+        return Timeout(f"{what}: no answer in time")
+    if isinstance(exc, (ConnectionClosedError, NoServersError, StaleConnectionError)):
+        return ConnectError(f"{what}: the connection to NATS is gone ({type(exc).__name__})")
+    return Refused(f"{what}: {exc!r}")
