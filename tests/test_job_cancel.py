@@ -300,7 +300,7 @@ def test_a_cancelled_direct_job_stays_cancelled_when_the_same_job_is_sent_again(
             request = CodeRequest(
                 code=QUICK, ctx={"n": 4}, mode="async", timeout=30, request_id=uuid.uuid4().hex
             )
-            direct = await client.submit(f"{PREFIX}.jobs.code", request)
+            direct = await client.submit(request)
             answer = (await client.cancel(direct)).state
             again = await client.send(f"{PREFIX}.code", request)
             await client.cancel(blocker)

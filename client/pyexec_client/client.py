@@ -220,7 +220,7 @@ class Client:
             request_id=request_id or str(uuid.uuid4()),
             files=_files(files),
         )
-        return await self.submit(f"{self.prefix}.jobs.code", request)
+        return await self.submit(request)
 
     async def submit_named(
         self,
@@ -240,11 +240,16 @@ class Client:
             request_id=request_id or str(uuid.uuid4()),
             files=_files(files),
         )
-        return await self.submit(f"{self.prefix}.jobs.named", request)
+        return await self.submit(request)
 
-    async def submit(self, subject: str, request: protocol.Request) -> str:
-        """Sign and publish a job straight into the jobs stream; the PubAck is the receipt.
-        The job id follows from the key and the request id, so a retry is the same job."""
+    async def submit(self, request: protocol.Request, *, subject: str | None = None) -> str:
+        """Sign and publish a job straight into the jobs stream (``<prefix>.jobs.code`` or
+        ``.jobs.named`` by the request's kind, unless ``subject`` says otherwise); the PubAck
+        is the receipt. The job id follows from the key and the request id (one is made when
+        the request has none), so a retry is the same job. Returns the job id."""
+        if subject is None:
+            kind = "code" if isinstance(request, protocol.CodeRequest) else "named"
+            subject = f"{self.prefix}.jobs.{kind}"
         if request.request_id is None:
             request = msgspec.structs.replace(request, request_id=str(uuid.uuid4()))
         assert request.request_id is not None
