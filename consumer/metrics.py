@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from pyexec_client.messages import ERROR_CODES
 
 from consumer.errors import AuthFailure
 from consumer.usage import pss_bytes
@@ -63,29 +64,14 @@ _LATENCY_BUCKETS = (
 _SIZE_BUCKETS = tuple(float(256 * 2**i) for i in range(19))
 UNKNOWN_KEY = "unknown"
 
-# The closed sets of label values (docs/protocol.md, "Statuses" and "Error codes"): each series
-# exists at 0 from the start. (status, code) pairs a request or job can end in:
+# The closed sets of label values (the contract's codes, docs/protocol.md "Statuses"): each
+# series exists at 0 from the start. (status, code) pairs a request or job can end in:
 _RAN = (
     ("ok", ""),
-    ("timeout", "timeout"),
-    *(
-        ("error", code)
-        for code in (
-            "policy_violation",
-            "syntax_error",
-            "script_error",
-            "memory_limit",
-            "output_limit",
-            "disk_limit",
-            "result_not_serializable",
-            "worker_lost",
-        )
-    ),
+    *(("timeout", code) for code in ERROR_CODES["timeout"]),
+    *(("error", code) for code in ERROR_CODES["error"]),
 )
-_REFUSED = tuple(
-    ("rejected", code)
-    for code in ("unauthorized", "invalid_request", "unknown_script", "overloaded", "conflict")
-)
+_REFUSED = tuple(("rejected", code) for code in ERROR_CODES["rejected"])
 # By the kind of subject (the part after the prefix).
 OUTCOMES: dict[str, tuple[tuple[str, str], ...]] = {
     "code": (*_RAN, *_REFUSED, ("accepted", "")),

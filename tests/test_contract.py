@@ -53,6 +53,21 @@ def test_only_the_reply_schema_is_named_reply() -> None:
     assert [p.name for p in SCHEMAS.glob("*reply*.schema.json")] == ["reply.schema.json"]
 
 
+def test_the_error_codes_are_the_documented_ones() -> None:
+    """The codes each status carries (one list, used by the schemas' descriptions and the
+    metrics' initial series) are the table of docs/protocol.md, "Statuses"."""
+    table = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = table.split("### Statuses", 1)[1].split("###", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            codes = tuple(c.strip("` ") for c in cells[2].split(",") if c.strip().startswith("`"))
+            if codes:
+                documented[cells[0].strip("`")] = codes
+    assert documented == wire.ERROR_CODES
+
+
 def test_a_struct_change_is_drift(tmp_path: Path) -> None:
     """The drift check sees a changed field: a Reply with one more field renders differently."""
 

@@ -36,6 +36,7 @@ ERROR_CODES: Final = {
         "script_error",
         "memory_limit",
         "output_limit",
+        "disk_limit",
         "result_not_serializable",
         "worker_lost",
     ),
