@@ -107,7 +107,8 @@ async def work(url: str, prefix: str, key_id: str, secret: str) -> dict[str, Any
 async def served_failure(client: Client) -> ClientError:
     """The error of a call to a responder subscribed on another connection. Under load the
     server may answer "no responders" for a moment after that subscription was flushed, so a
-    NoReplica is asked again for a while."""
+    NoReplica is asked again for a while (as tests.conftest.once_routed does for the tests; this
+    script runs where neither the tests nor the service are installed)."""
     deadline = asyncio.get_running_loop().time() + 20
     while True:
         try:

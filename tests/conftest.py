@@ -16,14 +16,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import pytest
 from pyexec_client.client import Client
+from pyexec_client.errors import NoReplica
 from pyexec_client.signing import sign
 
 from consumer import protocol
@@ -33,6 +34,7 @@ from consumer.protocol import Reply
 from sandbox.config import PoolConfig
 from tests.pools import Listener
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ID = "test"
 SECRET = secrets.token_hex(32)
@@ -61,6 +63,20 @@ def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "the con
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         time.sleep(0.05)
+
+
+async def once_routed(call: Callable[[], Awaitable[T]], timeout: float = 20.0) -> T:
+    """``await call()``, asked again while NATS answers "no responders". Under load the server
+    was seen saying so for a moment to a request sent right after another connection's
+    subscription was flushed; what a test checks is the answer, not that moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except (NoReplica, nats.errors.NoRespondersError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def stop_process(process: subprocess.Popen[Any], signum: int, timeout: float) -> int:

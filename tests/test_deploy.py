@@ -32,7 +32,7 @@ from consumer.embedded import server_binary
 from consumer.jobs.worker import DURABLE
 from consumer.metrics import Metrics
 from consumer.streams import JOBS_STREAM
-from tests.conftest import KEY_ID, SECRET, free_port, start_replica
+from tests.conftest import KEY_ID, SECRET, free_port, once_routed, start_replica
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -773,15 +773,9 @@ def test_nats_permissions_split_backend_and_executor(deploy_nats: DeployNats) ->
 
             await executor.nc.subscribe("pyexec.code", queue="pyexec", cb=answer)
             await executor.nc.flush()
-            # Under load the server was seen answering "no responders" to the first request
-            # right after the subscription was flushed: what is tested here is who may do
-            # what, so the request is tried again for a few seconds.
-            for _ in range(50):
-                try:
-                    reply = await backend.nc.request("pyexec.code", b"hello", timeout=5)
-                    break
-                except nats.errors.NoRespondersError:
-                    await asyncio.sleep(0.1)
+            reply = await once_routed(
+                lambda: backend.nc.request("pyexec.code", b"hello", timeout=5)
+            )
             assert reply.data == b"answered:hello"
             assert not executor.errors
 

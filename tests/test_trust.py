@@ -27,7 +27,7 @@ import msgspec
 import nats
 import pytest
 from pyexec_client.client import Client
-from pyexec_client.errors import ClientError, NoReplica
+from pyexec_client.errors import ClientError
 from pyexec_client.signing import sign
 
 from consumer.config import DEFAULT_MAX_REQUEST_BYTES
@@ -40,6 +40,7 @@ from tests.conftest import (
     NatsServer,
     ReplicaProcess,
     free_port,
+    once_routed,
     reply_signed,
     start_replica,
     stored_on,
@@ -437,20 +438,13 @@ def test_the_client_checks_reply_signatures(fleet: Fleet) -> None:
 
                 await impostor.subscribe(f"{PREFIX}.impostor", cb=answer)
                 await impostor.flush()
-                # Under load the server may still answer "no responders" for a moment after
-                # another connection's subscription was flushed: ask again until it routes.
-                deadline = asyncio.get_running_loop().time() + 20
-                while True:
-                    try:
-                        await client.send_raw(f"{PREFIX}.impostor", b"{}", timeout=5)
-                    except NoReplica:
-                        if asyncio.get_running_loop().time() > deadline:
-                            raise
-                        await asyncio.sleep(0.1)
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - the refusal is what is checked
-                        return good, str(exc)
-                    return good, "accepted"
+                try:
+                    await once_routed(
+                        lambda: client.send_raw(f"{PREFIX}.impostor", b"{}", timeout=5)
+                    )
+                except Exception as exc:  # noqa: BLE001 - the refusal is what is checked
+                    return good, str(exc)
+                return good, "accepted"
             finally:
                 await impostor.close()
 
